@@ -1,0 +1,26 @@
+# Two entry points: `make test` and `make demo`. Both create .venv and install into it.
+# torch is pinned exactly: on the project's machines torch==2.13.0 resolves to a local CPU wheel,
+# while a loose requirement would download GBs of CUDA packages.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo install clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m routeformer.cli.demo
+
+clean:
+	rm -rf $(VENV) runs
