@@ -1,0 +1,316 @@
+"""Triton kernels for blocked local attention (forward, backward, Shaw relative-position grads).
+
+Legend: B batch, H heads, T tokens, D head dim (DV for values), L block length, F flange,
+FR right flange (F non-causal, 0 causal), M max relative distance, BM x BN a (query x key) tile,
+BAND the power-of-two width holding the BM + BN - 1 distances j - i of one tile.
+
+Tensors arrive contiguous as (B*H, T, D); program_id(1) (or (2)) picks the (batch, head) row.
+Query i (block b = i // L) sees keys j in [b*L - F, (b+1)*L + FR), 0 <= j < T, and j <= i if causal.
+Scores live in the log2 domain (qk_scale = scale * log2(e)) so the softmax uses exp2.
+
+Shaw terms: for a tile at (m0, n0) the distances are d = dmin + t, dmin = n0 - m0 - (BM - 1),
+t in [0, BAND). q @ rel_k[band]^T is a (BM, BAND) product in distance coordinates; `_skew` moves it
+to key coordinates (column j - i + BM - 1) and `_unskew` moves a (BM, BN) tile back, so both rel
+terms are tensor-core products plus a register gather, never a (T, 2M + 1) tensor in memory.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # fp32 inputs keep fp32 products (tl.dot defaults to tf32, ~3e-4 relative error).
+    if IEEE:
+        r = tl.dot(a, b, input_precision="ieee")
+    else:
+        r = tl.dot(a, b)
+    return r
+
+
+@triton.jit
+def _band(R, dmin, M, offs_t, offs_d, D):
+    """Rows rel[clip(dmin + t, -M, M) + M] for t in offs_t: (BAND, BD), zero past column D."""
+    r = tl.minimum(tl.maximum(dmin + offs_t, -M), M) + M
+    return tl.load(R + r[:, None] * D + offs_d[None, :], mask=offs_d[None, :] < D, other=0.0)
+
+
+@triton.jit
+def _skew(x, BM: tl.constexpr, BN: tl.constexpr):
+    """(BM, BAND) in distance coordinates -> (BM, BN) in key coordinates."""
+    i = tl.arange(0, BM)[:, None]
+    j = tl.arange(0, BN)[None, :]
+    return tl.gather(x, j - i + (BM - 1), axis=1)
+
+
+@triton.jit
+def _unskew(x, BM: tl.constexpr, BN: tl.constexpr, BAND: tl.constexpr):
+    """(BM, BN) in key coordinates -> (BM, BAND) in distance coordinates, zero off the tile."""
+    i = tl.arange(0, BM)[:, None]
+    t = tl.arange(0, BAND)[None, :]
+    j = t - (BM - 1) + i
+    inside = (j >= 0) & (j < BN)
+    g = tl.gather(x, tl.minimum(tl.maximum(j, 0), BN - 1), axis=1)
+    return tl.where(inside, g, 0.0)
+
+
+@triton.jit
+def _allowed(offs_m, offs_n, T, L, F, FR, CAUSAL: tl.constexpr):
+    """(BM, BN) bool: key j may be seen by query i (both inside [0, T))."""
+    blk = offs_m // L
+    i = offs_m[:, None]
+    j = offs_n[None, :]
+    ok = (j >= (blk * L - F)[:, None]) & (j < (blk * L + L + FR)[:, None])
+    ok = ok & (j < T) & (j >= 0) & (i < T)
+    if CAUSAL:
+        ok = ok & (j <= i)
+    return ok
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, RK, RV, O, LSE,
+    T, D, DV, L, F, FR, M, qk_scale,
+    CAUSAL: tl.constexpr, HAS_REL: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BAND: tl.constexpr,
+):
+    m0 = tl.program_id(0) * BM
+    bh = tl.program_id(1).to(tl.int64)
+    Q += bh * T * D
+    K += bh * T * D
+    V += bh * T * DV
+    offs_m = m0 + tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    offs_t = tl.arange(0, BAND)
+    q = tl.load(Q + offs_m[:, None] * D + offs_d[None, :],
+                mask=(offs_m[:, None] < T) & (offs_d[None, :] < D), other=0.0)
+
+    m_last = tl.minimum(m0 + BM, T) - 1
+    lo = tl.maximum((m0 // L) * L - F, 0)
+    hi = tl.minimum((m_last // L + 1) * L + FR, T)
+    if CAUSAL:
+        hi = tl.minimum(hi, m_last + 1)
+
+    m_i = tl.full([BM], -1.0e30, tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BDV], tl.float32)
+    for n0 in range(lo, hi, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        kt = tl.load(K + offs_n[None, :] * D + offs_d[:, None],
+                     mask=(offs_n[None, :] < T) & (offs_d[:, None] < D), other=0.0)
+        s = _dot(q, kt, IEEE)
+        if HAS_REL:
+            dmin = n0 - m0 - (BM - 1)
+            rk = _band(RK, dmin, M, offs_t, offs_d, D)
+            s += _skew(_dot(q, tl.trans(rk), IEEE), BM, BN)
+        s = s * qk_scale
+        s = tl.where(_allowed(offs_m, offs_n, T, L, F, FR, CAUSAL), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = tl.load(V + offs_n[:, None] * DV + offs_dv[None, :],
+                    mask=(offs_n[:, None] < T) & (offs_dv[None, :] < DV), other=0.0)
+        acc += _dot(p.to(v.dtype), v, IEEE)
+        if HAS_REL:
+            rv = _band(RV, dmin, M, offs_t, offs_dv, DV)
+            acc += _dot(_unskew(p, BM, BN, BAND).to(rv.dtype), rv, IEEE)
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    O += bh * T * DV
+    tl.store(O + offs_m[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty),
+             mask=(offs_m[:, None] < T) & (offs_dv[None, :] < DV))
+    tl.store(LSE + bh * T + offs_m, m_i + tl.log2(l_safe), mask=offs_m < T)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, RK, RV, DO, LSE, DELTA, DQ,
+    T, D, DV, L, F, FR, M, qk_scale, scale,
+    CAUSAL: tl.constexpr, HAS_REL: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BAND: tl.constexpr,
+):
+    m0 = tl.program_id(0) * BM
+    bh = tl.program_id(1).to(tl.int64)
+    Q += bh * T * D
+    K += bh * T * D
+    DQ += bh * T * D
+    V += bh * T * DV
+    DO += bh * T * DV
+    offs_m = m0 + tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    offs_t = tl.arange(0, BAND)
+    row_ok = offs_m < T
+    q = tl.load(Q + offs_m[:, None] * D + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + offs_m[:, None] * DV + offs_dv[None, :],
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    lse = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
+
+    m_last = tl.minimum(m0 + BM, T) - 1
+    lo = tl.maximum((m0 // L) * L - F, 0)
+    hi = tl.minimum((m_last // L + 1) * L + FR, T)
+    if CAUSAL:
+        hi = tl.minimum(hi, m_last + 1)
+
+    dq = tl.zeros([BM, BD], tl.float32)
+    for n0 in range(lo, hi, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        k = tl.load(K + offs_n[:, None] * D + offs_d[None, :],
+                    mask=(offs_n[:, None] < T) & (offs_d[None, :] < D), other=0.0)
+        v = tl.load(V + offs_n[:, None] * DV + offs_dv[None, :],
+                    mask=(offs_n[:, None] < T) & (offs_dv[None, :] < DV), other=0.0)
+        s = _dot(q, tl.trans(k), IEEE)
+        dp = _dot(do, tl.trans(v), IEEE)
+        if HAS_REL:
+            dmin = n0 - m0 - (BM - 1)
+            rk = _band(RK, dmin, M, offs_t, offs_d, D)
+            rv = _band(RV, dmin, M, offs_t, offs_dv, DV)
+            s += _skew(_dot(q, tl.trans(rk), IEEE), BM, BN)
+            dp += _skew(_dot(do, tl.trans(rv), IEEE), BM, BN)
+        ok = _allowed(offs_m, offs_n, T, L, F, FR, CAUSAL)
+        p = tl.where(ok, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, IEEE)
+        if HAS_REL:
+            dq += _dot(_unskew(ds, BM, BN, BAND).to(rk.dtype), rk, IEEE)
+    tl.store(DQ + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, RK, RV, DO, LSE, DELTA, DK, DV_,
+    T, D, DV, L, F, FR, M, qk_scale, scale,
+    CAUSAL: tl.constexpr, HAS_REL: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BAND: tl.constexpr,
+):
+    n0 = tl.program_id(0) * BN
+    bh = tl.program_id(1).to(tl.int64)
+    Q += bh * T * D
+    K += bh * T * D
+    DK += bh * T * D
+    V += bh * T * DV
+    DO += bh * T * DV
+    DV_ += bh * T * DV
+    offs_n = n0 + tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    offs_t = tl.arange(0, BAND)
+    col_ok = offs_n < T
+    k = tl.load(K + offs_n[:, None] * D + offs_d[None, :],
+                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + offs_n[:, None] * DV + offs_dv[None, :],
+                mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+
+    # Queries whose window reaches this key tile: blocks b with b*L - F <= j < (b+1)*L + FR.
+    n_last = tl.minimum(n0 + BN, T) - 1
+    lo = (tl.maximum(n0 - FR, 0) // L) * L
+    if CAUSAL:
+        lo = tl.maximum(lo, n0)
+    hi = tl.minimum(((n_last + F) // L + 1) * L, T)
+
+    dk = tl.zeros([BN, BD], tl.float32)
+    dv = tl.zeros([BN, BDV], tl.float32)
+    for m0 in range(lo, hi, BM):
+        offs_m = m0 + tl.arange(0, BM)
+        row_ok = offs_m < T
+        q = tl.load(Q + offs_m[:, None] * D + offs_d[None, :],
+                    mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        do = tl.load(DO + offs_m[:, None] * DV + offs_dv[None, :],
+                     mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        lse = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
+        s = _dot(q, tl.trans(k), IEEE)
+        dp = _dot(do, tl.trans(v), IEEE)
+        if HAS_REL:
+            dmin = n0 - m0 - (BM - 1)
+            rk = _band(RK, dmin, M, offs_t, offs_d, D)
+            rv = _band(RV, dmin, M, offs_t, offs_dv, DV)
+            s += _skew(_dot(q, tl.trans(rk), IEEE), BM, BN)
+            dp += _skew(_dot(do, tl.trans(rv), IEEE), BM, BN)
+        ok = _allowed(offs_m, offs_n, T, L, F, FR, CAUSAL)
+        p = tl.where(ok, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+        dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+        ds = p * (dp - delta[:, None])
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+    tl.store(DK + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=col_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(DV_ + offs_n[:, None] * DV + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
+             mask=col_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _bwd_rel_kernel(
+    Q, K, V, RK, RV, DO, LSE, DELTA, GRK, GRV,
+    T, D, DV, L, F, FR, M, qk_scale, dlo, n_dist, tiles_per_chunk,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, KB: tl.constexpr,
+):
+    """Partial table grads for distances d0 + [0, BT) over one chunk of query tiles.
+
+    Works in distance coordinates so the accumulators stay fixed across the loop: key rows
+    m0 + d0 + [0, KB) cover j = i + d for every (i, d) of the tile, and a skew gather picks them.
+    GRK: (B*H, n_chunks, n_dist, D) fp32, GRV likewise with DV; summed and scattered on the host side.
+    """
+    d0 = dlo + tl.program_id(0) * BT
+    chunk = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    Q += bh * T * D
+    K += bh * T * D
+    V += bh * T * DV
+    DO += bh * T * DV
+    offs_t = tl.arange(0, BT)
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    offs_kb = tl.arange(0, KB)
+    rk = _band(RK, d0, M, offs_t, offs_d, D)
+    rv = _band(RV, d0, M, offs_t, offs_dv, DV)
+    i_loc = tl.arange(0, BM)[:, None]
+    pick = i_loc + offs_t[None, :]
+
+    acc_k = tl.zeros([BT, BD], tl.float32)
+    acc_v = tl.zeros([BT, BDV], tl.float32)
+    start = chunk * tiles_per_chunk * BM
+    stop = tl.minimum(start + tiles_per_chunk * BM, T)
+    for m0 in range(start, stop, BM):
+        offs_m = m0 + tl.arange(0, BM)
+        row_ok = offs_m < T
+        q = tl.load(Q + offs_m[:, None] * D + offs_d[None, :],
+                    mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        do = tl.load(DO + offs_m[:, None] * DV + offs_dv[None, :],
+                     mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        lse = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
+        rows = m0 + d0 + offs_kb
+        rows_ok = (rows >= 0) & (rows < T)
+        kb = tl.load(K + rows[:, None] * D + offs_d[None, :],
+                     mask=rows_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        vb = tl.load(V + rows[:, None] * DV + offs_dv[None, :],
+                     mask=rows_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        s = tl.gather(_dot(q, tl.trans(kb), IEEE), pick, axis=1) + _dot(q, tl.trans(rk), IEEE)
+        dp = tl.gather(_dot(do, tl.trans(vb), IEEE), pick, axis=1) + _dot(do, tl.trans(rv), IEEE)
+        offs_j = offs_m[:, None] + d0 + offs_t[None, :]
+        blk = offs_m // L
+        ok = (offs_j >= (blk * L - F)[:, None]) & (offs_j < (blk * L + L + FR)[:, None])
+        ok = ok & (offs_j >= 0) & (offs_j < T) & row_ok[:, None]
+        if CAUSAL:
+            ok = ok & (offs_j <= offs_m[:, None])
+        p = tl.where(ok, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+        ds = p * (dp - delta[:, None])
+        acc_k += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+        acc_v += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+
+    d_ok = (d0 + offs_t - dlo) < n_dist
+    base = (bh * tl.num_programs(1) + chunk) * n_dist + (d0 - dlo)
+    tl.store(GRK + (base + offs_t[:, None]) * D + offs_d[None, :], acc_k,
+             mask=d_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(GRV + (base + offs_t[:, None]) * DV + offs_dv[None, :], acc_v,
+             mask=d_ok[:, None] & (offs_dv[None, :] < DV))

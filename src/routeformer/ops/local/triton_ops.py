@@ -1,0 +1,193 @@
+"""Triton path of local attention: launchers, torch.library ops with autograd, the entry point.
+
+Legend: B batch, H heads, T tokens, D head dim (Dv for values), M max relative distance.
+
+Layers (each knows only the one below): kernels in triton_kernels.py; `_launch_*` check shapes and
+pick tiles; `routeformer::local_attn_fwd` / `_bwd` / `_rel_bwd` are torch.library.triton_op ops, so
+torch.compile traces into the kernels without a graph break; `register_autograd` ties them
+together; `local_attention_triton` is what the dispatcher in __init__.py calls (already validated).
+No host synchronisation: every loop bound is computed from shapes or inside the kernels.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+from torch.library import triton_op, wrap_triton
+
+from .triton_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_rel_kernel, _fwd_kernel
+
+__all__ = ["local_attention_triton", "TILE_OVERRIDES"]
+
+_LOG2E = 1.4426950408889634
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Benchmarks may set e.g. TILE_OVERRIDES["fwd"] = dict(BM=64, BN=64, num_warps=4, num_stages=3).
+TILE_OVERRIDES: dict[str, dict] = {}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pow2(n: int) -> int:
+    # tl.dot needs every dimension >= 16; odd head dims (24, 60) are padded and masked.
+    return max(16, triton.next_power_of_2(n))
+
+
+def _tiles(kind: str, q: torch.Tensor, has_rel: bool) -> dict:
+    """Tile shape and launch settings for one kernel. Small tiles under the CPU interpreter."""
+    if _interpreting() or not q.is_cuda:
+        cfg = dict(BM=16, BN=16, num_warps=4, num_stages=1)
+    else:
+        wide = q.shape[-1] > 64 or q.dtype == torch.float32
+        if kind == "fwd":
+            cfg = dict(BM=64, BN=64, num_warps=4, num_stages=2) if has_rel or q.dtype == torch.float32 \
+                else dict(BM=128, BN=64, num_warps=8 if wide else 4, num_stages=3)
+        elif kind == "rel":
+            cfg = dict(BM=64, BN=64, num_warps=4, num_stages=2)
+        else:
+            cfg = dict(BM=64, BN=64, num_warps=4 if not wide else 8, num_stages=2)
+    cfg.update(TILE_OVERRIDES.get(kind, {}))
+    return cfg
+
+
+def _geometry(q: torch.Tensor, v: torch.Tensor, rel_k, flange: int, causal: bool):
+    BH, T, D = q.shape[0] * q.shape[1], q.shape[2], q.shape[3]
+    DV = v.shape[3]
+    M = 0 if rel_k is None else (rel_k.shape[0] - 1) // 2
+    return BH, T, D, DV, M, (0 if causal else flange)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_k, rel_v) -> None:
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"backend='triton' supports {_DTYPES}, got q.dtype={q.dtype}; use backend='reference'")
+    if not (q.is_cuda or _interpreting()):
+        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
+                         "use backend='reference' or move q, k, v to a GPU")
+    if rel_k is not None and (rel_k.dtype != q.dtype or rel_v.dtype != q.dtype):
+        raise TypeError("rel_k and rel_v must have q's dtype here; local_attention_triton casts them")
+
+
+def _rel_args(rel_k, rel_v, q):
+    # Kernels compiled without HAS_REL never read these pointers; q stands in as a valid address.
+    return (q, q) if rel_k is None else (rel_k.contiguous(), rel_v.contiguous())
+
+
+@triton_op("routeformer::local_attn_fwd", mutates_args={})
+def local_attn_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_k: torch.Tensor | None, rel_v: torch.Tensor | None,
+    block: int, flange: int, causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> out (B, H, T, Dv) in q's dtype, lse (B, H, T) fp32 in log2 units (for the backward)."""
+    BH, T, D, DV, M, FR = _geometry(q, v, rel_k, flange, causal)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    rk, rv = _rel_args(rel_k, rel_v, q)
+    out = torch.empty(*q.shape[:3], DV, device=q.device, dtype=q.dtype)
+    lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+    c = _tiles("fwd", q, rel_k is not None)
+    BM, BN = c["BM"], c["BN"]
+    wrap_triton(_fwd_kernel)[(triton.cdiv(T, BM), BH)](
+        q, k, v, rk, rv, out, lse,
+        T, D, DV, block, flange, FR, M, scale * _LOG2E,
+        CAUSAL=causal, HAS_REL=rel_k is not None, IEEE=q.dtype == torch.float32,
+        BM=BM, BN=BN, BD=_pow2(D), BDV=_pow2(DV), BAND=triton.next_power_of_2(BM + BN - 1),
+        num_warps=c["num_warps"], num_stages=c["num_stages"],
+    )
+    return out, lse
+
+
+@triton_op("routeformer::local_attn_bwd", mutates_args={})
+def local_attn_bwd(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    rel_k: torch.Tensor | None, rel_v: torch.Tensor | None, block: int, flange: int, causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dq, dk, dv for q, k, v (the table grads come from local_attn_rel_bwd)."""
+    BH, T, D, DV, M, FR = _geometry(q, v, rel_k, flange, causal)
+    q, k, v, dout = q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous()
+    rk, rv = _rel_args(rel_k, rel_v, q)
+    delta = (out.float() * dout.float()).sum(-1)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    common = dict(CAUSAL=causal, HAS_REL=rel_k is not None, IEEE=q.dtype == torch.float32,
+                  BD=_pow2(D), BDV=_pow2(DV))
+    scalars = (T, D, DV, block, flange, FR, M, scale * _LOG2E, scale)
+    c = _tiles("dq", q, rel_k is not None)
+    wrap_triton(_bwd_dq_kernel)[(triton.cdiv(T, c["BM"]), BH)](
+        q, k, v, rk, rv, dout, lse, delta, dq, *scalars, **common,
+        BM=c["BM"], BN=c["BN"], BAND=triton.next_power_of_2(c["BM"] + c["BN"] - 1),
+        num_warps=c["num_warps"], num_stages=c["num_stages"],
+    )
+    c = _tiles("dkdv", q, rel_k is not None)
+    wrap_triton(_bwd_dkdv_kernel)[(triton.cdiv(T, c["BN"]), BH)](
+        q, k, v, rk, rv, dout, lse, delta, dk, dv, *scalars, **common,
+        BM=c["BM"], BN=c["BN"], BAND=triton.next_power_of_2(c["BM"] + c["BN"] - 1),
+        num_warps=c["num_warps"], num_stages=c["num_stages"],
+    )
+    return dq, dk, dv
+
+
+@triton_op("routeformer::local_attn_rel_bwd", mutates_args={})
+def local_attn_rel_bwd(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    rel_k: torch.Tensor, rel_v: torch.Tensor, block: int, flange: int, causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> grads of rel_k, rel_v (2M + 1, D), accumulated in fp32, returned in the tables' dtype."""
+    BH, T, D, DV, M, FR = _geometry(q, v, rel_k, flange, causal)
+    q, k, v, dout = q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous()
+    rk, rv = rel_k.contiguous(), rel_v.contiguous()
+    delta = (out.float() * dout.float()).sum(-1)
+    # Distances any query can see: j - i in [dlo, dhi].
+    dlo, dhi = -(block - 1 + flange), (0 if causal else block - 1 + flange)
+    n_dist = dhi - dlo + 1
+    c = _tiles("rel", q, True)
+    BM, BT = c["BM"], c["BN"]
+    n_dchunks, n_tiles = triton.cdiv(n_dist, BT), triton.cdiv(T, BM)
+    # Enough programs to fill the GPU; each writes its own partial, so no atomics.
+    chunks = max(1, min(n_tiles, triton.cdiv(1024, BH * n_dchunks)))
+    tiles_per_chunk = triton.cdiv(n_tiles, chunks)
+    chunks = triton.cdiv(n_tiles, tiles_per_chunk)
+    grk = torch.empty(BH, chunks, n_dist, D, device=q.device, dtype=torch.float32)
+    grv = torch.empty(BH, chunks, n_dist, DV, device=q.device, dtype=torch.float32)
+    wrap_triton(_bwd_rel_kernel)[(n_dchunks, chunks, BH)](
+        q, k, v, rk, rv, dout, lse, delta, grk, grv,
+        T, D, DV, block, flange, FR, M, scale * _LOG2E, dlo, n_dist, tiles_per_chunk,
+        CAUSAL=causal, IEEE=q.dtype == torch.float32,
+        BM=BM, BT=BT, BD=_pow2(D), BDV=_pow2(DV), KB=triton.next_power_of_2(BM + BT - 1),
+        num_warps=c["num_warps"], num_stages=c["num_stages"],
+    )
+    row = torch.arange(dlo, dhi + 1, device=q.device).clamp(-M, M) + M
+    d_rel_k = torch.zeros(rel_k.shape, device=q.device, dtype=torch.float32).index_add(0, row, grk.sum((0, 1)) * scale)
+    d_rel_v = torch.zeros(rel_v.shape, device=q.device, dtype=torch.float32).index_add(0, row, grv.sum((0, 1)))
+    return d_rel_k.to(rel_k.dtype), d_rel_v.to(rel_v.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, rel_k, rel_v, block, flange, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, rel_k, rel_v, out, lse)
+    ctx.args = (block, flange, causal, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, rel_k, rel_v, out, lse = ctx.saved_tensors
+    dq, dk, dv = local_attn_bwd(dout, q, k, v, out, lse, rel_k, rel_v, *ctx.args)
+    d_rel_k = d_rel_v = None
+    if rel_k is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]):
+        d_rel_k, d_rel_v = local_attn_rel_bwd(dout, q, k, v, out, lse, rel_k, rel_v, *ctx.args)
+    return dq, dk, dv, d_rel_k, d_rel_v, None, None, None, None
+
+
+local_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def local_attention_triton(q, k, v, *, block, flange, causal, scale, rel_k=None, rel_v=None):
+    """Triton local attention; arguments already validated by `local_attention`. -> (B, H, T, Dv)."""
+    if rel_k is not None:
+        rel_k, rel_v = rel_k.to(q.dtype), rel_v.to(q.dtype)
+    _check(q, k, v, rel_k, rel_v)
+    if not (isinstance(scale, float) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite float here, got {scale!r}")
+    return local_attn_fwd(q, k, v, rel_k, rel_v, block, flange, causal, scale)[0]
