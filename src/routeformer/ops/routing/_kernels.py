@@ -1,0 +1,342 @@
+"""Triton kernels for routing attention: gathered flash attention over index lists.
+
+Legend: B batch, H heads, T tokens, D head dim (DV for values), C clusters, W window,
+E query entries, S key slots (per batch-head; topk: E = S = C*W, nearest: E = S = T).
+
+Both assignment modes reduce to one shape of problem. Query entry e sits at position QPOS[e] and
+attends the key slots [LO[e], HI[e]); slot s holds the key at position KPOS[s]. LO and HI are
+non-decreasing in e, so a tile of consecutive entries needs one band of slots, and the entries that
+attend a tile of slots form one contiguous range (QLO/QHI per slot tile). Causality is folded into HI
+by the launcher (topk: keys of a cluster are sorted by position, so the allowed keys are a prefix),
+so the kernels never compare positions. Rows are read in place through the index lists: no gathered
+copies of q, k or v.
+
+DIRECT: every query and key sits in exactly one entry/slot (nearest), so outputs and gradients are
+written at their token positions. Otherwise (topk) they go to per-entry buffers that
+`_combine_kernel` sums per token.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _fwd_step(q, kbase, vbase, kpos_ptr, s0, band_hi, lo, hi, m_i, l_i, acc,
+              skt, svt, D, DV, sm_scale_log2,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """One slot tile of the online softmax: returns the updated (m_i, l_i, acc)."""
+    offs_s = s0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    smask = offs_s < band_hi
+    kpos = tl.load(kpos_ptr + offs_s, mask=smask, other=0).to(tl.int64)
+    k = tl.load(kbase + kpos[:, None] * skt + offs_d[None, :],
+                mask=smask[:, None] & (offs_d[None, :] < D), other=0.0)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    valid = (offs_s[None, :] >= lo[:, None]) & (offs_s[None, :] < hi[:, None])
+    qk = tl.where(valid, qk * sm_scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(vbase + kpos[:, None] * svt + offs_dv[None, :],
+                mask=smask[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _dq_step(q, do, kbase, vbase, kpos_ptr, s0, band_hi, lo, hi, lse, delta, dq,
+             skt, svt, D, DV, sm_scale_log2,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """One slot tile of dq (unscaled): returns dq + ds @ k."""
+    offs_s = s0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    smask = offs_s < band_hi
+    kpos = tl.load(kpos_ptr + offs_s, mask=smask, other=0).to(tl.int64)
+    k = tl.load(kbase + kpos[:, None] * skt + offs_d[None, :],
+                mask=smask[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(vbase + kpos[:, None] * svt + offs_dv[None, :],
+                mask=smask[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    valid = (offs_s[None, :] >= lo[:, None]) & (offs_s[None, :] < hi[:, None])
+    p = tl.where(valid, tl.exp2(qk * sm_scale_log2 - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, QPOS, LO, HI, KPOS, O, LSE,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+    H, E, S, D, DV, sm_scale_log2,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DIRECT: tl.constexpr, SKIP_EMPTY: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_e = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    emask = offs_e < E
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    ibase = bh.to(tl.int64) * E
+    qpos = tl.load(QPOS + ibase + offs_e, mask=emask, other=0).to(tl.int64)
+    lo = tl.load(LO + ibase + offs_e, mask=emask, other=S)
+    hi = tl.load(HI + ibase + offs_e, mask=emask, other=0)
+    band_lo = tl.min(lo, axis=0)
+    band_hi = tl.max(hi, axis=0)
+
+    q = tl.load(Q + b * sqb + h * sqh + qpos[:, None] * sqt + offs_d[None, :],
+                mask=emask[:, None] & (offs_d[None, :] < D), other=0.0)
+    kbase = K + b * skb + h * skh
+    vbase = V + b * svb + h * svh
+    sbase = bh.to(tl.int64) * S
+    # A finite start keeps rows with no key NaN-free: exp2(-inf - m_i) = 0 rather than NaN.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for s0 in range(band_lo, band_hi, BLOCK_N):
+        if SKIP_EMPTY:
+            if tl.max(((lo < s0 + BLOCK_N) & (hi > s0)).to(tl.int32), axis=0) > 0:
+                m_i, l_i, acc = _fwd_step(q, kbase, vbase, KPOS + sbase, s0, band_hi, lo, hi, m_i, l_i, acc,
+                                          skt, svt, D, DV, sm_scale_log2,
+                                          BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
+        else:
+            m_i, l_i, acc = _fwd_step(q, kbase, vbase, KPOS + sbase, s0, band_hi, lo, hi, m_i, l_i, acc,
+                                      skt, svt, D, DV, sm_scale_log2,
+                                      BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
+    has_key = l_i > 0
+    o = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    # +inf marks "no key": backward recomputes p = exp2(s - lse) = 0 for such rows.
+    lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
+    tl.store(LSE + ibase + offs_e, lse, mask=emask)
+    if DIRECT:
+        orow = qpos
+    else:
+        orow = offs_e.to(tl.int64)
+    tl.store(O + b * sob + h * soh + orow[:, None] * sot + offs_dv[None, :], o.to(O.dtype.element_ty),
+             mask=emask[:, None] & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, O, LSE, INV_N, QPOS, LO, HI, KPOS, DELTA, DQ,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sob, soh, sot, sdqb, sdqh, sdqt,
+    H, T, E, S, D, DV, sm_scale, sm_scale_log2,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DIRECT: tl.constexpr, SKIP_EMPTY: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dq per query entry; also stores DELTA = rowsum(dO * O_entry) for the dk/dv kernel.
+
+    With topk the entry's output is scaled by 1/n (scatter-mean); the kernels keep dO unscaled and
+    multiply ds by INV_N instead, which saves a rounding of dO.
+    """
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_e = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    emask = offs_e < E
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    ibase = bh.to(tl.int64) * E
+    qpos = tl.load(QPOS + ibase + offs_e, mask=emask, other=0).to(tl.int64)
+    lo = tl.load(LO + ibase + offs_e, mask=emask, other=S)
+    hi = tl.load(HI + ibase + offs_e, mask=emask, other=0)
+    band_lo = tl.min(lo, axis=0)
+    band_hi = tl.max(hi, axis=0)
+    dmask = emask[:, None] & (offs_d[None, :] < D)
+    dvmask = emask[:, None] & (offs_dv[None, :] < DV)
+
+    q = tl.load(Q + b * sqb + h * sqh + qpos[:, None] * sqt + offs_d[None, :], mask=dmask, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + qpos[:, None] * sdot + offs_dv[None, :], mask=dvmask, other=0.0)
+    if DIRECT:
+        orow = qpos
+        inv_n = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    else:
+        orow = offs_e.to(tl.int64)
+        inv_n = tl.load(INV_N + bh.to(tl.int64) * T + qpos, mask=emask, other=0.0)
+    o = tl.load(O + b * sob + h * soh + orow[:, None] * sot + offs_dv[None, :], mask=dvmask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    tl.store(DELTA + ibase + offs_e, delta, mask=emask)
+    lse = tl.load(LSE + ibase + offs_e, mask=emask, other=float("inf"))
+
+    kbase = K + b * skb + h * skh
+    vbase = V + b * svb + h * svh
+    sbase = bh.to(tl.int64) * S
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for s0 in range(band_lo, band_hi, BLOCK_N):
+        if SKIP_EMPTY:
+            if tl.max(((lo < s0 + BLOCK_N) & (hi > s0)).to(tl.int32), axis=0) > 0:
+                dq = _dq_step(q, do, kbase, vbase, KPOS + sbase, s0, band_hi, lo, hi, lse, delta, dq,
+                              skt, svt, D, DV, sm_scale_log2, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
+        else:
+            dq = _dq_step(q, do, kbase, vbase, KPOS + sbase, s0, band_hi, lo, hi, lse, delta, dq,
+                          skt, svt, D, DV, sm_scale_log2, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
+    dq = dq * (sm_scale * inv_n)[:, None]
+    if DIRECT:
+        drow = qpos
+    else:
+        drow = offs_e.to(tl.int64)
+    tl.store(DQ + b * sdqb + h * sdqh + drow[:, None] * sdqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=dmask)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, INV_N, DELTA, QPOS, LO, HI, KPOS, QLO, QHI, DK, DV_OUT,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
+    H, T, E, S, NT, D, DV, sm_scale, sm_scale_log2,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DIRECT: tl.constexpr, ADD_DK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dk, dv per slot tile, looping over the contiguous entry range [QLO, QHI) that attends it.
+
+    ADD_DK (shared QK, DIRECT): DK already holds dq at these positions; add dk to it.
+    """
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_s = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    smask = offs_s < S
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    sbase = bh.to(tl.int64) * S
+    ibase = bh.to(tl.int64) * E
+    kpos = tl.load(KPOS + sbase + offs_s, mask=smask, other=0).to(tl.int64)
+    kdmask = smask[:, None] & (offs_d[None, :] < D)
+    vdmask = smask[:, None] & (offs_dv[None, :] < DV)
+    k = tl.load(K + b * skb + h * skh + kpos[:, None] * skt + offs_d[None, :], mask=kdmask, other=0.0)
+    v = tl.load(V + b * svb + h * svh + kpos[:, None] * svt + offs_dv[None, :], mask=vdmask, other=0.0)
+    qlo = tl.load(QLO + bh * NT + pid_n)
+    qhi = tl.load(QHI + bh * NT + pid_n)
+    qbase = Q + b * sqb + h * sqh
+    dobase = DO + b * sdob + h * sdoh
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for e0 in range(qlo, qhi, BLOCK_M):
+        offs_e = e0 + tl.arange(0, BLOCK_M)
+        emask = offs_e < qhi
+        qpos = tl.load(QPOS + ibase + offs_e, mask=emask, other=0).to(tl.int64)
+        lo = tl.load(LO + ibase + offs_e, mask=emask, other=S)
+        hi = tl.load(HI + ibase + offs_e, mask=emask, other=0)
+        lse = tl.load(LSE + ibase + offs_e, mask=emask, other=float("inf"))
+        delta = tl.load(DELTA + ibase + offs_e, mask=emask, other=0.0)
+        if DIRECT:
+            inv_n = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+        else:
+            inv_n = tl.load(INV_N + bh.to(tl.int64) * T + qpos, mask=emask, other=0.0)
+        q = tl.load(qbase + qpos[:, None] * sqt + offs_d[None, :],
+                    mask=emask[:, None] & (offs_d[None, :] < D), other=0.0)
+        do = tl.load(dobase + qpos[:, None] * sdot + offs_dv[None, :],
+                     mask=emask[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+        valid = (offs_s[:, None] >= lo[None, :]) & (offs_s[:, None] < hi[None, :])
+        pT = tl.where(valid, tl.exp2(qkT * sm_scale_log2 - lse[None, :]), 0.0) * inv_n[None, :]
+        dv = dv + tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk = dk + tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION)
+    dk = dk * sm_scale
+    if DIRECT:
+        row = kpos
+    else:
+        row = offs_s.to(tl.int64)
+    dk_ptr = DK + b * sdkb + h * sdkh + row[:, None] * sdkt + offs_d[None, :]
+    if ADD_DK:
+        dk = dk + tl.load(dk_ptr, mask=kdmask, other=0.0).to(tl.float32)
+    tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=kdmask)
+    tl.store(DV_OUT + b * sdvb + h * sdvh + row[:, None] * sdvt + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty),
+             mask=vdmask)
+
+
+@triton.jit
+def _combine_kernel(
+    X, X2, PERM, ROWPTR, LO, HI, Y, INV_N,
+    sxb, sxh, sxe, syb, syh, syt,
+    H, T, E, D,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, TWO: tl.constexpr, MEAN: tl.constexpr,
+):
+    """Y[t] = sum of X[e] (+ X2[e]) over the entries e at position t, via a position-sorted PERM.
+
+    MEAN (forward scatter-mean): divide by the number of entries that had a key (HI > LO) and store
+    that inverse count in INV_N for the backward; tokens no cluster gave a key get 0.
+    """
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = offs_t < T
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d[None, :] < D
+    rbase = bh.to(tl.int64) * (T + 1)
+    ibase = bh.to(tl.int64) * E
+    start = tl.load(ROWPTR + rbase + offs_t, mask=tmask, other=0)
+    end = tl.load(ROWPTR + rbase + offs_t + 1, mask=tmask, other=0)
+    cnt = end - start
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    nk = tl.zeros([BLOCK_T], dtype=tl.float32)
+    xbase = X + b * sxb + h * sxh
+    x2base = X2 + b * sxb + h * sxh
+    for j in range(0, tl.max(cnt, axis=0)):
+        has = j < cnt
+        e = tl.load(PERM + ibase + start + j, mask=has, other=0).to(tl.int64)
+        m2 = has[:, None] & dmask
+        acc += tl.load(xbase + e[:, None] * sxe + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+        if TWO:
+            acc += tl.load(x2base + e[:, None] * sxe + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+        if MEAN:
+            lo = tl.load(LO + ibase + e, mask=has, other=0)
+            hi = tl.load(HI + ibase + e, mask=has, other=0)
+            nk += (hi > lo).to(tl.float32)
+    if MEAN:
+        inv = 1.0 / tl.maximum(nk, 1.0)
+        acc = acc * inv[:, None]
+        tl.store(INV_N + bh.to(tl.int64) * T + offs_t, inv, mask=tmask)
+    tl.store(Y + b * syb + h * syh + offs_t[:, None] * syt + offs_d[None, :], acc.to(Y.dtype.element_ty),
+             mask=tmask[:, None] & dmask)
+
+
+@triton.jit
+def _topk_compact_kernel(
+    SCORES, KTH, NEED, OUT,
+    T, C, W,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Exact top-W positions per (batch-head, cluster), ascending, ties to the lower position.
+
+    SCORES (BH, T, C) float32; KTH (BH, C) the W-th largest score; NEED (BH, C) how many of the
+    positions scoring exactly KTH belong to the top W. One in-order scan selects every score > KTH
+    and the first NEED that equal it, and writes their positions compacted, already sorted.
+    """
+    bh = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    kth = tl.load(KTH + bh * C + offs_c, mask=cmask, other=float("inf"))
+    need = tl.load(NEED + bh * C + offs_c, mask=cmask, other=0)
+    n_sel = tl.zeros([BLOCK_C], dtype=tl.int32)
+    n_eq = tl.zeros([BLOCK_C], dtype=tl.int32)
+    sbase = SCORES + bh.to(tl.int64) * T * C
+    obase = OUT + bh.to(tl.int64) * C * W
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        tmask = offs_t < T
+        m2 = tmask[:, None] & cmask[None, :]
+        s = tl.load(sbase + offs_t[:, None] * C + offs_c[None, :], mask=m2, other=float("-inf"))
+        eq = (s == kth[None, :]) & m2
+        eq_rank = n_eq[None, :] + tl.cumsum(eq.to(tl.int32), axis=0) - eq.to(tl.int32)
+        sel = ((s > kth[None, :]) & m2) | (eq & (eq_rank < need[None, :]))
+        seli = sel.to(tl.int32)
+        slot = n_sel[None, :] + tl.cumsum(seli, axis=0) - seli
+        # slot < W always for finite scores; the bound keeps NaN scores from writing out of range.
+        tl.store(obase + offs_c[None, :] * W + slot, offs_t[:, None] + 0 * slot, mask=sel & (slot < W))
+        n_sel += tl.sum(seli, axis=0)
+        n_eq += tl.sum(eq.to(tl.int32), axis=0)

@@ -1,0 +1,314 @@
+"""Routing attention on Triton: index preparation, launchers, custom ops with autograd.
+
+Legend: B batch, H heads, T tokens, D head dim (Dv for values), C clusters, W window,
+E query entries, S key slots per (batch, head) (topk: E = S = C*W; nearest: E = S = T).
+
+Layers: `_kernels.py` (Triton) -> launchers here -> `torch.library.custom_op`s `routeformer::routing_fwd`
+and `routeformer::routing_bwd` tied together by `register_autograd` (so `torch.compile` treats the
+attention as one opaque op, no graph break) -> `routing_attention_triton`, called by
+`routeformer.ops.routing_attention` after validation.
+
+The assignment follows assignment.py exactly (same `routing_scores`, same tie rule), so the kernels
+attend the same (query, key) pairs as the reference. Nothing here synchronises with the host: grids
+come from shapes, data-dependent trip counts live inside the kernels.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from ..kmeans import routing_scores
+from . import _kernels as K
+from .assignment import assign_nearest
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 128
+
+# Tile sizes per device kind; the benchmark may override entries to compare variants.
+CONFIG = {
+    "cuda": dict(fwd=(128, 64, 4, 3), dq=(128, 64, 8, 2), dkdv=(64, 128, 8, 2), combine=(64, 4)),
+    # The interpreter runs tiles as numpy arrays: small tiles exercise the multi-tile paths on tiny T.
+    "cpu": dict(fwd=(16, 16, 4, 1), dq=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), combine=(16, 4)),
+}
+
+# Tests set this to fill fresh buffers with NaN (or -1 for integers), so that unwritten memory shows.
+POISON = False
+
+
+def _new(shape, dtype, device) -> torch.Tensor:
+    if not POISON:
+        return torch.empty(shape, dtype=dtype, device=device)
+    fill = float("nan") if dtype.is_floating_point else -1
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def _cfg(t: torch.Tensor, name: str):
+    return CONFIG["cuda" if t.is_cuda else "cpu"][name]
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get full-precision dots; tf32 would miss the fp32 tolerance by ~1000x.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+# ---------------------------------------------------------------------------------------------
+# Assignment: exact top-W per cluster without a full sort.
+
+
+@torch.library.custom_op("routeformer::topk_compact", mutates_args=())
+def _topk_compact(scores: torch.Tensor, kth: torch.Tensor, need: torch.Tensor, window: int) -> torch.Tensor:
+    B, H, T, C = scores.shape
+    out = _new((B, H, C, window), torch.int32, scores.device)
+    block_c = 8
+    grid = (B * H, triton.cdiv(C, block_c))
+    K._topk_compact_kernel[grid](scores, kth, need, out, T, C, window,
+                                 BLOCK_T=64 if scores.is_cuda else 16, BLOCK_C=block_c, num_warps=4)
+    return out
+
+
+@_topk_compact.register_fake
+def _(scores, kth, need, window):
+    B, H, T, C = scores.shape
+    return scores.new_empty((B, H, C, window), dtype=torch.int32)
+
+
+def topk_index(x: torch.Tensor, centroids: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, H, C, W) int32 positions, equal to assignment.topk_positions(routing_scores(x, c), window).
+
+    torch.topk finds the W-th largest score of each cluster (its tie order is unspecified, so only
+    its values are used); one scan then takes every score above it and the lowest positions among
+    those equal to it, already in position order.
+    """
+    scores = routing_scores(x, centroids).contiguous()  # (B, H, T, C) float32
+    w = min(window, scores.shape[2])
+    # -0.0 and +0.0 compare equal in the scan, as they do in the reference's stable sort.
+    top = scores.transpose(2, 3).topk(w, dim=-1, sorted=False).values
+    kth = top.amin(dim=-1).contiguous()
+    need = (top == kth[..., None]).sum(dim=-1, dtype=torch.int32).contiguous()
+    return _topk_compact(scores, kth, need, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# Index structures shared by both modes (see _kernels.py).
+
+
+def _topk_indices(q, k, centroids, window, causal):
+    qi = topk_index(q, centroids, window)
+    ki = qi if k is q else topk_index(k, centroids, window)
+    B, H, C, W = qi.shape
+    base = (torch.arange(C, device=q.device, dtype=torch.int32) * W)[:, None]
+    if causal:
+        # Keys of a cluster are sorted by position: the ones a query may see are a prefix.
+        hi = base + torch.searchsorted(ki, qi, right=True, out_int32=True)
+    else:
+        hi = (base + W).expand(C, W).expand(B, H, C, W)
+    lo = base.expand(B, H, C, W)
+    flat = lambda t: t.reshape(B * H, C * W).contiguous()  # noqa: E731
+    return flat(qi), flat(lo), flat(hi), flat(ki)
+
+
+def _nearest_indices(q, k, centroids, window):
+    a = assign_nearest(q, k, centroids, window)
+    B, H, T, _ = q.shape
+    if k is q:
+        q_order = a.key_order
+    else:
+        pos = torch.arange(T, device=q.device)
+        q_order = (a.query_cluster * T + pos).sort(dim=-1).indices
+    lo = a.key_start.gather(2, q_order)
+    hi = a.key_end.gather(2, q_order)
+    flat = lambda t: t.reshape(B * H, T).to(torch.int32).contiguous()  # noqa: E731
+    return flat(q_order), flat(lo), flat(hi), flat(a.key_order)
+
+
+def _inverse(pos: torch.Tensor, T: int):
+    """pos (BH, E) positions -> (perm, rowptr): entries sorted by position and CSR row pointers."""
+    sorted_pos, perm = pos.sort(dim=-1, stable=True)
+    bound = torch.arange(T + 1, device=pos.device, dtype=pos.dtype).expand(pos.shape[0], T + 1).contiguous()
+    rowptr = torch.searchsorted(sorted_pos, bound, out_int32=True)
+    return perm.to(torch.int32).contiguous(), rowptr
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers.
+
+
+def _placeholders(q):
+    """Distinct empty outputs (custom ops may not return aliases) for the unused direct-mode slots."""
+    return (q.new_empty(0), q.new_empty(0, dtype=torch.float32),
+            q.new_empty(0, dtype=torch.int32), q.new_empty(0, dtype=torch.int32))
+
+
+def _s4(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _combine(x, x2, perm, rowptr, lo, hi, T, mean, out_dtype):
+    B, H, E, Dx = x.shape
+    y = _new((B, H, T, Dx), out_dtype, x.device)
+    inv_n = _new((B * H, T), torch.float32, x.device) if mean else y
+    block_t, warps = _cfg(x, "combine")
+    grid = (triton.cdiv(T, block_t), B * H)
+    K._combine_kernel[grid](x, x if x2 is None else x2, perm, rowptr, lo, hi, y, inv_n,
+                            *_s4(x), *_s4(y), H, T, E, Dx,
+                            BLOCK_T=block_t, BLOCK_D=_pow2(Dx), TWO=x2 is not None, MEAN=mean, num_warps=warps)
+    return y, (inv_n if mean else None)
+
+
+@torch.library.custom_op("routeformer::routing_fwd", mutates_args=())
+def _routing_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor, lo: torch.Tensor,
+                 hi: torch.Tensor, kpos: torch.Tensor, scale: float, direct: bool, shared: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (out (B,H,T,Dv), o_entries, lse (BH,E), inv_n (BH,T), perm (BH,E), rowptr (BH,T+1)).
+
+    direct (nearest): o_entries, inv_n, perm and rowptr are empty placeholders. shared (k is q) is
+    only recorded for the backward: identity of inputs is not visible through torch.compile.
+    """
+    B, H, T, D = q.shape
+    Dv = v.shape[-1]
+    E, S = qpos.shape[1], kpos.shape[1]
+    lse = _new((B * H, E), torch.float32, q.device)
+    if direct:
+        o_e = _new((B, H, T, Dv), q.dtype, q.device)
+    else:
+        o_e = _new((B, H, E, Dv), q.dtype, q.device)
+    bm, bn, warps, stages = _cfg(q, "fwd")
+    grid = (triton.cdiv(E, bm), B * H)
+    K._fwd_kernel[grid](q, k, v, qpos, lo, hi, kpos, o_e, lse,
+                        *_s4(q), *_s4(k), *_s4(v), *_s4(o_e),
+                        H, E, S, D, Dv, scale * math.log2(math.e),
+                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
+                        DIRECT=direct, SKIP_EMPTY=direct, PRECISION=_precision(q.dtype),
+                        num_warps=warps, num_stages=stages)
+    if direct:
+        o_ph, n_ph, p_ph, r_ph = _placeholders(q)
+        return o_e, o_ph, lse, n_ph, p_ph, r_ph
+    perm, rowptr = _inverse(qpos, T)
+    out, inv_n = _combine(o_e, None, perm, rowptr, lo, hi, T, True, q.dtype)
+    return out, o_e, lse, inv_n, perm, rowptr
+
+
+@_routing_fwd.register_fake
+def _(q, k, v, qpos, lo, hi, kpos, scale, direct, shared):
+    B, H, T, _ = q.shape
+    Dv, E = v.shape[-1], qpos.shape[1]
+    out = q.new_empty((B, H, T, Dv))
+    lse = q.new_empty((B * H, E), dtype=torch.float32)
+    if direct:
+        o_ph, n_ph, p_ph, r_ph = _placeholders(q)
+        return out, o_ph, lse, n_ph, p_ph, r_ph
+    return (out, q.new_empty((B, H, E, Dv)), lse, q.new_empty((B * H, T), dtype=torch.float32),
+            q.new_empty((B * H, E), dtype=torch.int32), q.new_empty((B * H, T + 1), dtype=torch.int32))
+
+
+@torch.library.custom_op("routeformer::routing_bwd", mutates_args=())
+def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 o_e: torch.Tensor, lse: torch.Tensor, inv_n: torch.Tensor, qpos: torch.Tensor, lo: torch.Tensor,
+                 hi: torch.Tensor, kpos: torch.Tensor, perm: torch.Tensor, rowptr: torch.Tensor, scale: float,
+                 direct: bool, shared: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dq, dk, dv); with shared QK dq already holds dk and dk is an empty placeholder."""
+    B, H, T, D = q.shape
+    Dv = v.shape[-1]
+    E, S = qpos.shape[1], kpos.shape[1]
+    dev = q.device
+    dout = dout.contiguous() if dout.stride(-1) != 1 else dout
+    prec = _precision(q.dtype)
+    sl2 = scale * math.log2(math.e)
+    # Per-entry gradients are summed per token later; fp32 inputs keep fp32 partial sums.
+    part = torch.float32 if q.dtype == torch.float32 else q.dtype
+    delta = _new((B * H, E), torch.float32, dev)
+    o_rows = out if direct else o_e
+    inv = lse if direct else inv_n  # placeholder pointer when unused
+    dq = _new((B, H, T, D), q.dtype, dev) if direct else _new((B, H, E, D), part, dev)
+    bm, bn, warps, stages = _cfg(q, "dq")
+    K._bwd_dq_kernel[(triton.cdiv(E, bm), B * H)](
+        q, k, v, dout, o_rows, lse, inv, qpos, lo, hi, kpos, delta, dq,
+        *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(o_rows), *_s4(dq),
+        H, T, E, S, D, Dv, scale, sl2,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
+        DIRECT=direct, SKIP_EMPTY=direct, PRECISION=prec, num_warps=warps, num_stages=stages)
+
+    bm, bn, warps, stages = _cfg(q, "dkdv")
+    nt = triton.cdiv(S, bn)
+    s0 = torch.arange(nt, device=dev, dtype=torch.int32) * bn
+    s1 = torch.clamp(s0 + bn, max=S)
+    qlo = torch.searchsorted(hi, s0.expand(B * H, nt).contiguous(), right=True, out_int32=True)
+    qhi = torch.searchsorted(lo, s1.expand(B * H, nt).contiguous(), right=False, out_int32=True)
+    if direct:
+        dk = dq if shared else _new((B, H, T, D), q.dtype, dev)
+        dv = _new((B, H, T, Dv), q.dtype, dev)
+    else:
+        dk = _new((B, H, S, D), part, dev)
+        dv = _new((B, H, S, Dv), part, dev)
+    K._bwd_dkdv_kernel[(nt, B * H)](
+        q, k, v, dout, lse, inv, delta, qpos, lo, hi, kpos, qlo, qhi, dk, dv,
+        *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(dk), *_s4(dv),
+        H, T, E, S, nt, D, Dv, scale, sl2,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
+        DIRECT=direct, ADD_DK=direct and shared, PRECISION=prec, num_warps=warps, num_stages=stages)
+    empty = q.new_empty(0)
+    if direct:
+        return dq, (empty if shared else dk), dv
+    kperm, krowptr = (perm, rowptr) if shared else _inverse(kpos, T)
+    dv_t, _ = _combine(dv, None, kperm, krowptr, lo, hi, T, False, q.dtype)
+    if shared:
+        dq_t, _ = _combine(dq, dk, perm, rowptr, lo, hi, T, False, q.dtype)
+        return dq_t, empty, dv_t
+    dq_t, _ = _combine(dq, None, perm, rowptr, lo, hi, T, False, q.dtype)
+    dk_t, _ = _combine(dk, None, kperm, krowptr, lo, hi, T, False, q.dtype)
+    return dq_t, dk_t, dv_t
+
+
+@_routing_bwd.register_fake
+def _(dout, q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, perm, rowptr, scale, direct, shared):
+    return torch.empty_like(q), (q.new_empty(0) if shared else torch.empty_like(k)), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, qpos, lo, hi, kpos, scale, direct, shared = inputs
+    out, o_e, lse, inv_n, perm, rowptr = output
+    ctx.save_for_backward(q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, perm, rowptr)
+    ctx.scale, ctx.direct = scale, direct
+    # Shared QK: one gradient (dq + dk), summed by the kernels instead of autograd.
+    ctx.shared = shared
+
+
+def _backward(ctx, dout, *_unused):
+    q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, perm, rowptr = ctx.saved_tensors
+    dq, dk, dv = _routing_bwd(dout, q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, perm, rowptr,
+                              ctx.scale, ctx.direct, ctx.shared)
+    return dq, (None if ctx.shared else dk), dv, None, None, None, None, None, None, None
+
+
+_routing_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def check_triton_inputs(q: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise a clear error for inputs the kernels do not cover (the reference handles them)."""
+    if q.dtype not in SUPPORTED_DTYPES or v.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"backend='triton' supports {SUPPORTED_DTYPES}, got {q.dtype}: cast the inputs or use "
+                        "backend='reference'")
+    for name, d in (("D", q.shape[-1]), ("Dv", v.shape[-1])):
+        if d > MAX_HEAD_DIM:
+            raise ValueError(f"backend='triton' supports head dims up to {MAX_HEAD_DIM}, got {name}={d}: use "
+                             "backend='reference'")
+
+
+def routing_attention_triton(q, k, v, centroids, *, window, causal, assign, scale):
+    """Triton routing attention; arguments already validated by routing_attention."""
+    check_triton_inputs(q, v)
+    shared = k is q
+    q, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, v))
+    k = q if shared else (k if k.stride(-1) == 1 else k.contiguous())
+    with torch.no_grad():
+        if assign == "topk":
+            qpos, lo, hi, kpos = _topk_indices(q, k, centroids, window, causal)
+        else:
+            qpos, lo, hi, kpos = _nearest_indices(q, k, centroids, window)
+    return _routing_fwd(q, k, v, qpos, lo, hi, kpos, scale, assign == "nearest", shared)[0]
