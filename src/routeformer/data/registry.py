@@ -27,7 +27,7 @@ SOURCES: dict[str, list[Source]] = {
     "wikitext103": [Source(WIKITEXT + "wikitext-103-v1.zip", "wikitext-103-v1.zip",
                            md5="9ddaacaf6af0710eda8c456decff7832", sha1="0aec09a7537b58d4bb65362fee27650eeaba625a",
                            provenance="md5: torchtext; sha1: GluonNLP")],
-    "wikitext103-bytes": [Source(WIKITEXT + "wikitext-103-raw-v1.zip", "wikitext-103-raw-v1.zip",
+    "wikitext103_bytes": [Source(WIKITEXT + "wikitext-103-raw-v1.zip", "wikitext-103-raw-v1.zip",
                                  sha1="86f2375181b9247049d9c9205fad2b71b274b568", provenance="sha1: GluonNLP")],
     "cifar10": [Source("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "cifar-10-python.tar.gz",
                        size=170498071, md5="c58f30108f718f92721af3b95e74349a",
@@ -55,7 +55,7 @@ DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (
                 "text8.zip or the extracted text8 (any file: split 90/5/5)"),
     DatasetInfo("wikitext103", "Wikitext-103, word level (vocabulary of the training split)", "ppl",
                 "wikitext-103-v1.zip or a folder with wiki.{train,valid,test}.tokens"),
-    DatasetInfo("wikitext103-bytes", "Wikitext-103 raw text, bytes", "bpc",
+    DatasetInfo("wikitext103_bytes", "Wikitext-103 raw text, bytes", "bpc",
                 "wikitext-103-raw-v1.zip or a folder with wiki.{train,valid,test}.raw"),
     DatasetInfo("pg19", "PG-19 books, byte-level BPE (32768) trained on the training split", "ppl",
                 "a folder with train/, validation/, test/ of .txt books"),
@@ -114,7 +114,7 @@ def prepare(name: str, out: str | Path, *, from_file: str | Path | None = None,
         return text.write_char_splits(out, name, text.read_member(paths[0], name), extra)
     if name == "wikitext103":
         return text.write_wikitext_words(out, text.wikitext_files(paths[0], "tokens"), extra)
-    if name == "wikitext103-bytes":
+    if name == "wikitext103_bytes":
         return text.write_byte_splits(out, name, text.wikitext_files(paths[0], "raw"), extra)
     if name == "pg19":
         return pg19.write_pg19(out, paths[0], extra)

@@ -98,7 +98,6 @@ def write_wikitext_words(out: Path, files: dict[str, bytes], extra: dict) -> Pat
             if None in ids:
                 raise ValueError(f"split {split} has words outside the training vocabulary and no <unk> token")
             writer.append(split, np.asarray(ids, dtype=np.int64))
-            meta.splits[split]["words"] = len(words)
         writer.add_file("vocab.json", json.dumps(vocab, ensure_ascii=False))
         meta.extra["tokenizer"] = "words split on whitespace, <eos> per line; ids in vocab.json"
         return writer.commit()

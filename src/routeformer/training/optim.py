@@ -1,0 +1,59 @@
+"""Optimizers and learning-rate schedules.
+
+Schedules are multipliers of the peak learning rate, as a pure function of the optimizer step s
+(0-based; the multiplier for step s is used by the s-th update):
+    warm-up:  w(s) = min(1, (s + 1) / warmup_steps)          (1 when warmup_steps = 0)
+    rsqrt:    w(s) * sqrt(warmup / max(s + 1, warmup))          authors' rsqrt_normalized_decay: the peak
+              is learning_rate, reached at the end of warm-up, then 1/sqrt(step) decay
+    cosine:   w(s) * (m + (1 - m) * 0.5 * (1 + cos(pi * p)))    p = progress after warm-up in [0, 1],
+              m = min_lr_ratio
+    constant: w(s)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import TrainConfig
+
+
+def lr_multiplier(step: int, cfg: TrainConfig) -> float:
+    warm = cfg.warmup_steps
+    w = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
+    if cfg.schedule == "constant":
+        return w
+    if cfg.schedule == "rsqrt":
+        return w * math.sqrt(max(warm, 1) / max(step + 1, warm, 1))
+    span = max(1, cfg.max_steps - warm)
+    progress = min(1.0, max(0.0, (step + 1 - warm) / span))
+    m = cfg.min_lr_ratio
+    return w * (m + (1 - m) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (linear weights, embeddings); not norms, biases or relative-position tables."""
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        is_matrix = p.dim() >= 2 and not name.rsplit(".", 1)[-1].startswith("rel_")
+        (decay if is_matrix else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    # torch's Adafactor (>= 2.5): factored second moments, no first moment (the authors' beta1 = 0),
+    # beta2 decay -0.8 (their "pow" decay with exponent 0.8).
+    return torch.optim.Adafactor(groups, lr=cfg.learning_rate, beta2_decay=-0.8, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg))
