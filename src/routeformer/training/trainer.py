@@ -126,7 +126,7 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overr
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
     forward = torch.compile(model) if cfg.compile else model
     metrics = MetricsLog(run_dir, tensorboard=cfg.tensorboard, truncate_after=step if resume else None)
-    dataset_state = {"name": data.meta.dataset, "path": str(data.path), "vocab_size": data.meta.vocab_size,
+    dataset_state = {"name": data.meta.dataset, "path": str(data.path.resolve()), "vocab_size": data.meta.vocab_size,
                      "metric": data.meta.metric}
     result = TrainResult(run_dir)
 
