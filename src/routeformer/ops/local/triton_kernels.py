@@ -20,13 +20,28 @@ import triton.language as tl
 
 
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    # fp32 inputs keep fp32 products (tl.dot defaults to tf32, ~3e-4 relative error).
-    if IEEE:
+def _dot(a, b, DOT: tl.constexpr):
+    """DOT 0: tensor cores in the inputs' dtype; 1: fp32 inputs as true fp32 (tl.dot defaults to
+    tf32, ~3e-4 relative error); 2: upcast first, because the CPU interpreter of triton 3.9 gets
+    bf16 tl.dot wrong (a bf16 x bf16 product is exact in fp32, so results match the GPU's)."""
+    if DOT == 0:
+        r = tl.dot(a, b)
+    elif DOT == 1:
         r = tl.dot(a, b, input_precision="ieee")
     else:
-        r = tl.dot(a, b)
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return r
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, DOT: tl.constexpr):
+    """x.to(dtype), rounding to nearest even; under the interpreter (DOT 2) fp32 -> bf16 truncates,
+    which doubles the rounding error, so the rounding is done on the bits first."""
+    if DOT == 2:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -72,7 +87,7 @@ def _allowed(offs_m, offs_n, T, L, F, FR, CAUSAL: tl.constexpr):
 def _fwd_kernel(
     Q, K, V, RK, RV, O, LSE,
     T, D, DV, L, F, FR, M, qk_scale,
-    CAUSAL: tl.constexpr, HAS_REL: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_REL: tl.constexpr, DOT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BAND: tl.constexpr,
 ):
     m0 = tl.program_id(0) * BM
@@ -100,11 +115,11 @@ def _fwd_kernel(
         offs_n = n0 + tl.arange(0, BN)
         kt = tl.load(K + offs_n[None, :] * D + offs_d[:, None],
                      mask=(offs_n[None, :] < T) & (offs_d[:, None] < D), other=0.0)
-        s = _dot(q, kt, IEEE)
+        s = _dot(q, kt, DOT)
         if HAS_REL:
             dmin = n0 - m0 - (BM - 1)
             rk = _band(RK, dmin, M, offs_t, offs_d, D)
-            s += _skew(_dot(q, tl.trans(rk), IEEE), BM, BN)
+            s += _skew(_dot(q, tl.trans(rk), DOT), BM, BN)
         s = s * qk_scale
         s = tl.where(_allowed(offs_m, offs_n, T, L, F, FR, CAUSAL), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -114,16 +129,16 @@ def _fwd_kernel(
         acc = acc * alpha[:, None]
         v = tl.load(V + offs_n[:, None] * DV + offs_dv[None, :],
                     mask=(offs_n[:, None] < T) & (offs_dv[None, :] < DV), other=0.0)
-        acc += _dot(p.to(v.dtype), v, IEEE)
+        acc += _dot(_cast(p, v.dtype, DOT), v, DOT)
         if HAS_REL:
             rv = _band(RV, dmin, M, offs_t, offs_dv, DV)
-            acc += _dot(_unskew(p, BM, BN, BAND).to(rv.dtype), rv, IEEE)
+            acc += _dot(_cast(_unskew(p, BM, BN, BAND), rv.dtype, DOT), rv, DOT)
         m_i = m_new
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     O += bh * T * DV
-    tl.store(O + offs_m[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty),
+    tl.store(O + offs_m[:, None] * DV + offs_dv[None, :], _cast(out, O.dtype.element_ty, DOT),
              mask=(offs_m[:, None] < T) & (offs_dv[None, :] < DV))
     tl.store(LSE + bh * T + offs_m, m_i + tl.log2(l_safe), mask=offs_m < T)
 
@@ -132,7 +147,7 @@ def _fwd_kernel(
 def _bwd_dq_kernel(
     Q, K, V, RK, RV, DO, LSE, DELTA, DQ,
     T, D, DV, L, F, FR, M, qk_scale, scale,
-    CAUSAL: tl.constexpr, HAS_REL: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_REL: tl.constexpr, DOT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BAND: tl.constexpr,
 ):
     m0 = tl.program_id(0) * BM
@@ -167,21 +182,21 @@ def _bwd_dq_kernel(
                     mask=(offs_n[:, None] < T) & (offs_d[None, :] < D), other=0.0)
         v = tl.load(V + offs_n[:, None] * DV + offs_dv[None, :],
                     mask=(offs_n[:, None] < T) & (offs_dv[None, :] < DV), other=0.0)
-        s = _dot(q, tl.trans(k), IEEE)
-        dp = _dot(do, tl.trans(v), IEEE)
+        s = _dot(q, tl.trans(k), DOT)
+        dp = _dot(do, tl.trans(v), DOT)
         if HAS_REL:
             dmin = n0 - m0 - (BM - 1)
             rk = _band(RK, dmin, M, offs_t, offs_d, D)
             rv = _band(RV, dmin, M, offs_t, offs_dv, DV)
-            s += _skew(_dot(q, tl.trans(rk), IEEE), BM, BN)
-            dp += _skew(_dot(do, tl.trans(rv), IEEE), BM, BN)
+            s += _skew(_dot(q, tl.trans(rk), DOT), BM, BN)
+            dp += _skew(_dot(do, tl.trans(rv), DOT), BM, BN)
         ok = _allowed(offs_m, offs_n, T, L, F, FR, CAUSAL)
         p = tl.where(ok, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, IEEE)
+        dq += _dot(_cast(ds, k.dtype, DOT), k, DOT)
         if HAS_REL:
-            dq += _dot(_unskew(ds, BM, BN, BAND).to(rk.dtype), rk, IEEE)
-    tl.store(DQ + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+            dq += _dot(_cast(_unskew(ds, BM, BN, BAND), rk.dtype, DOT), rk, DOT)
+    tl.store(DQ + offs_m[:, None] * D + offs_d[None, :], _cast(dq * scale, DQ.dtype.element_ty, DOT),
              mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
@@ -189,7 +204,7 @@ def _bwd_dq_kernel(
 def _bwd_dkdv_kernel(
     Q, K, V, RK, RV, DO, LSE, DELTA, DK, DV_,
     T, D, DV, L, F, FR, M, qk_scale, scale,
-    CAUSAL: tl.constexpr, HAS_REL: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_REL: tl.constexpr, DOT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BAND: tl.constexpr,
 ):
     n0 = tl.program_id(0) * BN
@@ -228,22 +243,22 @@ def _bwd_dkdv_kernel(
                      mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
         lse = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
-        s = _dot(q, tl.trans(k), IEEE)
-        dp = _dot(do, tl.trans(v), IEEE)
+        s = _dot(q, tl.trans(k), DOT)
+        dp = _dot(do, tl.trans(v), DOT)
         if HAS_REL:
             dmin = n0 - m0 - (BM - 1)
             rk = _band(RK, dmin, M, offs_t, offs_d, D)
             rv = _band(RV, dmin, M, offs_t, offs_dv, DV)
-            s += _skew(_dot(q, tl.trans(rk), IEEE), BM, BN)
-            dp += _skew(_dot(do, tl.trans(rv), IEEE), BM, BN)
+            s += _skew(_dot(q, tl.trans(rk), DOT), BM, BN)
+            dp += _skew(_dot(do, tl.trans(rv), DOT), BM, BN)
         ok = _allowed(offs_m, offs_n, T, L, F, FR, CAUSAL)
         p = tl.where(ok, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
-        dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+        dv += _dot(tl.trans(_cast(p, do.dtype, DOT)), do, DOT)
         ds = p * (dp - delta[:, None])
-        dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
-    tl.store(DK + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+        dk += _dot(tl.trans(_cast(ds, q.dtype, DOT)), q, DOT)
+    tl.store(DK + offs_n[:, None] * D + offs_d[None, :], _cast(dk * scale, DK.dtype.element_ty, DOT),
              mask=col_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(DV_ + offs_n[:, None] * DV + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
+    tl.store(DV_ + offs_n[:, None] * DV + offs_dv[None, :], _cast(dv, DV_.dtype.element_ty, DOT),
              mask=col_ok[:, None] & (offs_dv[None, :] < DV))
 
 
@@ -251,7 +266,7 @@ def _bwd_dkdv_kernel(
 def _bwd_rel_kernel(
     Q, K, V, RK, RV, DO, LSE, DELTA, GRK, GRV,
     T, D, DV, L, F, FR, M, qk_scale, dlo, n_dist, tiles_per_chunk,
-    CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT: tl.constexpr,
     BM: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, KB: tl.constexpr,
 ):
     """Partial table grads for distances d0 + [0, BT) over one chunk of query tiles.
@@ -295,8 +310,8 @@ def _bwd_rel_kernel(
                      mask=rows_ok[:, None] & (offs_d[None, :] < D), other=0.0)
         vb = tl.load(V + rows[:, None] * DV + offs_dv[None, :],
                      mask=rows_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        s = tl.gather(_dot(q, tl.trans(kb), IEEE), pick, axis=1) + _dot(q, tl.trans(rk), IEEE)
-        dp = tl.gather(_dot(do, tl.trans(vb), IEEE), pick, axis=1) + _dot(do, tl.trans(rv), IEEE)
+        s = tl.gather(_dot(q, tl.trans(kb), DOT), pick, axis=1) + _dot(q, tl.trans(rk), DOT)
+        dp = tl.gather(_dot(do, tl.trans(vb), DOT), pick, axis=1) + _dot(do, tl.trans(rv), DOT)
         offs_j = offs_m[:, None] + d0 + offs_t[None, :]
         blk = offs_m // L
         ok = (offs_j >= (blk * L - F)[:, None]) & (offs_j < (blk * L + L + FR)[:, None])
@@ -305,8 +320,8 @@ def _bwd_rel_kernel(
             ok = ok & (offs_j <= offs_m[:, None])
         p = tl.where(ok, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
         ds = p * (dp - delta[:, None])
-        acc_k += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
-        acc_v += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+        acc_k += _dot(tl.trans(_cast(ds, q.dtype, DOT)), q, DOT)
+        acc_v += _dot(tl.trans(_cast(p, do.dtype, DOT)), do, DOT)
 
     d_ok = (d0 + offs_t - dlo) < n_dist
     base = (bh * tl.num_programs(1) + chunk) * n_dist + (d0 - dlo)

@@ -3,9 +3,10 @@
 Legend: B batch, H heads, T tokens, D head dim (Dv for values), M max relative distance.
 
 Layers (each knows only the one below): kernels in triton_kernels.py; `_launch_*` check shapes and
-pick tiles; `routeformer::local_attn_fwd` / `_bwd` / `_rel_bwd` are torch.library.triton_op ops, so
-torch.compile traces into the kernels without a graph break; `register_autograd` ties them
-together; `local_attention_triton` is what the dispatcher in __init__.py calls (already validated).
+pick tiles; `routeformer::local_attn_fwd` / `_bwd` / `_rel_bwd` are torch.library.custom_op ops
+with fake (meta) implementations, so torch.compile keeps them in the graph as opaque calls with no
+graph break (triton_op would let inductor look inside, but it cannot be traced under the CPU
+interpreter, where the tests run); `register_autograd` ties them together; `local_attention_triton` is what the dispatcher in __init__.py calls (already validated).
 No host synchronisation: every loop bound is computed from shapes or inside the kernels.
 """
 from __future__ import annotations
@@ -15,7 +16,6 @@ import os
 
 import torch
 import triton
-from torch.library import triton_op, wrap_triton
 
 from .triton_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_rel_kernel, _fwd_kernel
 
@@ -71,12 +71,19 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_k, rel_v) -> N
         raise TypeError("rel_k and rel_v must have q's dtype here; local_attention_triton casts them")
 
 
+def _dot_mode(q: torch.Tensor) -> int:
+    """See triton_kernels._dot: 0 tensor cores, 1 true fp32, 2 upcast (interpreter bf16 bug)."""
+    if q.dtype == torch.float32:
+        return 1
+    return 2 if _interpreting() and q.dtype == torch.bfloat16 else 0
+
+
 def _rel_args(rel_k, rel_v, q):
     # Kernels compiled without HAS_REL never read these pointers; q stands in as a valid address.
     return (q, q) if rel_k is None else (rel_k.contiguous(), rel_v.contiguous())
 
 
-@triton_op("routeformer::local_attn_fwd", mutates_args={})
+@torch.library.custom_op("routeformer::local_attn_fwd", mutates_args=())
 def local_attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_k: torch.Tensor | None, rel_v: torch.Tensor | None,
     block: int, flange: int, causal: bool, scale: float,
@@ -89,17 +96,17 @@ def local_attn_fwd(
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     c = _tiles("fwd", q, rel_k is not None)
     BM, BN = c["BM"], c["BN"]
-    wrap_triton(_fwd_kernel)[(triton.cdiv(T, BM), BH)](
+    _fwd_kernel[(triton.cdiv(T, BM), BH)](
         q, k, v, rk, rv, out, lse,
         T, D, DV, block, flange, FR, M, scale * _LOG2E,
-        CAUSAL=causal, HAS_REL=rel_k is not None, IEEE=q.dtype == torch.float32,
+        CAUSAL=causal, HAS_REL=rel_k is not None, DOT=_dot_mode(q),
         BM=BM, BN=BN, BD=_pow2(D), BDV=_pow2(DV), BAND=triton.next_power_of_2(BM + BN - 1),
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
     return out, lse
 
 
-@triton_op("routeformer::local_attn_bwd", mutates_args={})
+@torch.library.custom_op("routeformer::local_attn_bwd", mutates_args=())
 def local_attn_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     rel_k: torch.Tensor | None, rel_v: torch.Tensor | None, block: int, flange: int, causal: bool, scale: float,
@@ -110,17 +117,17 @@ def local_attn_bwd(
     rk, rv = _rel_args(rel_k, rel_v, q)
     delta = (out.float() * dout.float()).sum(-1)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    common = dict(CAUSAL=causal, HAS_REL=rel_k is not None, IEEE=q.dtype == torch.float32,
+    common = dict(CAUSAL=causal, HAS_REL=rel_k is not None, DOT=_dot_mode(q),
                   BD=_pow2(D), BDV=_pow2(DV))
     scalars = (T, D, DV, block, flange, FR, M, scale * _LOG2E, scale)
     c = _tiles("dq", q, rel_k is not None)
-    wrap_triton(_bwd_dq_kernel)[(triton.cdiv(T, c["BM"]), BH)](
+    _bwd_dq_kernel[(triton.cdiv(T, c["BM"]), BH)](
         q, k, v, rk, rv, dout, lse, delta, dq, *scalars, **common,
         BM=c["BM"], BN=c["BN"], BAND=triton.next_power_of_2(c["BM"] + c["BN"] - 1),
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
     c = _tiles("dkdv", q, rel_k is not None)
-    wrap_triton(_bwd_dkdv_kernel)[(triton.cdiv(T, c["BN"]), BH)](
+    _bwd_dkdv_kernel[(triton.cdiv(T, c["BN"]), BH)](
         q, k, v, rk, rv, dout, lse, delta, dk, dv, *scalars, **common,
         BM=c["BM"], BN=c["BN"], BAND=triton.next_power_of_2(c["BM"] + c["BN"] - 1),
         num_warps=c["num_warps"], num_stages=c["num_stages"],
@@ -128,7 +135,7 @@ def local_attn_bwd(
     return dq, dk, dv
 
 
-@triton_op("routeformer::local_attn_rel_bwd", mutates_args={})
+@torch.library.custom_op("routeformer::local_attn_rel_bwd", mutates_args=())
 def local_attn_rel_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     rel_k: torch.Tensor, rel_v: torch.Tensor, block: int, flange: int, causal: bool, scale: float,
@@ -150,10 +157,10 @@ def local_attn_rel_bwd(
     chunks = triton.cdiv(n_tiles, tiles_per_chunk)
     grk = torch.empty(BH, chunks, n_dist, D, device=q.device, dtype=torch.float32)
     grv = torch.empty(BH, chunks, n_dist, DV, device=q.device, dtype=torch.float32)
-    wrap_triton(_bwd_rel_kernel)[(n_dchunks, chunks, BH)](
+    _bwd_rel_kernel[(n_dchunks, chunks, BH)](
         q, k, v, rk, rv, dout, lse, delta, grk, grv,
         T, D, DV, block, flange, FR, M, scale * _LOG2E, dlo, n_dist, tiles_per_chunk,
-        CAUSAL=causal, IEEE=q.dtype == torch.float32,
+        CAUSAL=causal, DOT=_dot_mode(q),
         BM=BM, BT=BT, BD=_pow2(D), BDV=_pow2(DV), KB=triton.next_power_of_2(BM + BT - 1),
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
@@ -161,6 +168,21 @@ def local_attn_rel_bwd(
     d_rel_k = torch.zeros(rel_k.shape, device=q.device, dtype=torch.float32).index_add(0, row, grk.sum((0, 1)) * scale)
     d_rel_v = torch.zeros(rel_v.shape, device=q.device, dtype=torch.float32).index_add(0, row, grv.sum((0, 1)))
     return d_rel_k.to(rel_k.dtype), d_rel_v.to(rel_v.dtype)
+
+
+@local_attn_fwd.register_fake
+def _fwd_fake(q, k, v, rel_k, rel_v, block, flange, causal, scale):
+    return q.new_empty(*q.shape[:3], v.shape[3]), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@local_attn_bwd.register_fake
+def _bwd_fake(dout, q, k, v, out, lse, rel_k, rel_v, block, flange, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@local_attn_rel_bwd.register_fake
+def _rel_bwd_fake(dout, q, k, v, out, lse, rel_k, rel_v, block, flange, causal, scale):
+    return torch.empty_like(rel_k), torch.empty_like(rel_v)
 
 
 def _setup_context(ctx, inputs, output):
