@@ -22,6 +22,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    # "upcast": the CPU interpreter of triton 3.9 mis-multiplies bf16 tiles; the operands hold bf16
+    # values either way, so an fp32 product keeps the rounding the GPU path sees.
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
 def _fwd_step(q, kbase, vbase, kpos_ptr, s0, band_hi, lo, hi, m_i, l_i, acc,
               skt, svt, D, DV, sm_scale_log2,
               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
@@ -33,7 +43,7 @@ def _fwd_step(q, kbase, vbase, kpos_ptr, s0, band_hi, lo, hi, m_i, l_i, acc,
     kpos = tl.load(kpos_ptr + offs_s, mask=smask, other=0).to(tl.int64)
     k = tl.load(kbase + kpos[:, None] * skt + offs_d[None, :],
                 mask=smask[:, None] & (offs_d[None, :] < D), other=0.0)
-    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    qk = _dot(q, tl.trans(k), PRECISION)
     valid = (offs_s[None, :] >= lo[:, None]) & (offs_s[None, :] < hi[:, None])
     qk = tl.where(valid, qk * sm_scale_log2, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, axis=1))
@@ -42,7 +52,7 @@ def _fwd_step(q, kbase, vbase, kpos_ptr, s0, band_hi, lo, hi, m_i, l_i, acc,
     l_i = l_i * alpha + tl.sum(p, axis=1)
     v = tl.load(vbase + kpos[:, None] * svt + offs_dv[None, :],
                 mask=smask[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
     return m_new, l_i, acc
 
 
@@ -60,12 +70,12 @@ def _dq_step(q, do, kbase, vbase, kpos_ptr, s0, band_hi, lo, hi, lse, delta, dq,
                 mask=smask[:, None] & (offs_d[None, :] < D), other=0.0)
     v = tl.load(vbase + kpos[:, None] * svt + offs_dv[None, :],
                 mask=smask[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    qk = _dot(q, tl.trans(k), PRECISION)
     valid = (offs_s[None, :] >= lo[:, None]) & (offs_s[None, :] < hi[:, None])
     p = tl.where(valid, tl.exp2(qk * sm_scale_log2 - lse[:, None]), 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    dp = _dot(do, tl.trans(v), PRECISION)
     ds = p * (dp - delta[:, None])
-    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq + _dot(ds.to(k.dtype), k, PRECISION)
 
 
 @triton.jit
@@ -236,13 +246,13 @@ def _bwd_dkdv_kernel(
                     mask=emask[:, None] & (offs_d[None, :] < D), other=0.0)
         do = tl.load(dobase + qpos[:, None] * sdot + offs_dv[None, :],
                      mask=emask[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+        qkT = _dot(k, tl.trans(q), PRECISION)
         valid = (offs_s[:, None] >= lo[None, :]) & (offs_s[:, None] < hi[None, :])
         pT = tl.where(valid, tl.exp2(qkT * sm_scale_log2 - lse[None, :]), 0.0) * inv_n[None, :]
-        dv = dv + tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
-        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dv = dv + _dot(pT.to(do.dtype), do, PRECISION)
+        dpT = _dot(v, tl.trans(do), PRECISION)
         dsT = pT * (dpT - delta[None, :])
-        dk = dk + tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION)
+        dk = dk + _dot(dsT.to(q.dtype), q, PRECISION)
     dk = dk * sm_scale
     if DIRECT:
         row = kpos

@@ -48,9 +48,11 @@ def _cfg(t: torch.Tensor, name: str):
     return CONFIG["cuda" if t.is_cuda else "cpu"][name]
 
 
-def _precision(dtype: torch.dtype) -> str:
+def _precision(t: torch.Tensor) -> str:
     # fp32 inputs get full-precision dots; tf32 would miss the fp32 tolerance by ~1000x.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    if t.dtype == torch.float32:
+        return "ieee"
+    return "tf32" if t.is_cuda else "upcast"  # see _kernels._dot
 
 
 def _pow2(n: int) -> int:
@@ -161,6 +163,32 @@ def _combine(x, x2, perm, rowptr, lo, hi, T, mean, out_dtype):
     return y, (inv_n if mean else None)
 
 
+def attention_fwd(q, k, v, qpos, lo, hi, kpos, scale: float, direct: bool):
+    """The in-cluster attention kernel alone -> (o (B,H,T,Dv) if direct else (B,H,E,Dv), lse (BH,E))."""
+    B, H, T, D = q.shape
+    Dv = v.shape[-1]
+    E, S = qpos.shape[1], kpos.shape[1]
+    lse = _new((B * H, E), torch.float32, q.device)
+    o = _new((B, H, T if direct else E, Dv), q.dtype, q.device)
+    bm, bn, warps, stages = _cfg(q, "fwd")
+    grid = (triton.cdiv(E, bm), B * H)
+    K._fwd_kernel[grid](q, k, v, qpos, lo, hi, kpos, o, lse,
+                        *_s4(q), *_s4(k), *_s4(v), *_s4(o),
+                        H, E, S, D, Dv, scale * math.log2(math.e),
+                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
+                        DIRECT=direct, SKIP_EMPTY=direct, PRECISION=_precision(q),
+                        num_warps=warps, num_stages=stages)
+    return o, lse
+
+
+def routing_indices(q, k, centroids, window: int, causal: bool, assign: str):
+    """The assignment as the kernels consume it -> (qpos, lo, hi, kpos), each (BH, E or S) int32."""
+    with torch.no_grad():
+        if assign == "topk":
+            return _topk_indices(q, k, centroids, window, causal)
+        return _nearest_indices(q, k, centroids, window)
+
+
 @torch.library.custom_op("routeformer::routing_fwd", mutates_args=())
 def _routing_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor, lo: torch.Tensor,
                  hi: torch.Tensor, kpos: torch.Tensor, scale: float, direct: bool, shared: bool
@@ -170,22 +198,8 @@ def _routing_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.
     direct (nearest): o_entries, inv_n, perm and rowptr are empty placeholders. shared (k is q) is
     only recorded for the backward: identity of inputs is not visible through torch.compile.
     """
-    B, H, T, D = q.shape
-    Dv = v.shape[-1]
-    E, S = qpos.shape[1], kpos.shape[1]
-    lse = _new((B * H, E), torch.float32, q.device)
-    if direct:
-        o_e = _new((B, H, T, Dv), q.dtype, q.device)
-    else:
-        o_e = _new((B, H, E, Dv), q.dtype, q.device)
-    bm, bn, warps, stages = _cfg(q, "fwd")
-    grid = (triton.cdiv(E, bm), B * H)
-    K._fwd_kernel[grid](q, k, v, qpos, lo, hi, kpos, o_e, lse,
-                        *_s4(q), *_s4(k), *_s4(v), *_s4(o_e),
-                        H, E, S, D, Dv, scale * math.log2(math.e),
-                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
-                        DIRECT=direct, SKIP_EMPTY=direct, PRECISION=_precision(q.dtype),
-                        num_warps=warps, num_stages=stages)
+    T = q.shape[2]
+    o_e, lse = attention_fwd(q, k, v, qpos, lo, hi, kpos, scale, direct)
     if direct:
         o_ph, n_ph, p_ph, r_ph = _placeholders(q)
         return o_e, o_ph, lse, n_ph, p_ph, r_ph
@@ -218,7 +232,7 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     E, S = qpos.shape[1], kpos.shape[1]
     dev = q.device
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
-    prec = _precision(q.dtype)
+    prec = _precision(q)
     sl2 = scale * math.log2(math.e)
     # Per-entry gradients are summed per token later; fp32 inputs keep fp32 partial sums.
     part = torch.float32 if q.dtype == torch.float32 else q.dtype
@@ -306,9 +320,5 @@ def routing_attention_triton(q, k, v, centroids, *, window, causal, assign, scal
     shared = k is q
     q, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, v))
     k = q if shared else (k if k.stride(-1) == 1 else k.contiguous())
-    with torch.no_grad():
-        if assign == "topk":
-            qpos, lo, hi, kpos = _topk_indices(q, k, centroids, window, causal)
-        else:
-            qpos, lo, hi, kpos = _nearest_indices(q, k, centroids, window)
+    qpos, lo, hi, kpos = routing_indices(q, k, centroids, window, causal, assign)
     return _routing_fwd(q, k, v, qpos, lo, hi, kpos, scale, assign == "nearest", shared)[0]

@@ -1,0 +1,262 @@
+"""One run measures every attention claim: routing (ours, topk and nearest) against dense SDPA, the PyPI
+peer `routing-transformer` 1.6.1 KmeansAttention and a plain gather + SDPA baseline; local attention
+(ours) against FlexAttention with the same sliding-window block mask.
+
+Setting (the issue's): bf16, B=1, H=8, D=64, window 512, causal, C = T / 512 clusters, shared QK (k is q,
+the model's default for causal LMs) for every routing row unless the row says "sep-k"; local attention
+with block (query_shape) 256 and flange 256. Times are medians of CUDA-event timings
+(triton.testing.do_bench); memory is the peak allocated above the inputs (q, k, v, dout, centroids).
+
+    PYTHONPATH=src python benchmarks/attention.py [--T 4096,8192,...] [--out results.json] [--md table.md]
+
+"fwd" runs without autograd recording (inference); "fwd+bwd" records and back-propagates dout.
+TFLOP/s counts useful FLOPs of the in-cluster attention kernel alone: causal, 2*T*W*D*H per forward.
+assign% is the assignment's share of our forward time.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+B, H, D, WINDOW, BLOCK, FLANGE = 1, 8, 64, 512, 256, 256
+DTYPE = torch.bfloat16
+
+
+def _bench(fn, grads=()):
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=list(grads), return_mode="median")
+
+
+def _peak_mib(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _inputs(T, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    mk = lambda: torch.randn(B, H, T, D, device="cuda", dtype=DTYPE, generator=g).requires_grad_()  # noqa: E731
+    q, k, v = mk(), mk(), mk()
+    dout = torch.randn(B, H, T, D, device="cuda", dtype=DTYPE, generator=g)
+    centroids = torch.nn.functional.normalize(torch.randn(H, T // WINDOW, D, device="cuda", generator=g), dim=-1)
+    return q, k, v, dout, centroids
+
+
+# Each maker returns f(q, k, v) -> out for given inputs; the harness times f and f + backward.
+
+def _ours(assign, shared=True):
+    from routeformer.ops import routing_attention
+
+    def make(T, centroids):
+        def f(q, k, v):
+            return routing_attention(q, q if shared else k, v, centroids, window=WINDOW, causal=True,
+                                     assign=assign, backend="triton")
+        return f
+    return make
+
+
+def _dense(T, centroids):
+    def f(q, k, v):
+        return F.scaled_dot_product_attention(q, q, v, is_causal=True)
+    return f
+
+
+def _gather_sdpa(T, centroids):
+    """Plain PyTorch routing: torch.topk, gathered copies, SDPA per cluster, scatter-mean."""
+    from routeformer.ops.kmeans import routing_scores
+
+    def f(q, k, v):
+        with torch.no_grad():
+            scores = routing_scores(q, centroids)  # (B, H, T, C)
+            idx = scores.transpose(2, 3).topk(WINDOW, dim=-1).indices.sort(dim=-1).values  # (B, H, C, W)
+        C = idx.shape[2]
+        flat = idx.reshape(B, H, C * WINDOW, 1).expand(-1, -1, -1, D)
+        qc = q.gather(2, flat).view(B * H * C, 1, WINDOW, D)
+        vc = v.gather(2, flat).view(B * H * C, 1, WINDOW, D)
+        # Shared QK: a cluster's keys are its queries, sorted by position, so causal is is_causal.
+        oc = F.scaled_dot_product_attention(qc, qc, vc, is_causal=True).view(B, H, C * WINDOW, D)
+        out = torch.zeros(B, H, T, D, device=q.device, dtype=torch.float32).scatter_add(2, flat, oc.float())
+        cnt = torch.zeros(B, H, T, device=q.device).scatter_add(2, idx.reshape(B, H, -1),
+                                                                  torch.ones(B, H, C * WINDOW, device=q.device))
+        return (out / cnt.clamp_min(1)[..., None]).to(q.dtype)
+    return f
+
+
+def _peer(T, centroids):
+    from routing_transformer.routing_transformer import KmeansAttention
+
+    attn = KmeansAttention(num_clusters=T // WINDOW, window_size=WINDOW, num_heads=H, head_dim=D, causal=True,
+                           shared_qk=True).cuda().eval()
+    # First call runs the peer's k-means initialisation; keep it out of the timings.
+    with torch.no_grad():
+        x = torch.randn(B, H, T, D, device="cuda", dtype=DTYPE)
+        attn(x, x, x)
+
+    def f(q, k, v):
+        return attn(q, q, v)[0]
+    return f
+
+
+def _local_ours(T, centroids):
+    from routeformer.ops import local_attention
+
+    def f(q, k, v):
+        return local_attention(q, k, v, block=BLOCK, flange=FLANGE, causal=True, backend="triton")
+    return f
+
+
+_FLEX = {}
+
+
+def _local_flex(T, centroids):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+
+    def mask_mod(b, h, qi, kj):
+        return (kj <= qi) & (kj >= (qi // BLOCK) * BLOCK - FLANGE)
+
+    bm = create_block_mask(mask_mod, None, None, T, T, device="cuda")
+
+    def f(q, k, v):
+        return _FLEX["fn"](q, k, v, block_mask=bm)
+    return f
+
+
+ROWS = [
+    ("ours topk", _ours("topk")),
+    ("ours nearest", _ours("nearest")),
+    ("ours topk sep-k", _ours("topk", shared=False)),
+    ("dense SDPA", _dense),
+    ("peer KmeansAttention", _peer),
+    ("gather+SDPA", _gather_sdpa),
+    ("local ours", _local_ours),
+    ("local FlexAttention", _local_flex),
+]
+
+
+def _measure(name, make, T):
+    q, k, v, dout, centroids = _inputs(T)
+    row = {"name": name, "T": T}
+    try:
+        f = make(T, centroids)
+
+        def fwd():
+            with torch.no_grad():
+                return f(q, k, v)
+
+        def fwdbwd():
+            f(q, k, v).backward(dout)
+
+        fwd(), fwdbwd()  # compile and warm up outside the timings
+        row["fwd_ms"] = _bench(fwd)
+        row["fwd_mib"] = _peak_mib(fwd)
+        row["fwdbwd_ms"] = _bench(fwdbwd, (q, k, v))
+        q.grad = k.grad = v.grad = None
+        row["fwdbwd_mib"] = _peak_mib(fwdbwd)
+    except Exception as e:  # a missing kernel or an OOM is a table entry, not the end of the run
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        traceback.print_exc(limit=2)
+    del q, k, v, dout
+    torch.cuda.empty_cache()
+    return row
+
+
+def _kernel_rows(T):
+    """Our in-cluster attention kernel alone (TFLOP/s) and the assignment alone, per mode."""
+    from routeformer.ops.routing import triton_ops as TO
+
+    q, k, v, dout, centroids = _inputs(T)
+    out = []
+    for assign in ("topk", "nearest"):
+        with torch.no_grad():
+            idx = TO.routing_indices(q, q, centroids, WINDOW, True, assign)
+            t_assign = _bench(lambda: TO.routing_indices(q, q, centroids, WINDOW, True, assign))
+            t_kernel = _bench(lambda: TO.attention_fwd(q, q, v, *idx, 1 / math.sqrt(D), assign == "nearest"))
+        flops = 2 * T * WINDOW * D * H * B
+        out.append({"name": f"kernel {assign}", "T": T, "assign_ms": t_assign, "kernel_ms": t_kernel,
+                    "tflops": flops / t_kernel / 1e9})
+    return out
+
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def table(rows, kernels):
+    lines = ["| T | variant | fwd ms | fwd+bwd ms | fwd MiB | fwd+bwd MiB | note |",
+             "|---:|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['T']} | {r['name']} | {_fmt(r.get('fwd_ms'), '.3f')} | {_fmt(r.get('fwdbwd_ms'), '.3f')} "
+                     f"| {_fmt(r.get('fwd_mib'), '.0f')} | {_fmt(r.get('fwdbwd_mib'), '.0f')} | {r.get('error', '')} |")
+    lines += ["", "| T | mode | attention kernel ms | TFLOP/s (useful, fwd) | assignment ms | assign % of fwd |",
+              "|---:|---|---:|---:|---:|---:|"]
+    fwd = {(r["name"], r["T"]): r.get("fwd_ms") for r in rows}
+    for r in kernels:
+        mode = r["name"].split()[1]
+        total = fwd.get((f"ours {mode}", r["T"]))
+        share = 100 * r["assign_ms"] / total if total else None
+        lines.append(f"| {r['T']} | {mode} | {r['kernel_ms']:.3f} | {r['tflops']:.0f} | {r['assign_ms']:.3f} "
+                     f"| {_fmt(share, '.0f')} |")
+    lines += ["", "| T | fwd+bwd speed-up of ours topk over dense / peer / gather | fwd over dense |",
+              "|---:|---|---:|"]
+    by = {(r["name"], r["T"]): r for r in rows}
+    for T in sorted({r["T"] for r in rows}):
+        o = by.get(("ours topk", T), {})
+        ratio = lambda n, key: (by.get((n, T), {}).get(key) or math.nan) / (o.get(key) or math.nan)  # noqa: E731
+        lines.append(f"| {T} | {ratio('dense SDPA', 'fwdbwd_ms'):.1f}x / {ratio('peer KmeansAttention', 'fwdbwd_ms'):.1f}x"
+                     f" / {ratio('gather+SDPA', 'fwdbwd_ms'):.1f}x | {ratio('dense SDPA', 'fwd_ms'):.1f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--T", default="4096,8192,16384,32768,65536,131072")
+    p.add_argument("--rows", default="", help="comma-separated substrings of row names to keep (default all)")
+    p.add_argument("--out", default="", help="write all numbers as JSON here")
+    p.add_argument("--md", default="", help="write the markdown table here")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/attention.py needs a CUDA device")
+    Ts = [int(t) for t in args.T.split(",")]
+    keep = [s for s in args.rows.split(",") if s]
+    rows, kernels = [], []
+    for T in Ts:
+        for name, make in ROWS:
+            if keep and not any(s in name for s in keep):
+                continue
+            r = _measure(name, make, T)
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+        try:
+            kernels += _kernel_rows(T)
+            print(json.dumps(kernels[-2:]), flush=True)
+        except Exception:
+            traceback.print_exc(limit=2)
+    head = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
+            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; B={B} H={H} D={D} "
+            f"window={WINDOW} bf16 causal shared-QK; local block={BLOCK} flange={FLANGE}")
+    md = head + "\n\n" + table(rows, kernels)
+    print(md)
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"device": head, "rows": rows, "kernels": kernels}, fh, indent=1)
+    if args.md:
+        with open(args.md, "w") as fh:
+            fh.write(md + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""Triton routing attention against the reference op: outputs and gradients, both assignment modes.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) on tiny awkward shapes; tests
+marked gpu repeat them at real sizes on CUDA. The float64 reference is evaluated on the assignment
+computed from the original inputs, so both sides attend exactly the same pairs.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from routeformer.ops import routing_attention
+from routeformer.ops.kmeans import routing_scores
+from routeformer.ops.routing import assign_nearest, assign_topk
+from routeformer.ops.routing import triton_ops as TO
+from routeformer.ops.routing.assignment import topk_positions
+from routeformer.ops.routing.reference import nearest_attention, topk_attention
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def poison():
+    TO.POISON = True
+    yield
+    TO.POISON = False
+
+
+def _inputs(B, H, T, D, Dv, C, shared, dtype, device, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    q = mk(B, H, T, D).requires_grad_()
+    k = q if shared else mk(B, H, T, D).requires_grad_()
+    v = mk(B, H, T, Dv).requires_grad_()
+    centroids = torch.randn(H, C, D, generator=g).to(device)
+    return q, k, v, centroids
+
+
+def _reference64(q, k, v, centroids, window, causal, assign):
+    """Float64 reference on the assignment of the original (low-precision) inputs."""
+    with torch.no_grad():
+        a = (assign_topk if assign == "topk" else assign_nearest)(q, k, centroids, window)
+    q64 = q.detach().double().requires_grad_()
+    k64 = q64 if k is q else k.detach().double().requires_grad_()
+    v64 = v.detach().double().requires_grad_()
+    scale = q.shape[-1] ** -0.5
+    if assign == "topk":
+        out = topk_attention(q64, k64, v64, a, causal=causal, scale=scale)
+    else:
+        out = nearest_attention(q64, k64, v64, a, window=window, scale=scale)
+    return out, (q64, k64, v64), a
+
+
+def _allowed(a, assign, causal, T, window):
+    """Dense (B, H, C', T, T) masks of the pairs each cluster lets attend (C' = 1 for nearest)."""
+    if assign == "topk":
+        qi, ki = a.query_index, a.key_index
+        B, H, C, W = qi.shape
+        qm = torch.zeros(B, H, C, T, dtype=torch.bool, device=qi.device).scatter_(3, qi, True)
+        km = torch.zeros(B, H, C, T, dtype=torch.bool, device=qi.device).scatter_(3, ki, True)
+        m = qm[..., :, None] & km[..., None, :]
+        if causal:
+            m = m & torch.ones(T, T, dtype=torch.bool, device=qi.device).tril()
+        return m
+    B, H, _ = a.key_order.shape
+    slot_of = torch.empty_like(a.key_order).scatter_(2, a.key_order, torch.arange(T, device=a.key_order.device)
+                                                      .expand(B, H, T).contiguous())
+    s = slot_of[..., None, :]
+    return ((s >= a.key_start[..., :, None]) & (s < a.key_end[..., :, None]))[:, :, None]
+
+
+def _plain_lowp(q, k, v, mask):
+    """Plain PyTorch routing attention in the input dtype (the error yardstick for the kernels)."""
+    logits = torch.einsum("bhid,bhjd->bhij", q, k)[:, :, None] * q.shape[-1] ** -0.5
+    logits = logits.masked_fill(~mask, float("-inf"))
+    has = mask.any(-1, keepdim=True)
+    p = torch.softmax(logits.float(), dim=-1).nan_to_num(0.0).to(q.dtype) * has
+    out_c = torch.einsum("bhcij,bhjd->bhcid", p, v)
+    n = has.sum(2).clamp_min(1)
+    return (out_c.sum(2) / n).to(q.dtype)
+
+
+def _rel(x, ref):
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _check(B, H, T, D, Dv, C, window, assign, causal, shared, dtype, device, seed=0):
+    q, k, v, centroids = _inputs(B, H, T, D, Dv, C, shared, dtype, device, seed)
+    out = routing_attention(q, k, v, centroids, window=window, causal=causal, assign=assign, backend="triton")
+    assert out.dtype == dtype and out.shape == (B, H, T, Dv)
+    ref, ref_in, a = _reference64(q, k, v, centroids, window, causal, assign)
+    dout = torch.randn_like(ref)
+    wrt = (q, v) if shared else (q, k, v)
+    grads = torch.autograd.grad(out, wrt, dout.to(dtype))
+    ref_grads = torch.autograd.grad(ref, (ref_in[0], ref_in[2]) if shared else ref_in, dout)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    if dtype == torch.float32:
+        assert _rel(out, ref) < 1e-5
+        for g, rg in zip(grads, ref_grads):
+            assert _rel(g, rg) < 1e-5
+        return
+    # Low precision: at most twice the error of plain PyTorch in the same dtype (plus a rounding floor).
+    mask = _allowed(a, assign, causal, T, window)
+    ql, vl = q.detach().requires_grad_(), v.detach().requires_grad_()
+    kl = ql if shared else k.detach().requires_grad_()
+    base = _plain_lowp(ql, kl, vl, mask)
+    base_grads = torch.autograd.grad(base, (ql, vl) if shared else (ql, kl, vl), dout.to(dtype))
+    floor = 2 * torch.finfo(dtype).eps
+    assert _rel(out, ref) <= 2 * _rel(base, ref) + floor
+    for g, bg, rg in zip(grads, base_grads, ref_grads):
+        assert _rel(g, rg) <= 2 * _rel(bg, rg) + floor
+
+
+# (T, D, Dv, C, window, assign, causal, shared): T and windows that do not divide, D not powers of 2.
+CPU_CASES = [
+    (37, 16, 16, 4, 10, "topk", True, False),
+    (100, 24, 40, 5, 24, "topk", True, True),
+    (100, 64, 64, 3, 40, "topk", False, False),
+    (37, 16, 24, 4, 8, "nearest", True, False),
+    (100, 24, 24, 6, 24, "nearest", True, True),
+]
+
+
+@pytest.mark.parametrize("T,D,Dv,C,window,assign,causal,shared", CPU_CASES)
+def test_matches_reference_fp32(T, D, Dv, C, window, assign, causal, shared):
+    _check(2, 2, T, D, Dv, C, window, assign, causal, shared, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("assign,shared", [("topk", False), ("nearest", True)])
+def test_matches_reference_bf16(assign, shared):
+    _check(1, 2, 100, 24, 24, 4, 32, assign, True, shared, torch.bfloat16, "cpu", seed=1)
+
+
+def test_topk_index_exact_with_ties():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 2, 97, 24, generator=g)
+    # Repeated rows score identically: ties at the cut-off must go to the lower positions.
+    x[:, :, 50:90] = x[:, :, 10:11]
+    x[:, 1, ::3] = x[:, 1, 5:6]
+    centroids = torch.randn(2, 7, 24, generator=g)
+    for window in (1, 13, 40, 97, 200):
+        expected = topk_positions(routing_scores(x, centroids), window)
+        got = TO.topk_index(x, centroids, window)
+        assert torch.equal(got.long(), expected), window
+
+
+def test_window_at_least_t_and_single_cluster_is_dense_causal():
+    q, k, v, centroids = _inputs(1, 2, 33, 16, 16, 1, False, torch.float32, "cpu", 4)
+    out = routing_attention(q, k, v, centroids, window=64, causal=True, backend="triton")
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_compiles_without_graph_breaks():
+    q, k, v, centroids = _inputs(1, 2, 40, 16, 16, 3, True, torch.float32, "cpu", 5)
+
+    def f(q, v):
+        return routing_attention(q, q, v, centroids, window=16, causal=True, backend="triton").sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(q, v), (q, v))
+    expected = torch.autograd.grad(f(q, v), (q, v))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
+def test_unsupported_inputs_raise_clear_errors():
+    q, k, v, centroids = _inputs(1, 1, 8, 16, 16, 2, False, torch.float64, "cpu", 6)
+    with pytest.raises(TypeError, match="backend='reference'"):
+        routing_attention(q, k, v, centroids, window=4, backend="triton")
+    q, k, v, centroids = _inputs(1, 1, 8, 160, 16, 2, False, torch.float32, "cpu", 6)
+    with pytest.raises(ValueError, match="head dims up to 128"):
+        routing_attention(q, k, v, centroids, window=4, backend="triton")
+
+
+GPU_CASES = [
+    (4096, 64, 8, 512, "topk", True, True, torch.bfloat16),
+    (4096, 64, 8, 512, "topk", True, False, torch.float16),
+    (3000, 128, 6, 500, "topk", False, False, torch.bfloat16),
+    (4096, 32, 8, 512, "nearest", True, True, torch.bfloat16),
+    (3000, 96, 6, 500, "nearest", True, False, torch.float16),
+    (2048, 64, 4, 512, "topk", True, False, torch.float32),
+    (2048, 64, 4, 512, "nearest", True, True, torch.float32),
+]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("T,D,C,window,assign,causal,shared,dtype", GPU_CASES)
+def test_matches_reference_gpu(T, D, C, window, assign, causal, shared, dtype):
+    _check(1, 2, T, D, D, C, window, assign, causal, shared, dtype, "cuda")
+
+
+@gpu
+@needs_cuda
+def test_topk_index_exact_gpu():
+    x = torch.randn(1, 4, 16384, 64, device="cuda", dtype=torch.bfloat16)
+    x[:, :, 8000:9000] = x[:, :, 7:8]
+    centroids = torch.randn(4, 32, 64, device="cuda")
+    assert torch.equal(TO.topk_index(x, centroids, 512).long(), topk_positions(routing_scores(x, centroids), 512))
+
+
+@gpu
+@needs_cuda
+def test_compiles_with_inductor_gpu():
+    q, k, v, centroids = _inputs(1, 4, 2048, 64, 64, 4, True, torch.bfloat16, "cuda", 7)
+
+    def f(q, v):
+        return routing_attention(q, q, v, centroids, window=512, causal=True, backend="triton")
+
+    compiled = torch.compile(f, fullgraph=True)
+    torch.testing.assert_close(compiled(q, v), f(q, v))
+    dout = torch.randn_like(q)
+    got = torch.autograd.grad(compiled(q, v), (q, v), dout)
+    expected = torch.autograd.grad(f(q, v), (q, v), dout)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
