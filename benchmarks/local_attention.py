@@ -1,0 +1,169 @@
+"""Local attention on one GPU: the Triton kernels against FlexAttention and dense SDPA.
+
+    PYTHONPATH=src python benchmarks/local_attention.py [--out DIR] [--sweep] [--smoke]
+
+Shape: B=1, H=8, D=64, bf16, block 256, flange 256, causal, T in {4k .. 64k}. Variants: ours
+without and with Shaw tables (M = 513, the model's default), FlexAttention (torch.compile'd
+flex_attention with a sliding-window block mask built once, outside the timing), and dense causal
+SDPA (flash) for scale. Correctness first: each variant against the reference at T = 4096.
+Times are triton.testing.do_bench medians in ms; 'fwd+bwd' includes the forward.
+--sweep times a few tile settings for our kernels at T = 16384 before the main table.
+--smoke runs tiny sizes on the CPU interpreter to check the script itself.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+
+def flops(T: int, block: int, flange: int, causal: bool, B: int, H: int, D: int) -> float:
+    """Forward matmul FLOPs over the (i, j) pairs the mask allows (4 per pair and dim: QK and PV)."""
+    i = torch.arange(T, dtype=torch.float64)
+    first = ((i // block) * block - flange).clamp_min(0)
+    last = (i + 1) if causal else ((i // block + 1) * block + flange).clamp_max(T)
+    return float((last - first).sum()) * 4 * B * H * D
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import triton
+    from routeformer.ops import local_attention
+    from routeformer.ops.local import triton_ops
+    from routeformer.ops.local.reference import local_attention_reference
+
+    dev = "cpu" if args.smoke else "cuda"
+    B, H, D, L, F, M = (1, 2, 16, 16, 16, 20) if args.smoke else (1, 8, 64, 256, 256, 513)
+    Ts = [64, 128] if args.smoke else [4096, 8192, 16384, 32768, 65536]
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    print(f"torch {torch.__version__} triton {triton.__version__} "
+          f"{torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}", flush=True)
+
+    def inputs(T, rel, seed=0):
+        g = torch.Generator(device=dev).manual_seed(seed)
+        t = [torch.randn(B, H, T, D, device=dev, generator=g, dtype=dtype) for _ in range(3)]
+        if rel:
+            t += [0.5 * torch.randn(2 * M + 1, D, device=dev, generator=g, dtype=dtype) for _ in range(2)]
+        return [x.requires_grad_() for x in t]
+
+    def ours(rel):
+        def f(q, k, v, *tables):
+            rk, rv = tables if rel else (None, None)
+            return local_attention(q, k, v, block=L, flange=F, causal=True, rel_k=rk, rel_v=rv, backend="triton")
+        return f
+
+    variants = {"ours": ours(False), "ours+shaw": ours(True)}
+    rel_of = {"ours": False, "ours+shaw": True, "flex": False, "sdpa-dense": False}
+    flex_mask = {}
+    if dev == "cuda":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        flex = torch.compile(flex_attention)
+
+        def window(b, h, q_idx, kv_idx):
+            first = (q_idx // L) * L - F
+            return (kv_idx >= first) & (kv_idx <= q_idx)
+
+        def flex_fn(q, k, v):
+            T = q.shape[2]
+            if T not in flex_mask:
+                flex_mask[T] = create_block_mask(window, None, None, T, T, device=dev)
+            return flex(q, k, v, block_mask=flex_mask[T])
+
+        variants["flex"] = flex_fn
+        variants["sdpa-dense"] = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def bench(fn, t, bwd):
+        g = torch.randn_like(t[0])
+        if bwd:
+            def step():
+                fn(*t).backward(g)
+        else:
+            def step():
+                with torch.no_grad():
+                    fn(*t)
+        if dev == "cpu":
+            step()
+            return float("nan")
+        return triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median", grad_to_none=t)
+
+    results = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "checks": {}, "sweep": [], "table": []}
+
+    # Correctness at the first size, against the float64 reference, outputs and gradients.
+    T = Ts[0]
+    for name, fn in variants.items():
+        if name == "sdpa-dense":
+            continue
+        rel = rel_of[name]
+        t = inputs(T, rel, seed=1)
+        g = torch.randn(B, H, T, D, device=dev, dtype=dtype)
+        out = fn(*t)
+        got = [out] + list(torch.autograd.grad(out, t, g))
+        ex = [x.detach().double().requires_grad_() for x in t]
+        kw = dict(rel_k=ex[3], rel_v=ex[4]) if rel else {}
+        ref = local_attention_reference(*ex[:3], block=L, flange=F, causal=True, scale=D ** -0.5, **kw)
+        want = [ref] + list(torch.autograd.grad(ref, ex, g.double()))
+        errs = [((a.double() - b).norm() / b.norm()).item() for a, b in zip(got, want)]
+        results["checks"][name] = errs
+        print(f"check {name:10s} T={T} rel-err out/grads: " + " ".join(f"{e:.2e}" for e in errs), flush=True)
+        assert all(e < 2e-2 for e in errs), f"{name} disagrees with the reference"
+
+    if args.sweep and dev == "cuda":
+        T = 16384
+        fwd_cfgs = [dict(BM=128, BN=64, num_warps=4, num_stages=3), dict(BM=128, BN=64, num_warps=8, num_stages=3),
+                    dict(BM=64, BN=64, num_warps=4, num_stages=3), dict(BM=128, BN=128, num_warps=8, num_stages=3)]
+        bwd_cfgs = [dict(BM=64, BN=64, num_warps=4, num_stages=2), dict(BM=64, BN=64, num_warps=4, num_stages=3),
+                    dict(BM=128, BN=64, num_warps=8, num_stages=2), dict(BM=64, BN=128, num_warps=8, num_stages=2),
+                    dict(BM=32, BN=64, num_warps=4, num_stages=3)]
+        for rel in (False, True):
+            t = inputs(T, rel)
+            fn = variants["ours+shaw" if rel else "ours"]
+            for cfg in fwd_cfgs:
+                triton_ops.TILE_OVERRIDES.clear()
+                triton_ops.TILE_OVERRIDES["fwd"] = cfg
+                ms = bench(fn, t, False)
+                results["sweep"].append(dict(rel=rel, kernel="fwd", cfg=cfg, ms=ms))
+                print(f"sweep rel={rel} fwd {cfg} {ms:.3f} ms", flush=True)
+            triton_ops.TILE_OVERRIDES.clear()
+            base = bench(fn, t, False)
+            for cfg in bwd_cfgs:
+                triton_ops.TILE_OVERRIDES.clear()
+                triton_ops.TILE_OVERRIDES.update(dq=cfg, dkdv=cfg, rel=cfg)
+                ms = bench(fn, t, True)
+                results["sweep"].append(dict(rel=rel, kernel="bwd", cfg=cfg, ms=ms - base))
+                print(f"sweep rel={rel} bwd {cfg} {ms - base:.3f} ms (fwd+bwd {ms:.3f})", flush=True)
+        triton_ops.TILE_OVERRIDES.clear()
+
+    for T in Ts:
+        fl = flops(T, L, F, True, B, H, D)
+        for name, fn in variants.items():
+            t = inputs(T, rel_of[name])
+            try:
+                fwd, both = bench(fn, t, False), bench(fn, t, True)
+            except torch.OutOfMemoryError:
+                fwd = both = float("nan")
+            row = dict(T=T, variant=name, fwd_ms=fwd, fwd_bwd_ms=both, fwd_tflops=fl / fwd / 1e9,
+                       fwd_bwd_tflops=3.5 * fl / both / 1e9)
+            results["table"].append(row)
+            print(f"T={T:6d} {name:10s} fwd {fwd:8.3f} ms  fwd+bwd {both:8.3f} ms", flush=True)
+            del t
+        flex_mask.clear()
+
+    with open(os.path.join(args.out, "local_bench.json"), "w") as fh:
+        json.dump(results, fh, indent=1)
+    print("\n| T | variant | fwd ms | fwd+bwd ms | fwd TFLOP/s (mask pairs) |")
+    print("|---|---|---|---|---|")
+    for r in results["table"]:
+        print(f"| {r['T']} | {r['variant']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['fwd_tflops']:.0f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
