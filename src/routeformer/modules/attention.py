@@ -148,16 +148,18 @@ class MixedAttention(nn.Module):
         D, L = self.head_dim, self.num_local
         q, k_local, k_route, v = self.qkv(x).split(self.widths, dim=-1)
 
+        # Each head group is made contiguous (B, h, T, D): the Triton ops' backward (and their fake
+        # kernels under torch.compile) assume that layout, and measured eager steps get faster too.
         def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(B, T, -1, D).transpose(1, 2)
+            return t.view(B, T, -1, D).transpose(1, 2).contiguous()
 
-        q, v = heads(q), heads(v)
+        q, v = q.view(B, T, -1, D), v.view(B, T, -1, D)
         outs, aux = [], None
         if self.local is not None:
-            outs.append(self.local(q[:, :L], heads(k_local), v[:, :L]))
+            outs.append(self.local(heads(q[:, :, :L]), heads(k_local), heads(v[:, :, :L])))
         if self.routing is not None:
             k = None if self.share_qk else heads(k_route)
-            out, aux = self.routing(q[:, L:], k, v[:, L:], compute_aux=compute_aux)
+            out, aux = self.routing(heads(q[:, :, L:]), k, heads(v[:, :, L:]), compute_aux=compute_aux)
             outs.append(out)
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return self.out(out.transpose(1, 2).reshape(B, T, self.heads * D)), aux
