@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,12 @@ def check_compatible(config: RunConfig, data: PreparedDataset) -> None:
     if config.data.eval_split not in meta.splits:
         raise ValueError(f"data.eval_split={config.data.eval_split!r} is not a split of {data.path} "
                          f"(has {sorted(meta.splits)})")
+    need = meta.example_length or train.seq_len + 1
+    for split in ("train", config.data.eval_split):
+        have = meta.splits[split]["tokens"]
+        if have < need:
+            raise ValueError(f"the {split} split of {data.path} has {have} tokens, fewer than one sequence needs "
+                             f"({need}): use a larger data file or a smaller train.seq_len")
 
 
 def _seed_everything(seed: int) -> None:
@@ -146,11 +153,14 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overr
 
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     bar = None
-    if cfg.progress:
+    # Not a terminal (CI, `make demo | tee`): plain lines at each log step instead of carriage returns.
+    plain = cfg.progress and not sys.stderr.isatty()
+    if cfg.progress and not plain:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.max_steps, initial=step, unit="step", dynamic_ncols=True, leave=True)
     pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    first_step = step
     started = time.perf_counter()
     window_start, window_steps = started, 0
     model.train()
@@ -195,6 +205,12 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overr
                     raise FloatingPointError(f"loss became {ce_mean} at step {step}: lower train.learning_rate")
                 if bar is not None:
                     bar.set_postfix(loss=f"{ce_mean + aux_mean:.4f}", tok_s=f"{tps:,.0f}")
+                elif plain:
+                    eta = (now - started) / (step - first_step) * (cfg.max_steps - step)
+                    if cfg.time_budget_s:
+                        eta = min(eta, max(0.0, cfg.time_budget_s - (now - started)))
+                    log(f"step {step}/{cfg.max_steps}  loss {ce_mean + aux_mean:.4f}  lr {scheduler.get_last_lr()[0]:.2e}"
+                        f"  {tps:,.0f} tok/s  elapsed {now - started:.0f}s  eta {eta:.0f}s")
                 pending.clear()
                 window_start, window_steps = now, 0
             if bar is not None:
