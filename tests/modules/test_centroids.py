@@ -154,3 +154,14 @@ def test_separate_keys_add_key_statistics():
     model(_tokens(B=1, T=10))
     (m,) = model.centroid_modules()
     assert m.pending_counts.sum() == 2 * 10  # queries and keys of the single routing head
+
+
+def test_low_precision_model_keeps_float32_kmeans_state():
+    model = _tiny().to(torch.bfloat16).train()
+    assert model.embed.weight.dtype == torch.bfloat16
+    for m in model.centroid_modules():
+        assert all(b.dtype == torch.float32 for b in m.buffers())
+    logits, aux = model(_tokens(), return_aux_loss=True)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+    assert model.update_centroids() == 3
+    assert model.double().centroid_modules()[0].centroids.dtype == torch.float64

@@ -50,6 +50,15 @@ class RoutingCentroids(nn.Module):
         self.register_buffer("pending_sums", torch.zeros(shape), persistent=False)
         self.register_buffer("pending_counts", torch.zeros(shape[:2]), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # model.half()/bfloat16() must not round the k-means state: EMA steps of (1 - decay) = 1e-3 vanish
+        # in 8-bit mantissas. Float32 (or float64) is kept; the ops cast centroids to their compute dtype.
+        super()._apply(fn, recurse)
+        for name, buf in self._buffers.items():
+            if buf is not None and buf.dtype in (torch.float16, torch.bfloat16):
+                self._buffers[name] = buf.float()
+        return self
+
     def extra_repr(self) -> str:
         H, C, D = self.centroids.shape
         return f"heads={H}, clusters={C}, head_dim={D}, decay={self.decay}, variant={self.variant!r}"
