@@ -76,6 +76,7 @@ def fetch(source: Source, dest_dir: str | os.PathLike, *, from_file_hint: str = 
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / source.filename
+    dest.parent.mkdir(parents=True, exist_ok=True)  # filenames may hold folders (PG-19's train/123.txt)
     if dest.is_file():
         verify(dest, source)
         return dest

@@ -51,7 +51,7 @@ def download(dest: Path) -> Path:
     """Mirror the three split folders of the bucket into dest (verified; already-verified files kept)."""
     for folder in SPLIT_DIRS.values():
         for source in list_bucket(folder + "/"):
-            fetch(source, dest / Path(source.filename).parent,
+            fetch(source, dest,
                   from_file_hint="--from-file DIR (a folder holding train/, validation/ and test/ of PG-19)")
     return dest
 
