@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from routeformer import ModelConfig, RoutingTransformerLM
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def _run(backend: str, assign: str, causal: bool, dtype: torch.dtype, tokens: torch.Tensor):
