@@ -84,6 +84,17 @@ def _allowed(offs_m, offs_n, T, L, F, FR, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _partial_tile(m0, n0, T, L, F, FR, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr):
+    """Scalar: some (i, j) of the tile is not allowed, so the tile needs the element mask.
+    Most tiles of a long sequence are interior; skipping their mask arithmetic is the point."""
+    inside = (m0 + BM <= T) & (n0 + BN <= T)
+    inside = inside & (n0 >= ((m0 + BM - 1) // L) * L - F) & (n0 + BN <= (m0 // L + 1) * L + FR)
+    if CAUSAL:
+        inside = inside & (n0 + BN - 1 <= m0)
+    return inside == 0
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, RK, RV, O, LSE,
     T, D, DV, L, F, FR, M, qk_scale,
@@ -121,7 +132,8 @@ def _fwd_kernel(
             rk = _band(RK, dmin, M, offs_t, offs_d, D)
             s += _skew(_dot(q, tl.trans(rk), DOT), BM, BN)
         s = s * qk_scale
-        s = tl.where(_allowed(offs_m, offs_n, T, L, F, FR, CAUSAL), s, float("-inf"))
+        if _partial_tile(m0, n0, T, L, F, FR, BM, BN, CAUSAL):
+            s = tl.where(_allowed(offs_m, offs_n, T, L, F, FR, CAUSAL), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -190,8 +202,9 @@ def _bwd_dq_kernel(
             rv = _band(RV, dmin, M, offs_t, offs_dv, DV)
             s += _skew(_dot(q, tl.trans(rk), DOT), BM, BN)
             dp += _skew(_dot(do, tl.trans(rv), DOT), BM, BN)
-        ok = _allowed(offs_m, offs_n, T, L, F, FR, CAUSAL)
-        p = tl.where(ok, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+        p = tl.exp2(s * qk_scale - lse[:, None])
+        if _partial_tile(m0, n0, T, L, F, FR, BM, BN, CAUSAL):
+            p = tl.where(_allowed(offs_m, offs_n, T, L, F, FR, CAUSAL), p, 0.0)
         ds = p * (dp - delta[:, None])
         dq += _dot(_cast(ds, k.dtype, DOT), k, DOT)
         if HAS_REL:
@@ -251,8 +264,9 @@ def _bwd_dkdv_kernel(
             rv = _band(RV, dmin, M, offs_t, offs_dv, DV)
             s += _skew(_dot(q, tl.trans(rk), DOT), BM, BN)
             dp += _skew(_dot(do, tl.trans(rv), DOT), BM, BN)
-        ok = _allowed(offs_m, offs_n, T, L, F, FR, CAUSAL)
-        p = tl.where(ok, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+        p = tl.exp2(s * qk_scale - lse[:, None])
+        if _partial_tile(m0, n0, T, L, F, FR, BM, BN, CAUSAL):
+            p = tl.where(_allowed(offs_m, offs_n, T, L, F, FR, CAUSAL), p, 0.0)
         dv += _dot(tl.trans(_cast(p, do.dtype, DOT)), do, DOT)
         ds = p * (dp - delta[:, None])
         dk += _dot(tl.trans(_cast(ds, q.dtype, DOT)), q, DOT)
