@@ -19,8 +19,14 @@ import argparse
 import datetime
 import json
 import math
+import os
 import sys
 import traceback
+
+# Run as a script, this folder heads sys.path and its local_attention.py would shadow the PyPI
+# `local_attention` package that the peer imports.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 import torch
 import torch.nn.functional as F
@@ -191,6 +197,71 @@ def _kernel_rows(T):
     return out
 
 
+def profile(T):
+    """Kernel-level breakdown of our forward and fwd+bwd (torch.profiler), printed as a table."""
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    q, k, v, dout, centroids = _inputs(T)
+    for assign in ("topk", "nearest"):
+        f = _ours(assign)(T, centroids)
+        for _ in range(2):
+            f(q, k, v).backward(dout)
+        torch.cuda.synchronize()
+        with prof(activities=[ProfilerActivity.CUDA]) as p:
+            for _ in range(5):
+                f(q, k, v).backward(dout)
+            torch.cuda.synchronize()
+        print(f"== profile {assign} T={T} (5 fwd+bwd)")
+        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
+def sweep(T):
+    """Tile configurations of the attention kernels at one T: kernel-only times per config."""
+    from routeformer.ops.routing import triton_ops as TO
+
+    q, k, v, dout, centroids = _inputs(T)
+    scale = 1 / math.sqrt(D)
+    res = []
+    default = dict(TO.CONFIG["cuda"])
+    fwd_cfgs = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3)]
+    dq_cfgs = [(128, 64, 8, 2), (128, 64, 4, 2), (64, 64, 4, 3), (128, 32, 4, 3)]
+    dkdv_cfgs = [(64, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2), (32, 128, 4, 3), (64, 128, 4, 2)]
+    for mode in ("radix", "torch"):
+        TO.TOPK_SELECT = mode
+        t = _bench(lambda: TO.routing_indices(q, q, centroids, WINDOW, True, "topk"))
+        res.append(("topk", "assignment", mode, t, float("nan")))
+    TO.TOPK_SELECT = "radix"
+    from routeformer.ops.kmeans import routing_scores
+    res.append(("both", "routing_scores", "-", _bench(lambda: routing_scores(q, centroids)), float("nan")))
+    for assign in ("topk", "nearest"):
+        direct = assign == "nearest"
+        idx = TO.routing_indices(q, q, centroids, WINDOW, True, assign)
+        for cfg in fwd_cfgs:
+            TO.CONFIG["cuda"] = dict(default, fwd=cfg)
+            try:
+                t = _bench(lambda: TO.attention_fwd(q, q, v, *idx, scale, direct))
+                res.append((assign, "fwd", cfg, t, 2 * T * WINDOW * D * H / t / 1e9))
+            except Exception as e:
+                res.append((assign, "fwd", cfg, float("nan"), str(e)[:60]))
+        TO.CONFIG["cuda"] = dict(default)
+        saved = TO._routing_fwd(q.detach(), q.detach(), v.detach(), *idx, scale, direct, True)
+        for name, cfgs in (("dq", dq_cfgs), ("dkdv", dkdv_cfgs)):
+            for cfg in cfgs:
+                TO.CONFIG["cuda"] = dict(default, **{name: cfg})
+                try:
+                    t = _bench(lambda: TO._routing_bwd(dout, q.detach(), q.detach(), v.detach(), saved[0], saved[1],
+                                                       saved[2], saved[3], *idx, saved[4], saved[5], scale, direct,
+                                                       True))
+                    res.append((assign, f"bwd({name} varied)", cfg, t, 5 * T * WINDOW * D * H / t / 1e9))
+                except Exception as e:
+                    res.append((assign, f"bwd({name} varied)", cfg, float("nan"), str(e)[:60]))
+        TO.CONFIG["cuda"] = dict(default)
+    print(f"== tile sweep T={T} (ms, useful TFLOP/s)")
+    for r in res:
+        print(f"{r[0]:8s} {r[1]:18s} {str(r[2]):18s} {r[3]:8.3f} {r[4] if isinstance(r[4], str) else f'{r[4]:.0f}'}")
+    return res
+
+
 def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
@@ -227,9 +298,17 @@ def main(argv=None):
     p.add_argument("--rows", default="", help="comma-separated substrings of row names to keep (default all)")
     p.add_argument("--out", default="", help="write all numbers as JSON here")
     p.add_argument("--md", default="", help="write the markdown table here")
+    p.add_argument("--profile", type=int, default=0, help="only print a kernel breakdown of ours at this T")
+    p.add_argument("--sweep", type=int, default=0, help="only time tile configurations at this T")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention.py needs a CUDA device")
+    if args.profile or args.sweep:
+        if args.profile:
+            profile(args.profile)
+        if args.sweep:
+            sweep(args.sweep)
+        return
     Ts = [int(t) for t in args.T.split(",")]
     keep = [s for s in args.rows.split(",") if s]
     rows, kernels = [], []

@@ -216,3 +216,16 @@ def test_compiles_with_inductor_gpu():
     expected = torch.autograd.grad(f(q, v), (q, v), dout)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
+
+
+def test_topk_index_both_selectors_with_signed_zeros(monkeypatch):
+    """Radix select and the torch.topk threshold path agree with the reference, -0.0 tied with +0.0."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(1, 2, 61, 16, generator=g)
+    x[:, :, 30:45] = x[:, :, 3:4]
+    centroids = torch.randn(2, 5, 16, generator=g)
+    centroids[:, 0] = 0.0  # a cluster whose scores are all (signed) zeros: pure tie-breaking
+    expected = topk_positions(routing_scores(x, centroids), 20)
+    for mode in ("radix", "torch"):
+        monkeypatch.setattr(TO, "TOPK_SELECT", mode)
+        assert torch.equal(TO.topk_index(x, centroids, 20).long(), expected), mode

@@ -322,7 +322,7 @@ def _topk_compact_kernel(
 ):
     """Exact top-W positions per (batch-head, cluster), ascending, ties to the lower position.
 
-    SCORES (BH, T, C) float32; KTH (BH, C) the W-th largest score; NEED (BH, C) how many of the
+    SCORES (BH, C, T) float32; KTH (BH, C) the W-th largest score; NEED (BH, C) how many of the
     positions scoring exactly KTH belong to the top W. One in-order scan selects every score > KTH
     and the first NEED that equal it, and writes their positions compacted, already sorted.
     """
@@ -340,7 +340,7 @@ def _topk_compact_kernel(
         offs_t = t0 + tl.arange(0, BLOCK_T)
         tmask = offs_t < T
         m2 = tmask[:, None] & cmask[None, :]
-        s = tl.load(sbase + offs_t[:, None] * C + offs_c[None, :], mask=m2, other=float("-inf"))
+        s = tl.load(sbase + offs_c[None, :] * T + offs_t[:, None], mask=m2, other=float("-inf"))
         eq = (s == kth[None, :]) & m2
         eq_rank = n_eq[None, :] + tl.cumsum(eq.to(tl.int32), axis=0) - eq.to(tl.int32)
         sel = ((s > kth[None, :]) & m2) | (eq & (eq_rank < need[None, :]))
@@ -350,3 +350,76 @@ def _topk_compact_kernel(
         tl.store(obase + offs_c[None, :] * W + slot, offs_t[:, None] + 0 * slot, mask=sel & (slot < W))
         n_sel += tl.sum(seli, axis=0)
         n_eq += tl.sum(eq.to(tl.int32), axis=0)
+
+
+@triton.jit
+def _ordered_key(s):
+    """float32 -> uint32 whose unsigned order is the float order (-0.0 folded onto +0.0)."""
+    bits = (s + 0.0).to(tl.uint32, bitcast=True)
+    return tl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
+
+
+@triton.jit
+def _topk_select_kernel(
+    SCORES, OUT,
+    T, C, W,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Exact top-W positions per (batch-head, cluster), ascending, ties to the lower position.
+
+    SCORES (BH, T, C) float32, read in place as BLOCK_C clusters side by side (32-byte rows). A radix
+    select over the order-preserving 32-bit keys (4 passes of 8 bits, one histogram per cluster)
+    finds the W-th largest key and how many keys equal to it are kept; a last in-order scan writes the
+    positions of every larger key and of the first `need` equal ones, compacted and already sorted.
+    """
+    NB: tl.constexpr = 256
+    bh = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    lc = tl.arange(0, BLOCK_C)
+    bins = tl.arange(0, 2 * NB)
+    sbase = SCORES + bh.to(tl.int64) * T * C
+    prefix = tl.zeros([BLOCK_C], dtype=tl.uint32)
+    remaining = tl.zeros([BLOCK_C], dtype=tl.int32) + W
+    for p in tl.static_range(4):
+        shift: tl.constexpr = 24 - 8 * p
+        hist = tl.zeros([BLOCK_C * 2 * NB], dtype=tl.int32)
+        for t0 in range(0, T, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            m2 = (offs_t[:, None] < T) & cmask[None, :]
+            key = _ordered_key(tl.load(sbase + offs_t[:, None] * C + offs_c[None, :], mask=m2, other=0.0))
+            digit = ((key >> shift) & 0xFF).to(tl.int32)
+            if p == 0:
+                match = m2
+            else:
+                match = m2 & ((key >> (shift + 8)) == (prefix[None, :] >> (shift + 8)))
+            # Rows outside the current prefix land in each cluster's upper (ignored) half of bins.
+            b = lc[None, :] * (2 * NB) + tl.where(match, digit, NB)
+            hist += tl.histogram(tl.reshape(b, [BLOCK_T * BLOCK_C]), BLOCK_C * 2 * NB)
+        h = tl.reshape(hist, [BLOCK_C, 2 * NB])
+        h = tl.where(bins[None, :] < NB, h, 0)
+        above = tl.cumsum(h, axis=1, reverse=True)  # keys with this digit or a larger one
+        pick = tl.max(tl.where(above >= remaining[:, None], bins[None, :], -1), axis=1)
+        gt = tl.sum(tl.where(bins[None, :] == pick[:, None], above - h, 0), axis=1)
+        remaining = remaining - gt
+        prefix = prefix | (pick.to(tl.uint32) << shift)
+
+    kth = prefix
+    need = remaining
+    n_sel = tl.zeros([BLOCK_C], dtype=tl.int32)
+    n_eq = tl.zeros([BLOCK_C], dtype=tl.int32)
+    obase = OUT + bh.to(tl.int64) * C * W
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        m2 = (offs_t[:, None] < T) & cmask[None, :]
+        key = _ordered_key(tl.load(sbase + offs_t[:, None] * C + offs_c[None, :], mask=m2, other=0.0))
+        eq = (key == kth[None, :]) & m2
+        eqi = eq.to(tl.int32)
+        eq_rank = n_eq[None, :] + tl.cumsum(eqi, axis=0) - eqi
+        sel = ((key > kth[None, :]) & m2) | (eq & (eq_rank < need[None, :]))
+        seli = sel.to(tl.int32)
+        slot = n_sel[None, :] + tl.cumsum(seli, axis=0) - seli
+        tl.store(obase + offs_c[None, :] * W + slot, offs_t[:, None] + 0 * slot, mask=sel & (slot < W))
+        n_sel += tl.sum(seli, axis=0)
+        n_eq += tl.sum(eqi, axis=0)
