@@ -84,14 +84,63 @@ def _allowed(offs_m, offs_n, T, L, F, FR, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _partial_tile(m0, n0, T, L, F, FR, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr):
-    """Scalar: some (i, j) of the tile is not allowed, so the tile needs the element mask.
-    Most tiles of a long sequence are interior; skipping their mask arithmetic is the point."""
-    inside = (m0 + BM <= T) & (n0 + BN <= T)
-    inside = inside & (n0 >= ((m0 + BM - 1) // L) * L - F) & (n0 + BN <= (m0 // L + 1) * L + FR)
+def _allowed_t(offs_n, offs_m, T, L, F, FR, CAUSAL: tl.constexpr):
+    """(BN, BM) bool: the transpose of _allowed (rows are keys)."""
+    blk = offs_m // L
+    j = offs_n[:, None]
+    i = offs_m[None, :]
+    ok = (j >= (blk * L - F)[None, :]) & (j < (blk * L + L + FR)[None, :])
+    ok = ok & (j < T) & (i < T)
     if CAUSAL:
-        inside = inside & (n0 + BN - 1 <= m0)
-    return inside == 0
+        ok = ok & (j <= i)
+    return ok
+
+
+@triton.jit
+def _query_tile_ranges(m0, T, L, F, FR, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr):
+    """Key tiles n0 = lo + k*BN of query tile m0: k in [0, k1) and [k2, nk) need the element mask,
+    k in [k1, k2) are allowed for every row. Separate loops keep branches out of the hot loop."""
+    m_last = tl.minimum(m0 + BM, T) - 1
+    lo = tl.maximum((m0 // L) * L - F, 0)
+    hi = tl.minimum((m_last // L + 1) * L + FR, T)
+    tail = tl.minimum((m0 // L + 1) * L + FR, T)
+    if CAUSAL:
+        hi = tl.minimum(hi, m_last + 1)
+        tail = tl.minimum(tail, m0 + 1)
+    nk = tl.cdiv(hi - lo, BN)
+    k1 = tl.minimum(tl.cdiv(tl.maximum((m_last // L) * L - F - lo, 0), BN), nk)
+    k2 = tl.maximum(tl.minimum((tail - lo) // BN, nk), k1)
+    return lo, k1, k2, nk
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, K, V, RK, RV, m0, n0, offs_m, offs_d, offs_dv, offs_t,
+              T, D, DV, L, F, FR, M, qk_scale,
+              MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_REL: tl.constexpr, DOT: tl.constexpr,
+              BM: tl.constexpr, BN: tl.constexpr, BAND: tl.constexpr):
+    offs_n = n0 + tl.arange(0, BN)
+    kt = tl.load(K + offs_n[None, :] * D + offs_d[:, None],
+                 mask=(offs_n[None, :] < T) & (offs_d[:, None] < D), other=0.0)
+    s = _dot(q, kt, DOT)
+    if HAS_REL:
+        dmin = n0 - m0 - (BM - 1)
+        rk = _band(RK, dmin, M, offs_t, offs_d, D)
+        s += _skew(_dot(q, tl.trans(rk), DOT), BM, BN)
+    s = s * qk_scale
+    if MASK:
+        s = tl.where(_allowed(offs_m, offs_n, T, L, F, FR, CAUSAL), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    v = tl.load(V + offs_n[:, None] * DV + offs_dv[None, :],
+                mask=(offs_n[:, None] < T) & (offs_dv[None, :] < DV), other=0.0)
+    acc += _dot(_cast(p, v.dtype, DOT), v, DOT)
+    if HAS_REL:
+        rv = _band(RV, dmin, M, offs_t, offs_dv, DV)
+        acc += _dot(_cast(_unskew(p, BM, BN, BAND), rv.dtype, DOT), rv, DOT)
+    return acc, l_i, m_new
 
 
 @triton.jit
@@ -113,39 +162,19 @@ def _fwd_kernel(
     q = tl.load(Q + offs_m[:, None] * D + offs_d[None, :],
                 mask=(offs_m[:, None] < T) & (offs_d[None, :] < D), other=0.0)
 
-    m_last = tl.minimum(m0 + BM, T) - 1
-    lo = tl.maximum((m0 // L) * L - F, 0)
-    hi = tl.minimum((m_last // L + 1) * L + FR, T)
-    if CAUSAL:
-        hi = tl.minimum(hi, m_last + 1)
-
+    lo, k1, k2, nk = _query_tile_ranges(m0, T, L, F, FR, BM, BN, CAUSAL)
     m_i = tl.full([BM], -1.0e30, tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BDV], tl.float32)
-    for n0 in range(lo, hi, BN):
-        offs_n = n0 + tl.arange(0, BN)
-        kt = tl.load(K + offs_n[None, :] * D + offs_d[:, None],
-                     mask=(offs_n[None, :] < T) & (offs_d[:, None] < D), other=0.0)
-        s = _dot(q, kt, DOT)
-        if HAS_REL:
-            dmin = n0 - m0 - (BM - 1)
-            rk = _band(RK, dmin, M, offs_t, offs_d, D)
-            s += _skew(_dot(q, tl.trans(rk), DOT), BM, BN)
-        s = s * qk_scale
-        if _partial_tile(m0, n0, T, L, F, FR, BM, BN, CAUSAL):
-            s = tl.where(_allowed(offs_m, offs_n, T, L, F, FR, CAUSAL), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        v = tl.load(V + offs_n[:, None] * DV + offs_dv[None, :],
-                    mask=(offs_n[:, None] < T) & (offs_dv[None, :] < DV), other=0.0)
-        acc += _dot(_cast(p, v.dtype, DOT), v, DOT)
-        if HAS_REL:
-            rv = _band(RV, dmin, M, offs_t, offs_dv, DV)
-            acc += _dot(_cast(_unskew(p, BM, BN, BAND), rv.dtype, DOT), rv, DOT)
-        m_i = m_new
+    for k in range(0, k1):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, RK, RV, m0, lo + k * BN, offs_m, offs_d, offs_dv,
+                                  offs_t, T, D, DV, L, F, FR, M, qk_scale, True, CAUSAL, HAS_REL, DOT, BM, BN, BAND)
+    for k in range(k1, k2):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, RK, RV, m0, lo + k * BN, offs_m, offs_d, offs_dv,
+                                  offs_t, T, D, DV, L, F, FR, M, qk_scale, False, CAUSAL, HAS_REL, DOT, BM, BN, BAND)
+    for k in range(k2, nk):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, RK, RV, m0, lo + k * BN, offs_m, offs_d, offs_dv,
+                                  offs_t, T, D, DV, L, F, FR, M, qk_scale, True, CAUSAL, HAS_REL, DOT, BM, BN, BAND)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -153,6 +182,34 @@ def _fwd_kernel(
     tl.store(O + offs_m[:, None] * DV + offs_dv[None, :], _cast(out, O.dtype.element_ty, DOT),
              mask=(offs_m[:, None] < T) & (offs_dv[None, :] < DV))
     tl.store(LSE + bh * T + offs_m, m_i + tl.log2(l_safe), mask=offs_m < T)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse, delta, K, V, RK, RV, m0, n0, offs_m, offs_d, offs_dv, offs_t,
+             T, D, DV, L, F, FR, M, qk_scale,
+             MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_REL: tl.constexpr, DOT: tl.constexpr,
+             BM: tl.constexpr, BN: tl.constexpr, BAND: tl.constexpr):
+    offs_n = n0 + tl.arange(0, BN)
+    kt = tl.load(K + offs_n[None, :] * D + offs_d[:, None],
+                 mask=(offs_n[None, :] < T) & (offs_d[:, None] < D), other=0.0)
+    vt = tl.load(V + offs_n[None, :] * DV + offs_dv[:, None],
+                 mask=(offs_n[None, :] < T) & (offs_dv[:, None] < DV), other=0.0)
+    s = _dot(q, kt, DOT)
+    dp = _dot(do, vt, DOT)
+    if HAS_REL:
+        dmin = n0 - m0 - (BM - 1)
+        rk = _band(RK, dmin, M, offs_t, offs_d, D)
+        rv = _band(RV, dmin, M, offs_t, offs_dv, DV)
+        s += _skew(_dot(q, tl.trans(rk), DOT), BM, BN)
+        dp += _skew(_dot(do, tl.trans(rv), DOT), BM, BN)
+    p = tl.exp2(s * qk_scale - lse[:, None])
+    if MASK:
+        p = tl.where(_allowed(offs_m, offs_n, T, L, F, FR, CAUSAL), p, 0.0)
+    ds = p * (dp - delta[:, None])
+    dq += _dot(_cast(ds, kt.dtype, DOT), tl.trans(kt), DOT)
+    if HAS_REL:
+        dq += _dot(_cast(_unskew(ds, BM, BN, BAND), rk.dtype, DOT), rk, DOT)
+    return dq
 
 
 @triton.jit
@@ -181,34 +238,17 @@ def _bwd_dq_kernel(
     lse = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
 
-    m_last = tl.minimum(m0 + BM, T) - 1
-    lo = tl.maximum((m0 // L) * L - F, 0)
-    hi = tl.minimum((m_last // L + 1) * L + FR, T)
-    if CAUSAL:
-        hi = tl.minimum(hi, m_last + 1)
-
+    lo, k1, k2, nk = _query_tile_ranges(m0, T, L, F, FR, BM, BN, CAUSAL)
     dq = tl.zeros([BM, BD], tl.float32)
-    for n0 in range(lo, hi, BN):
-        offs_n = n0 + tl.arange(0, BN)
-        k = tl.load(K + offs_n[:, None] * D + offs_d[None, :],
-                    mask=(offs_n[:, None] < T) & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(V + offs_n[:, None] * DV + offs_dv[None, :],
-                    mask=(offs_n[:, None] < T) & (offs_dv[None, :] < DV), other=0.0)
-        s = _dot(q, tl.trans(k), DOT)
-        dp = _dot(do, tl.trans(v), DOT)
-        if HAS_REL:
-            dmin = n0 - m0 - (BM - 1)
-            rk = _band(RK, dmin, M, offs_t, offs_d, D)
-            rv = _band(RV, dmin, M, offs_t, offs_dv, DV)
-            s += _skew(_dot(q, tl.trans(rk), DOT), BM, BN)
-            dp += _skew(_dot(do, tl.trans(rv), DOT), BM, BN)
-        p = tl.exp2(s * qk_scale - lse[:, None])
-        if _partial_tile(m0, n0, T, L, F, FR, BM, BN, CAUSAL):
-            p = tl.where(_allowed(offs_m, offs_n, T, L, F, FR, CAUSAL), p, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(_cast(ds, k.dtype, DOT), k, DOT)
-        if HAS_REL:
-            dq += _dot(_cast(_unskew(ds, BM, BN, BAND), rk.dtype, DOT), rk, DOT)
+    for k in range(0, k1):
+        dq = _dq_tile(dq, q, do, lse, delta, K, V, RK, RV, m0, lo + k * BN, offs_m, offs_d, offs_dv, offs_t,
+                      T, D, DV, L, F, FR, M, qk_scale, True, CAUSAL, HAS_REL, DOT, BM, BN, BAND)
+    for k in range(k1, k2):
+        dq = _dq_tile(dq, q, do, lse, delta, K, V, RK, RV, m0, lo + k * BN, offs_m, offs_d, offs_dv, offs_t,
+                      T, D, DV, L, F, FR, M, qk_scale, False, CAUSAL, HAS_REL, DOT, BM, BN, BAND)
+    for k in range(k2, nk):
+        dq = _dq_tile(dq, q, do, lse, delta, K, V, RK, RV, m0, lo + k * BN, offs_m, offs_d, offs_dv, offs_t,
+                      T, D, DV, L, F, FR, M, qk_scale, True, CAUSAL, HAS_REL, DOT, BM, BN, BAND)
     tl.store(DQ + offs_m[:, None] * D + offs_d[None, :], _cast(dq * scale, DQ.dtype.element_ty, DOT),
              mask=row_ok[:, None] & (offs_d[None, :] < D))
 
@@ -220,6 +260,8 @@ def _bwd_dkdv_kernel(
     CAUSAL: tl.constexpr, HAS_REL: tl.constexpr, DOT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BAND: tl.constexpr,
 ):
+    """Works on transposed tiles (keys as rows) so P^T and dS^T come out of tl.dot directly,
+    with no register transposes; the Shaw terms then gather along axis 0."""
     n0 = tl.program_id(0) * BN
     bh = tl.program_id(1).to(tl.int64)
     Q += bh * T * D
@@ -237,6 +279,7 @@ def _bwd_dkdv_kernel(
                 mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     v = tl.load(V + offs_n[:, None] * DV + offs_dv[None, :],
                 mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    pick = tl.arange(0, BN)[:, None] - tl.arange(0, BM)[None, :] + (BM - 1)
 
     # Queries whose window reaches this key tile: blocks b with b*L - F <= j < (b+1)*L + FR.
     n_last = tl.minimum(n0 + BN, T) - 1
@@ -250,26 +293,25 @@ def _bwd_dkdv_kernel(
     for m0 in range(lo, hi, BM):
         offs_m = m0 + tl.arange(0, BM)
         row_ok = offs_m < T
-        q = tl.load(Q + offs_m[:, None] * D + offs_d[None, :],
-                    mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        qt = tl.load(Q + offs_m[None, :] * D + offs_d[:, None],
+                     mask=row_ok[None, :] & (offs_d[:, None] < D), other=0.0)
         do = tl.load(DO + offs_m[:, None] * DV + offs_dv[None, :],
                      mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
         lse = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
-        s = _dot(q, tl.trans(k), DOT)
-        dp = _dot(do, tl.trans(v), DOT)
+        st = _dot(k, qt, DOT)
+        dpt = _dot(v, tl.trans(do), DOT)
         if HAS_REL:
             dmin = n0 - m0 - (BM - 1)
             rk = _band(RK, dmin, M, offs_t, offs_d, D)
             rv = _band(RV, dmin, M, offs_t, offs_dv, DV)
-            s += _skew(_dot(q, tl.trans(rk), DOT), BM, BN)
-            dp += _skew(_dot(do, tl.trans(rv), DOT), BM, BN)
-        p = tl.exp2(s * qk_scale - lse[:, None])
-        if _partial_tile(m0, n0, T, L, F, FR, BM, BN, CAUSAL):
-            p = tl.where(_allowed(offs_m, offs_n, T, L, F, FR, CAUSAL), p, 0.0)
-        dv += _dot(tl.trans(_cast(p, do.dtype, DOT)), do, DOT)
-        ds = p * (dp - delta[:, None])
-        dk += _dot(tl.trans(_cast(ds, q.dtype, DOT)), q, DOT)
+            st += tl.gather(_dot(rk, qt, DOT), pick, axis=0)
+            dpt += tl.gather(_dot(rv, tl.trans(do), DOT), pick, axis=0)
+        pt = tl.exp2(st * qk_scale - lse[None, :])
+        pt = tl.where(_allowed_t(offs_n, offs_m, T, L, F, FR, CAUSAL), pt, 0.0)
+        dv += _dot(_cast(pt, do.dtype, DOT), do, DOT)
+        dst = pt * (dpt - delta[None, :])
+        dk += _dot(_cast(dst, qt.dtype, DOT), tl.trans(qt), DOT)
     tl.store(DK + offs_n[:, None] * D + offs_d[None, :], _cast(dk * scale, DK.dtype.element_ty, DOT),
              mask=col_ok[:, None] & (offs_d[None, :] < D))
     tl.store(DV_ + offs_n[:, None] * DV + offs_dv[None, :], _cast(dv, DV_.dtype.element_ty, DOT),

@@ -43,8 +43,12 @@ def _tiles(kind: str, q: torch.Tensor, has_rel: bool) -> dict:
         cfg = dict(BM=16, BN=16, num_warps=4, num_stages=1)
     else:
         wide = q.shape[-1] > 64 or q.dtype == torch.float32
-        if kind == "fwd":
-            cfg = dict(BM=64, BN=64, num_warps=4, num_stages=2) if has_rel or q.dtype == torch.float32 \
+        if kind == "fwd" and has_rel:
+            # The gathers stage (BM, BAND) tiles through shared memory: 64 x 64 tiles at D = 128
+            # asked for 240 KB on an H100 (limit 227 KB).
+            cfg = dict(BM=32, BN=32, num_warps=4, num_stages=2) if wide else dict(BM=64, BN=64, num_warps=4, num_stages=2)
+        elif kind == "fwd":
+            cfg = dict(BM=64, BN=64, num_warps=4, num_stages=2) if q.dtype == torch.float32 \
                 else dict(BM=128, BN=64, num_warps=8 if wide else 4, num_stages=3)
         elif kind == "rel":
             cfg = dict(BM=64, BN=64, num_warps=4, num_stages=2)
