@@ -172,3 +172,19 @@ def test_overfits_one_small_batch():
         if loss.item() < 0.2:
             break
     assert first > 3.0 and loss.item() < 0.5, (first, loss.item())
+
+
+def test_torch_compile_matches_eager_including_centroid_statistics():
+    """Buffer mutation (k-means statistics) must survive compilation; aot_eager traces like inductor."""
+    kw = dict(vocab_size=64, dim=32, depth=2, heads=4, query_shape=8, memory_flange=8, sparsity_cluster_size=2,
+              sparsity_cluster_attention_window=8, attention_backend="reference")
+    tokens = _tokens(2, 33, V=64)
+    eager, compiled = _model(**kw).train(), _model(**kw).train()
+    fn = torch.compile(compiled, backend="aot_eager")
+    for _ in range(2):
+        (le, ae), (lc, ac) = eager(tokens, return_aux_loss=True), fn(tokens, return_aux_loss=True)
+    torch.testing.assert_close(lc, le)
+    torch.testing.assert_close(ac, ae)
+    for a, b in zip(eager.centroid_modules(), compiled.centroid_modules()):
+        torch.testing.assert_close(b.pending_sums, a.pending_sums)
+        assert b.pending_counts.sum() == 2 * 2 * 33 * 2  # forwards * B * T * routing heads
