@@ -60,7 +60,7 @@ class RoutingAttention(nn.Module):
     op assigns clusters once. qk_layernorm: q and k are LayerNorm-normalised (no scale or bias) before
     routing and attention, as the authors' code does. In training mode each forward adds k-means
     statistics of LayerNorm(q) (and LayerNorm(k) when not shared) to `centroids`' pending buffers,
-    assignment = argmax centroid; `centroids.update` happens only through the explicit update call.
+    assignment = argmax centroid; the centroids change only in the explicit `update_centroids` call.
     """
 
     def __init__(self, centroids: RoutingCentroids, *, window: int, causal: bool, assign: str = "topk",
