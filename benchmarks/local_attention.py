@@ -6,7 +6,9 @@ Shape: B=1, H=8, D=64, bf16, block 256, flange 256, causal, T in {4k .. 64k}. Va
 without and with Shaw tables (M = 513, the model's default), FlexAttention (torch.compile'd
 flex_attention with a sliding-window block mask built once, outside the timing), and dense causal
 SDPA (flash) for scale. Correctness first: each variant against the reference at T = 4096.
-Times are triton.testing.do_bench medians in ms; 'fwd+bwd' includes the forward.
+Times are medians in ms; 'fwd+bwd' includes the forward. Two clocks: triton.testing.do_bench
+(eager calls, so Python and launch overhead count where the GPU work is short) and
+do_bench_cudagraph (GPU time of a replayed CUDA graph).
 --sweep times a few tile settings for our kernels at T = 16384 before the main table.
 --smoke runs tiny sizes on the CPU interpreter to check the script itself.
 """
@@ -61,8 +63,11 @@ def main() -> None:
             return local_attention(q, k, v, block=L, flange=F, causal=True, rel_k=rk, rel_v=rv, backend="triton")
         return f
 
-    variants = {"ours": ours(False), "ours+shaw": ours(True)}
-    rel_of = {"ours": False, "ours+shaw": True, "flex": False, "sdpa-dense": False}
+    def reference_shaw(q, k, v, rk, rv):
+        return local_attention(q, k, v, block=L, flange=F, causal=True, rel_k=rk, rel_v=rv, backend="reference")
+
+    variants = {"ours": ours(False), "ours+shaw": ours(True), "ref+shaw": reference_shaw}
+    rel_of = {"ours": False, "ours+shaw": True, "ref+shaw": True, "flex": False, "sdpa-dense": False}
     flex_mask = {}
     if dev == "cuda":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -81,7 +86,7 @@ def main() -> None:
         variants["flex"] = flex_fn
         variants["sdpa-dense"] = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    def bench(fn, t, bwd):
+    def bench(fn, t, bwd, graph=False):
         g = torch.randn_like(t[0])
         if bwd:
             def step():
@@ -93,6 +98,13 @@ def main() -> None:
         if dev == "cpu":
             step()
             return float("nan")
+        if graph:
+            # GPU time alone: replaying a CUDA graph removes the Python/launch overhead.
+            try:
+                return triton.testing.do_bench_cudagraph(step, rep=50, grad_to_none=t, return_mode="median")
+            except Exception as exc:
+                print(f"cudagraph timing failed ({type(exc).__name__}: {exc}); no graph number", flush=True)
+                return float("nan")
         return triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median", grad_to_none=t)
 
     results = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "checks": {}, "sweep": [], "table": []}
@@ -100,7 +112,7 @@ def main() -> None:
     # Correctness at the first size, against the float64 reference, outputs and gradients.
     T = Ts[0]
     for name, fn in variants.items():
-        if name == "sdpa-dense":
+        if name in ("sdpa-dense", "ref+shaw"):
             continue
         rel = rel_of[name]
         t = inputs(T, rel, seed=1)
@@ -173,26 +185,31 @@ def main() -> None:
     for T in Ts:
         fl = flops(T, L, F, True, B, H, D)
         for name, fn in variants.items():
+            if name == "ref+shaw" and T > 16384:
+                continue
             t = inputs(T, rel_of[name])
             triton_ops.TILE_OVERRIDES.clear()
             triton_ops.TILE_OVERRIDES.update(chosen.get(rel_of[name], {}))
             try:
                 fwd, both = bench(fn, t, False), bench(fn, t, True)
+                gfwd, gboth = bench(fn, t, False, graph=True), bench(fn, t, True, graph=True)
             except torch.OutOfMemoryError:
-                fwd = both = float("nan")
-            row = dict(T=T, variant=name, fwd_ms=fwd, fwd_bwd_ms=both, fwd_tflops=fl / fwd / 1e9,
-                       fwd_bwd_tflops=3.5 * fl / both / 1e9)
+                fwd = both = gfwd = gboth = float("nan")
+            row = dict(T=T, variant=name, fwd_ms=fwd, fwd_bwd_ms=both, graph_fwd_ms=gfwd, graph_fwd_bwd_ms=gboth,
+                       graph_fwd_tflops=fl / gfwd / 1e9)
             results["table"].append(row)
-            print(f"T={T:6d} {name:10s} fwd {fwd:8.3f} ms  fwd+bwd {both:8.3f} ms", flush=True)
+            print(f"T={T:6d} {name:10s} fwd {fwd:8.3f} ms  fwd+bwd {both:8.3f} ms | "
+                  f"graph fwd {gfwd:8.3f} ms  fwd+bwd {gboth:8.3f} ms", flush=True)
             del t
         flex_mask.clear()
 
     with open(os.path.join(args.out, "local_bench.json"), "w") as fh:
         json.dump(results, fh, indent=1)
-    print("\n| T | variant | fwd ms | fwd+bwd ms | fwd TFLOP/s (mask pairs) |")
-    print("|---|---|---|---|---|")
+    print("\n| T | variant | fwd ms | fwd+bwd ms | graph fwd ms | graph fwd+bwd ms | graph fwd TFLOP/s |")
+    print("|---|---|---|---|---|---|---|")
     for r in results["table"]:
-        print(f"| {r['T']} | {r['variant']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['fwd_tflops']:.0f} |")
+        print(f"| {r['T']} | {r['variant']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
+              f"{r['graph_fwd_ms']:.3f} | {r['graph_fwd_bwd_ms']:.3f} | {r['graph_fwd_tflops']:.0f} |")
 
 
 if __name__ == "__main__":

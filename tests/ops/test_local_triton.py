@@ -159,6 +159,7 @@ GPU_CASES = [
     (4096, 64, 64, 513, 256, 256, True, torch.bfloat16),
     (4096, 64, 64, 513, 256, 256, False, torch.bfloat16),
     (1025, 128, 128, 100, 256, 128, True, torch.float16),
+    (2048, 128, 128, None, 256, 256, True, torch.bfloat16),
     (1025, 32, 32, None, 128, 300, False, torch.bfloat16),
     (1025, 60, 60, 64, 100, 50, True, torch.float32),
 ]

@@ -41,19 +41,17 @@ def _tiles(kind: str, q: torch.Tensor, has_rel: bool) -> dict:
     """Tile shape and launch settings for one kernel. Small tiles under the CPU interpreter."""
     if _interpreting() or not q.is_cuda:
         cfg = dict(BM=16, BN=16, num_warps=4, num_stages=1)
+    elif q.dtype == torch.float32:
+        cfg = dict(BM=32, BN=32, num_warps=4, num_stages=2) if has_rel else dict(BM=64, BN=64, num_warps=4, num_stages=2)
+    elif has_rel:
+        # Measured on an H100 (benchmarks/NOTES_local.md): the Shaw gathers stage (BM, BAND) tiles
+        # through shared memory, so larger tiles run out of it (64 x 64 at D = 128 asked for 256 KB).
+        small = q.shape[-1] > 64 or kind == "fwd"
+        cfg = dict(BM=32, BN=32, num_warps=4, num_stages=2) if small else dict(BM=64, BN=64, num_warps=4, num_stages=2)
     else:
-        wide = q.shape[-1] > 64 or q.dtype == torch.float32
-        if kind == "fwd" and has_rel:
-            # The gathers stage (BM, BAND) tiles through shared memory: 64 x 64 tiles at D = 128
-            # asked for 240 KB on an H100 (limit 227 KB).
-            cfg = dict(BM=32, BN=32, num_warps=4, num_stages=2) if wide else dict(BM=64, BN=64, num_warps=4, num_stages=2)
-        elif kind == "fwd":
-            cfg = dict(BM=64, BN=64, num_warps=4, num_stages=2) if q.dtype == torch.float32 \
-                else dict(BM=128, BN=64, num_warps=8 if wide else 4, num_stages=3)
-        elif kind == "rel":
-            cfg = dict(BM=64, BN=64, num_warps=4, num_stages=2)
-        else:
-            cfg = dict(BM=64, BN=64, num_warps=4 if not wide else 8, num_stages=2)
+        cfg = {"fwd": dict(BM=128, BN=64, num_warps=4, num_stages=3),
+               "dq": dict(BM=128, BN=32, num_warps=4, num_stages=3),
+               "dkdv": dict(BM=32, BN=128, num_warps=4, num_stages=3)}[kind]
     cfg.update(TILE_OVERRIDES.get(kind, {}))
     return cfg
 
