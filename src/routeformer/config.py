@@ -37,7 +37,7 @@ class ModelConfig:
     qk_layernorm: bool = False  # LayerNorm-normalise q and k of routing heads (authors' option)
     share_centroids: bool = False  # one centroid set for all layers (authors' code: one per layer)
     centroid_decay: float = 0.999
-    centroid_update: str = "ratio"  # "ratio" (authors' code) or "normalized_mean" (paper's text)
+    centroid_update: str = "normalized_mean"  # paper's text (default: measured not to collapse) or "ratio" (authors' code)
     commitment_weight: float = 1e-4
 
     position: str = "shaw"  # local heads: "shaw" relative (Shaw et al. 2018), "rotary", or "none"

@@ -133,6 +133,28 @@ class RoutingTransformerLM(nn.Module):
         """
         return update_centroids(self.centroid_modules(), all_reduce)
 
+    @torch.no_grad()
+    def init_centroids(self, tokens: torch.Tensor, *, seed: int = 0) -> None:
+        """Initialise every centroid set from data, layer by layer, with spherical k-means.
+
+        Call once before training (the trainer does, on the first batch of a fresh run). Each routing
+        layer clusters the normalised q (and k) it computes for `tokens`, so later layers see the
+        earlier layers already initialised. Random unit centroids instead leave one cluster winning every
+        token once a layer's queries share a direction (measured: 4 clusters, 1 used, in 3 of 4 layers of
+        the tiny preset). Runs in eval mode (no statistics, no dropout) and restores the mode.
+        """
+        was_training = self.training
+        modules = self.centroid_modules()
+        for module in modules:
+            module.pending_init_seed = seed
+        try:
+            self.eval()
+            self(tokens)
+        finally:
+            for module in modules:
+                module.pending_init_seed = None
+            self.train(was_training)
+
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Trainable parameter count (tied weights counted once)."""
         params = {id(p): p for p in self.parameters()}

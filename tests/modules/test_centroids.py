@@ -6,6 +6,7 @@ import torch
 
 from routeformer import ModelConfig, RoutingTransformerLM
 from routeformer.modules import RoutingCentroids, update_centroids
+from routeformer.ops import kmeans
 from tests.ops.brute_force import layer_norm_plain
 
 
@@ -120,7 +121,7 @@ def test_micro_batches_accumulate_into_one_update():
 
 
 def test_shared_centroids_update_once_with_every_layers_statistics():
-    model = _tiny(share_centroids=True, sparsity_skip_first=1).train()
+    model = _tiny(share_centroids=True, sparsity_skip_first=1, centroid_update="ratio").train()
     (shared,) = model.centroid_modules()
     routing_layers = [blk for blk in model.layers if blk.attn.routing is not None]
     assert len(routing_layers) == 2 and all(b.attn.routing.centroids is shared for b in routing_layers)
@@ -165,3 +166,51 @@ def test_low_precision_model_keeps_float32_kmeans_state():
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
     assert model.update_centroids() == 3
     assert model.double().centroid_modules()[0].centroids.dtype == torch.float64
+
+
+@pytest.mark.parametrize("variant", ["ratio", "normalized_mean"])
+def test_init_centroids_from_data_spreads_tokens_over_clusters(variant):
+    """Data init (spherical k-means, layer by layer) uses every cluster where random init used one.
+
+    Queries sharing a strong common direction (as trained layers' queries do) make one random unit
+    centroid win every token; k-means on the data splits them.
+    """
+    torch.manual_seed(0)
+    model = _tiny(centroid_update=variant, sparsity_cluster_size=4)
+    (first, *_) = model.centroid_modules()
+    direction = torch.randn(model.config.dim) * 3
+    with torch.no_grad():
+        model.embed.weight.add_(direction)  # every token embedding shares one direction
+    tokens = _tokens(B=4, T=32)
+
+    def usage():
+        captured = {}
+        layer = next(b for b in model.layers if b.attn.routing is not None)
+        handle = layer.attn.routing.register_forward_hook(lambda m, inp, out: captured.update(q=inp[0]))
+        model.eval()
+        model(tokens)
+        handle.remove()
+        assign = kmeans.nearest_centroid(captured["q"], first.centroids)
+        return [len(assign[:, h].unique()) for h in range(assign.shape[1])]
+
+    before = first.centroids.clone()
+    rng_before = torch.get_rng_state()
+    model.train()
+    model.init_centroids(tokens, seed=3)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the global RNG is untouched
+    assert model.training  # mode restored
+    assert not torch.equal(first.centroids, before)
+    assert all(n >= 3 for n in usage())
+    assert float(first.pending_counts.sum()) == 0.0  # init adds no statistics
+    if variant == "normalized_mean":
+        torch.testing.assert_close(first.centroids.norm(dim=-1), torch.ones(first.centroids.shape[:2]))
+
+
+def test_spherical_kmeans_recovers_separated_directions():
+    g = torch.Generator().manual_seed(0)
+    axes = torch.eye(4)[:3] * 5
+    x = torch.cat([axes[i] + 0.3 * torch.randn(40, 4, generator=g) for i in range(3)])[None]  # (1, 120, 4)
+    centroids, counts = kmeans.spherical_kmeans(x, 3, iters=10, generator=g)
+    assert sorted(counts[0].tolist()) == [40.0, 40.0, 40.0]
+    best = (centroids[0] @ torch.eye(4)[:3].T).argmax(0)
+    assert sorted(best.tolist()) == [0, 1, 2]

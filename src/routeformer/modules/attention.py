@@ -84,6 +84,11 @@ class RoutingAttention(nn.Module):
             k = q
         elif self.qk_layernorm:
             k = F.layer_norm(k, (D,))
+        if self.centroids.pending_init_seed is not None:
+            # Explicit data-dependent init (RoutingTransformerLM.init_centroids); keys join the queries.
+            self.centroids.initialize_from(kmeans.normalize(q if k is q else torch.cat([q, k], dim=2)),
+                                           seed=self.centroids.pending_init_seed)
+            self.centroids.pending_init_seed = None
         centroids = self.centroids.centroids
         out = routing_attention(q, k, v, centroids, window=self.window, causal=self.causal,
                                 assign=self.assign, backend=self.backend)

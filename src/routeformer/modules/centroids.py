@@ -49,6 +49,9 @@ class RoutingCentroids(nn.Module):
         # Pending statistics are transient (cleared every optimizer step), so kept out of checkpoints.
         self.register_buffer("pending_sums", torch.zeros(shape), persistent=False)
         self.register_buffer("pending_counts", torch.zeros(shape[:2]), persistent=False)
+        # Set by RoutingTransformerLM.init_centroids for one no-grad forward: the next routing layer that
+        # uses this set initialises it from its normalised q (and k) with this seed, then clears it.
+        self.pending_init_seed: int | None = None
 
     def _apply(self, fn, recurse=True):
         # model.half()/bfloat16() must not round the k-means state: EMA steps of (1 - decay) = 1e-3 vanish
@@ -62,6 +65,27 @@ class RoutingCentroids(nn.Module):
     def extra_repr(self) -> str:
         H, C, D = self.centroids.shape
         return f"heads={H}, clusters={C}, head_dim={D}, decay={self.decay}, variant={self.variant!r}"
+
+    @torch.no_grad()
+    def initialize_from(self, x_normed: torch.Tensor, *, iters: int = 10, seed: int = 0) -> None:
+        """Set the centroids from data: spherical k-means on normalised vectors (B, H, T, D).
+
+        The seeded generator keeps torch's global RNG untouched (resumed runs replay the same batches).
+        "normalized_mean" keeps the unit centroids; "ratio" starts from the plain means of the clusters
+        found (its EMAs restart at zero, so its first update is a batch mean as usual).
+        """
+        B, H, T, D = x_normed.shape
+        x = x_normed.detach().permute(1, 0, 2, 3).reshape(H, B * T, D)
+        generator = torch.Generator().manual_seed(seed)
+        unit, counts = kmeans.spherical_kmeans(x, self.centroids.shape[1], iters=iters, generator=generator)
+        if self.variant == "ratio":
+            assignment = torch.einsum("hnd,hcd->hnc", x.float(), unit).argmax(-1)
+            sums, counts = kmeans.cluster_statistics(x[None], assignment[None], unit.shape[1])
+            unit = torch.where((counts > 0)[..., None], sums / counts.clamp_min(1)[..., None], unit)
+        self.centroids.copy_(unit.to(self.centroids.dtype))
+        self.ema_sums.zero_()
+        self.ema_counts.zero_()
+        self.clear_pending()
 
     @torch.no_grad()
     def accumulate(self, x_normed: torch.Tensor, assignment: torch.Tensor) -> None:

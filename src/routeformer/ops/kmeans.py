@@ -118,3 +118,31 @@ def commitment_loss(
         torch.arange(H, device=assignment.device)[None, :, None], assignment
     ]  # (B, H, T, D)
     return (x_normed - chosen).pow(2).sum(-1).mean()
+
+
+def spherical_kmeans(
+    x: torch.Tensor, num_clusters: int, *, iters: int = 10, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cluster vectors per head by cosine similarity: (H, N, D) -> (unit centroids (H, C, D), counts (H, C)).
+
+    Used to initialise routing centroids from data. Routing scores are centroids . LayerNorm(x), and
+    every LayerNorm(x) has the same norm sqrt(D), so with unit-norm centroids the argmax-score cluster is
+    also the nearest one; random unit centroids against the narrow cone that a layer's queries occupy
+    leave one cluster winning every token. Seeds are C distinct random vectors; `iters` Lloyd steps follow,
+    and a cluster that loses all its vectors keeps its previous centroid.
+    """
+    H, N, D = x.shape
+    x = F.normalize(x.float() if x.dtype != torch.float64 else x, dim=-1)
+    picks = torch.stack([torch.randperm(N, generator=generator)[:num_clusters] for _ in range(H)])
+    if N < num_clusters:  # fewer vectors than clusters: reuse vectors, Lloyd steps keep them apart when possible
+        extra = torch.randint(0, N, (H, num_clusters - N), generator=generator)
+        picks = torch.cat([picks, extra], dim=1)
+    picks = picks.to(x.device)
+    centroids = x.gather(1, picks[..., None].expand(H, num_clusters, D))
+    counts = x.new_zeros(H, num_clusters)
+    for _ in range(iters):
+        assignment = torch.einsum("hnd,hcd->hnc", x, centroids).argmax(-1)
+        sums = x.new_zeros(H, num_clusters, D).scatter_add_(1, assignment[..., None].expand(H, N, D), x)
+        counts = x.new_zeros(H, num_clusters).scatter_add_(1, assignment, x.new_ones(H, N))
+        centroids = torch.where((counts > 0)[..., None], F.normalize(sums, dim=-1), centroids)
+    return centroids, counts

@@ -39,6 +39,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16"
     compile: bool = False  # wrap the model in torch.compile
+    centroid_init: bool = True  # fresh runs: k-means-initialise routing centroids on one training batch
     log_every: int = 10  # steps between metrics lines / progress updates (1 logs every step)
     eval_every: int = 0  # steps between validation evaluations; 0: only at the end
     eval_tokens: int = 65536  # target tokens per validation evaluation during training (0: whole split)

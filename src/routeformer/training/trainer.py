@@ -129,6 +129,11 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overr
         ckpt.restore_rng(rng)
         step = int(state["step"])
         log(f"resumed {run_dir} from {start_ckpt.name} (step {step})")
+    elif cfg.centroid_init:
+        # Its own sampler seed: the training batches (and so resumed runs) are the same with or without it.
+        init_sampler = RandomBatchSampler(data.split("train"), seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                                          seed=cfg.seed + 1, example_length=data.meta.example_length)
+        model.init_centroids(next(init_sampler)[0].to(device), seed=cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
     forward = torch.compile(model) if cfg.compile else model
