@@ -129,12 +129,15 @@ def _local_flex(T, centroids):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     if "fn" not in _FLEX:
+        # One compiled graph per (T, grad mode): above the default limit of 8 dynamo would silently
+        # fall back to the unfused flex_attention that materialises T x T scores.
+        torch._dynamo.config.cache_size_limit = 64
         _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
 
     def mask_mod(b, h, qi, kj):
         return (kj <= qi) & (kj >= (qi // BLOCK) * BLOCK - FLANGE)
 
-    bm = create_block_mask(mask_mod, None, None, T, T, device="cuda")
+    bm = create_block_mask(mask_mod, None, None, T, T, device="cuda", _compile=True)  # no T x T mask
 
     def f(q, k, v):
         return _FLEX["fn"](q, k, v, block_mask=bm)
@@ -226,11 +229,15 @@ def sweep(T):
     fwd_cfgs = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3)]
     dq_cfgs = [(128, 64, 8, 2), (128, 64, 4, 2), (64, 64, 4, 3), (128, 32, 4, 3)]
     dkdv_cfgs = [(64, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2), (32, 128, 4, 3), (64, 128, 4, 2)]
+    chosen = TO.TOPK_SELECT
     for mode in ("radix", "torch"):
         TO.TOPK_SELECT = mode
-        t = _bench(lambda: TO.routing_indices(q, q, centroids, WINDOW, True, "topk"))
-        res.append(("topk", "assignment", mode, t, float("nan")))
-    TO.TOPK_SELECT = "radix"
+        try:
+            t = _bench(lambda: TO.routing_indices(q, q, centroids, WINDOW, True, "topk"))
+            res.append(("topk", "assignment", mode, t, float("nan")))
+        except Exception as e:
+            res.append(("topk", "assignment", mode, float("nan"), str(e)[:60]))
+    TO.TOPK_SELECT = chosen
     from routeformer.ops.kmeans import routing_scores
     res.append(("both", "routing_scores", "-", _bench(lambda: routing_scores(q, centroids)), float("nan")))
     for assign in ("topk", "nearest"):
@@ -300,7 +307,12 @@ def main(argv=None):
     p.add_argument("--md", default="", help="write the markdown table here")
     p.add_argument("--profile", type=int, default=0, help="only print a kernel breakdown of ours at this T")
     p.add_argument("--sweep", type=int, default=0, help="only time tile configurations at this T")
+    p.add_argument("--topk-select", default="radix", choices=("radix", "torch"),
+                   help="how our topk assignment finds the W-th score (triton_ops.TOPK_SELECT)")
     args = p.parse_args(argv)
+    from routeformer.ops.routing import triton_ops as TO
+
+    TO.TOPK_SELECT = args.topk_select
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention.py needs a CUDA device")
     if args.profile or args.sweep:
@@ -324,7 +336,7 @@ def main(argv=None):
             print(json.dumps(kernels[-2:]), flush=True)
         except Exception:
             traceback.print_exc(limit=2)
-    head = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
+    head = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, topk select {args.topk_select}, "
             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; B={B} H={H} D={D} "
             f"window={WINDOW} bf16 causal shared-QK; local block={BLOCK} flange={FLANGE}")
     md = head + "\n\n" + table(rows, kernels)

@@ -383,7 +383,7 @@ def _topk_select_kernel(
     prefix = tl.zeros([BLOCK_C], dtype=tl.uint32)
     remaining = tl.zeros([BLOCK_C], dtype=tl.int32) + W
     for p in tl.static_range(4):
-        shift: tl.constexpr = 24 - 8 * p
+        shift = 24 - 8 * p
         hist = tl.zeros([BLOCK_C * 2 * NB], dtype=tl.int32)
         for t0 in range(0, T, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
