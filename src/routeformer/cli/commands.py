@@ -133,7 +133,7 @@ def cmd_sample(args) -> int:
 
 def cmd_plot(args) -> int:
     from ..data.registry import load_codec
-    from ..training.plots import cluster_ids, cluster_summary, plot_clusters, plot_losses, routing_layers
+    from ..training.plots import cluster_summary, plot_clusters, plot_losses, routing_layers, routing_membership
     from ..training.runs import load_run
 
     run_dir = Path(args.run_dir)
@@ -150,7 +150,7 @@ def cmd_plot(args) -> int:
         labels = [codec.decode([t]) if codec.is_text else str(t) for t in tokens[0].tolist()]
         written.append(plot_clusters(run.model, tokens, out / "clusters.png", layer=args.layer, labels=labels))
         layer = args.layer if args.layer is not None else routing_layers(run.model)[-1]
-        sizes = cluster_summary(cluster_ids(run.model, tokens, layer).numpy())
+        sizes = cluster_summary(routing_membership(run.model, tokens, layer).numpy())
         print(f"positions per cluster (layer {layer}, one list per routing head): {sizes}")
     else:
         print("the model has no routing heads: no cluster picture")

@@ -33,8 +33,8 @@ def main() -> int:
          "--set", "train.log_every=10", "--set", "train.eval_tokens=32768")
     _run("eval", "runs/demo", "--split", "test", "--max-tokens", "65536", "--device", "cpu")
     _run("plot", "runs/demo")
-    _run("sample", "runs/demo", "--prompt", "def ", "--tokens", "240", "--temperature", "0.8",
-         "--top-p", "0.9", "--device", "cpu")
+    _run("sample", "runs/demo", "--prompt", "class ", "--tokens", "240", "--temperature", "1.0",
+         "--top-p", "0.95", "--device", "cpu")
     print(f"\ndemo finished in {time.perf_counter() - started:.0f}s; run directory: runs/demo", flush=True)
     return 0
 

@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="write loss curves and a routing-cluster picture as PNG")
     pl.add_argument("run_dir", metavar="RUN_DIR", help="run directory")
     pl.add_argument("--out", metavar="DIR", help="where the PNGs go (default: RUN_DIR/plots)")
-    pl.add_argument("--layer", type=int, default=None, help="routing layer to draw (default: the last one)")
+    pl.add_argument("--layer", type=int, default=None, help="routing layer to draw (default: every routing layer)")
     pl.add_argument("--length", type=int, default=256, metavar="T", help="sample sequence length (default: 256)")
     pl.add_argument("--data", metavar="DIR", help="prepared dataset (default: the run's)")
 

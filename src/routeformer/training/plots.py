@@ -17,6 +17,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from ..ops.kmeans import nearest_centroid  # noqa: E402
+from ..ops.routing import assign_topk  # noqa: E402
 from .metrics import read_metrics  # noqa: E402
 
 
@@ -51,13 +52,17 @@ def routing_layers(model) -> list[int]:
 
 
 @torch.no_grad()
-def cluster_ids(model, tokens: torch.Tensor, layer: int) -> torch.Tensor:
-    """(H_r, T) nearest-centroid id of each position's query in routing layer `layer` for tokens (1, T)."""
+def routing_membership(model, tokens: torch.Tensor, layer: int) -> torch.Tensor:
+    """(H_r, C, T) bool: the positions each cluster of routing layer `layer` holds for tokens (1, T).
+
+    What the attention uses: with assign="topk" the `window` best-scoring queries of each cluster (a
+    position may sit in several clusters or none); with "nearest" each query's argmax cluster.
+    """
     routing = model.layers[layer].attn.routing
     captured = {}
 
     def hook(module, args):
-        captured["q"] = args[0]
+        captured["q"], captured["k"] = args[0], args[1]
 
     handle = routing.register_forward_pre_hook(hook)
     was_training = model.training
@@ -67,38 +72,56 @@ def cluster_ids(model, tokens: torch.Tensor, layer: int) -> torch.Tensor:
     finally:
         handle.remove()
         model.train(was_training)
-    q = captured["q"]
+    q, k = captured["q"], captured["k"]
     if routing.qk_layernorm:
         q = F.layer_norm(q, (q.shape[-1],))
-    return nearest_centroid(q, routing.centroids.centroids)[0]
+        k = None if k is None else F.layer_norm(k, (k.shape[-1],))
+    centroids = routing.centroids.centroids
+    H, C, _ = centroids.shape
+    T = q.shape[2]
+    if routing.assign == "topk":
+        index = assign_topk(q, q if routing.share_qk or k is None else k, centroids, routing.window).query_index[0]
+        return torch.zeros(H, C, T, dtype=torch.bool).scatter_(-1, index.cpu(), True)
+    ids = nearest_centroid(q, centroids)[0].cpu()
+    return F.one_hot(ids, C).permute(0, 2, 1).bool()
 
 
 def plot_clusters(model, tokens: torch.Tensor, out: str | Path, *, layer: int | None = None,
                   labels: list[str] | None = None) -> Path:
+    """One panel per (routing layer, routing head): row c marks the positions cluster c holds."""
     layers = routing_layers(model)
     if not layers:
         raise ValueError("the model has no routing heads (all layers local): nothing to plot")
-    layer = layers[-1] if layer is None else layer
-    if layer not in layers:
+    if layer is not None and layer not in layers:
         raise ValueError(f"layer {layer} has no routing heads; routing layers: {layers}")
-    ids = cluster_ids(model, tokens, layer).cpu().numpy()
-    H, T = ids.shape
-    C = model.config.sparsity_cluster_size
-    fig, ax = plt.subplots(figsize=(min(18, 2 + T / 24), 1.2 + 0.6 * H))
-    cmap = plt.get_cmap("tab20", C) if C <= 20 else plt.get_cmap("viridis", C)
-    im = ax.imshow(ids, aspect="auto", interpolation="nearest", cmap=cmap, vmin=-0.5, vmax=C - 0.5)
-    ax.set_yticks(range(H), [f"head {h}" for h in range(H)])
-    ax.set_xlabel("position in the sample sequence")
-    ax.set_title(f"routing clusters (nearest centroid of each query), layer {layer}, {C} clusters")
-    if labels is not None and T <= 96:
-        ax.set_xticks(range(T), labels, fontsize=6, family="monospace")
-    fig.colorbar(im, ax=ax, ticks=range(C), label="cluster id", fraction=0.03)
+    shown = layers if layer is None else [layer]
+    members = [routing_membership(model, tokens, i).numpy() for i in shown]
+    H, C, T = members[0].shape
+    mode = model.config.routing_assign
+    fig, axes = plt.subplots(len(shown), H, figsize=(min(18, 2 + T / 24 * H), 0.6 + (0.35 + 0.18 * C) * len(shown)),
+                             squeeze=False)
+    base = plt.get_cmap("tab10" if C <= 10 else "viridis", C)
+    cmap = matplotlib.colors.ListedColormap(["white"] + [base(c) for c in range(C)])
+    for row, (i, member) in enumerate(zip(shown, members)):
+        for h in range(H):
+            ax = axes[row][h]
+            # Cluster c's positions drawn in colour c + 1; 0 (white) marks positions the cluster lacks.
+            image = np.where(member[h], np.arange(1, C + 1)[:, None], 0)
+            ax.imshow(image, aspect="auto", interpolation="nearest", cmap=cmap, vmin=-0.5, vmax=C + 0.5)
+            ax.set_yticks(range(C), [str(c) for c in range(C)], fontsize=6)
+            ax.set_title(f"layer {i}, routing head {h}", fontsize=8)
+            if labels is not None and T <= 96 and row == len(shown) - 1:
+                ax.set_xticks(range(T), labels, fontsize=6, family="monospace")
+            if h == 0:
+                ax.set_ylabel("cluster", fontsize=7)
+    what = "top-window queries per cluster" if mode == "topk" else "argmax cluster of each query"
+    fig.suptitle(f"routing clusters ({what}), {C} clusters; x: position in the sample sequence", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return Path(out)
 
 
-def cluster_summary(ids: np.ndarray) -> list[list[int]]:
-    """Per head, how many positions each cluster holds (for the CLI's text report)."""
-    return [np.bincount(row, minlength=int(ids.max()) + 1).tolist() for row in ids]
+def cluster_summary(member: np.ndarray) -> list[list[int]]:
+    """Per head, how many positions each cluster holds (for the CLI's text report); member (H, C, T)."""
+    return member.sum(-1).astype(int).tolist()
