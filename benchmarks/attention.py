@@ -307,7 +307,7 @@ def main(argv=None):
     p.add_argument("--md", default="", help="write the markdown table here")
     p.add_argument("--profile", type=int, default=0, help="only print a kernel breakdown of ours at this T")
     p.add_argument("--sweep", type=int, default=0, help="only time tile configurations at this T")
-    p.add_argument("--topk-select", default="radix", choices=("radix", "torch"),
+    p.add_argument("--topk-select", default="torch", choices=("radix", "torch"),
                    help="how our topk assignment finds the W-th score (triton_ops.TOPK_SELECT)")
     args = p.parse_args(argv)
     from routeformer.ops.routing import triton_ops as TO
