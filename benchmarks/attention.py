@@ -19,14 +19,8 @@ import argparse
 import datetime
 import json
 import math
-import os
 import sys
 import traceback
-
-# Run as a script, this folder heads sys.path and its local_attention.py would shadow the PyPI
-# `local_attention` package that the peer imports.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 import torch
 import torch.nn.functional as F

@@ -59,3 +59,24 @@ def test_local_rejects_bad_input(kwargs, match):
     q, k, v, _ = _qkvc()
     with pytest.raises(ValueError, match=match):
         local_attention(q, k, v, **kwargs)
+
+
+def test_auto_backend_sends_unsupported_inputs_to_the_reference(monkeypatch):
+    """On CUDA, "auto" picks Triton only for what the kernels take (fp16/bf16/fp32, routing D <= 128)."""
+    import types
+
+    import routeformer.ops as ops
+    from routeformer.ops.routing import _use_triton
+
+    monkeypatch.setattr(ops, "triton_available", lambda: True)
+
+    def fake(dtype, d):
+        return types.SimpleNamespace(is_cuda=True, dtype=dtype, shape=(1, 2, 8, d))
+
+    assert _use_triton("auto", fake(torch.bfloat16, 64), fake(torch.bfloat16, 64))
+    assert not _use_triton("auto", fake(torch.float64, 64), fake(torch.float64, 64))
+    assert not _use_triton("auto", fake(torch.float32, 160), fake(torch.float32, 160))
+    assert not _use_triton("auto", fake(torch.float32, 64), fake(torch.float32, 256))
+    assert not _use_triton("reference", fake(torch.float32, 64), fake(torch.float32, 64))
+    cpu = types.SimpleNamespace(is_cuda=False, dtype=torch.float32, shape=(1, 2, 8, 64))
+    assert not _use_triton("auto", cpu, cpu)

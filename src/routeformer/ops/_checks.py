@@ -10,6 +10,9 @@ import math
 import torch
 
 BACKENDS = ("auto", "reference", "triton")
+# What the Triton kernels take; backend="auto" sends anything else to the reference op.
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_MAX_ROUTING_HEAD_DIM = 128  # the routing kernels keep a (rows x D) tile in registers
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

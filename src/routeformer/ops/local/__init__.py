@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_backend, check_nonnegative_int, check_positive_int, check_qkv, resolve_scale
+from .._checks import (TRITON_DTYPES, check_backend, check_nonnegative_int, check_positive_int, check_qkv,
+                       resolve_scale)
 from .reference import local_attention_reference
 
 __all__ = ["local_attention"]
@@ -63,7 +64,7 @@ def local_attention(
     if backend == "auto":
         from .. import triton_available
 
-        use_triton = q.is_cuda and triton_available()
+        use_triton = q.is_cuda and q.dtype in TRITON_DTYPES and triton_available()
     if use_triton:
         from .triton_ops import local_attention_triton
 

@@ -17,12 +17,13 @@ import os
 import torch
 import triton
 
+from .._checks import TRITON_DTYPES
 from .triton_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_rel_kernel, _fwd_kernel
 
 __all__ = ["local_attention_triton", "TILE_OVERRIDES"]
 
 _LOG2E = 1.4426950408889634
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DTYPES = TRITON_DTYPES
 
 # Benchmarks may set e.g. TILE_OVERRIDES["fwd"] = dict(BM=64, BN=64, num_warps=4, num_stages=3).
 TILE_OVERRIDES: dict[str, dict] = {}

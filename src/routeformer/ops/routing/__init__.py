@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_backend, check_positive_int, check_qkv, resolve_scale
+from .._checks import (TRITON_DTYPES, TRITON_MAX_ROUTING_HEAD_DIM, check_backend, check_positive_int,
+                       check_qkv, resolve_scale)
 from .assignment import NearestAssignment, TopkAssignment, assign_nearest, assign_topk
 from .reference import nearest_attention, topk_attention
 
@@ -38,14 +39,16 @@ def _check_centroids(centroids, q: torch.Tensor) -> None:
         raise ValueError(f"centroids are on {centroids.device} but q is on {q.device}: move them to one device")
 
 
-def _use_triton(backend: str, q: torch.Tensor) -> bool:
+def _use_triton(backend: str, q: torch.Tensor, v: torch.Tensor) -> bool:
+    """"auto": Triton on CUDA for the dtypes and head dims the kernels take, else the reference."""
     if backend == "reference":
         return False
     if backend == "triton":
         return True
     from .. import triton_available
 
-    return q.is_cuda and triton_available()
+    supported = q.dtype in TRITON_DTYPES and max(q.shape[-1], v.shape[-1]) <= TRITON_MAX_ROUTING_HEAD_DIM
+    return q.is_cuda and supported and triton_available()
 
 
 def routing_attention(
@@ -89,7 +92,7 @@ def routing_attention(
     check_backend(backend)
     scale = resolve_scale(scale, q.shape[-1])
 
-    if _use_triton(backend, q):
+    if _use_triton(backend, q, v):
         from .triton_ops import routing_attention_triton
 
         return routing_attention_triton(q, k, v, centroids, window=window, causal=causal, assign=assign, scale=scale)

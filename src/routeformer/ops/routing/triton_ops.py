@@ -19,12 +19,13 @@ import math
 import torch
 import triton
 
+from .._checks import TRITON_DTYPES, TRITON_MAX_ROUTING_HEAD_DIM
 from ..kmeans import routing_scores
 from . import _kernels as K
 from .assignment import assign_nearest
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 128
+SUPPORTED_DTYPES = TRITON_DTYPES
+MAX_HEAD_DIM = TRITON_MAX_ROUTING_HEAD_DIM
 
 # Tile sizes per device kind; the benchmark may override entries to compare variants.
 CONFIG = {

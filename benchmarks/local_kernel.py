@@ -1,6 +1,6 @@
 """Local attention on one GPU: the Triton kernels against FlexAttention and dense SDPA.
 
-    PYTHONPATH=src python benchmarks/local_attention.py [--out DIR] [--sweep] [--smoke]
+    PYTHONPATH=src python benchmarks/local_kernel.py [--out DIR] [--sweep] [--smoke]
 
 Shape: B=1, H=8, D=64, bf16, block 256, flange 256, causal, T in {4k .. 64k}. Variants: ours
 without and with Shaw tables (M = 513, the model's default), FlexAttention (torch.compile'd
