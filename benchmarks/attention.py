@@ -177,6 +177,45 @@ def _measure(name, make, T):
     return row
 
 
+def _graph_rows(T):
+    """Ours replayed from CUDA graphs (what torch.compile(mode="reduce-overhead") gives a model): the GPU
+    time without Python and launch overhead, which dominates the eager rows at small T."""
+    from routeformer.ops import routing_attention
+
+    out = []
+    for assign in ("topk", "nearest"):
+        q, k, v, dout, centroids = _inputs(T)
+        row = {"name": f"ours {assign} (CUDA graph)", "T": T}
+        try:
+            def f():
+                return routing_attention(q, q, v, centroids, window=WINDOW, causal=True, assign=assign,
+                                         backend="triton")
+
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm up (compiles the kernels) outside the capture
+                for _ in range(2):
+                    with torch.no_grad():
+                        f()
+                    f().backward(dout)
+            torch.cuda.current_stream().wait_stream(side)
+            q.grad = k.grad = v.grad = None
+            g_fwd, g_all = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g_fwd), torch.no_grad():
+                f()
+            with torch.cuda.graph(g_all):
+                f().backward(dout)
+            row["fwd_ms"] = _bench(g_fwd.replay)
+            row["fwdbwd_ms"] = _bench(g_all.replay)
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            traceback.print_exc(limit=2)
+        out.append(row)
+        del q, k, v, dout
+        torch.cuda.empty_cache()
+    return out
+
+
 def _kernel_rows(T):
     """Our in-cluster attention kernel alone (TFLOP/s) and the assignment alone, per mode."""
     from routeformer.ops.routing import triton_ops as TO
@@ -224,7 +263,7 @@ def sweep(T):
     dq_cfgs = [(128, 64, 8, 2), (128, 64, 4, 2), (64, 64, 4, 3), (128, 32, 4, 3)]
     dkdv_cfgs = [(64, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2), (32, 128, 4, 3), (64, 128, 4, 2)]
     chosen = TO.TOPK_SELECT
-    for mode in ("radix", "torch"):
+    for mode in ("groups", "full"):
         TO.TOPK_SELECT = mode
         try:
             t = _bench(lambda: TO.routing_indices(q, q, centroids, WINDOW, True, "topk"))
@@ -233,7 +272,21 @@ def sweep(T):
             res.append(("topk", "assignment", mode, float("nan"), str(e)[:60]))
     TO.TOPK_SELECT = chosen
     from routeformer.ops.kmeans import routing_scores
-    res.append(("both", "routing_scores", "-", _bench(lambda: routing_scores(q, centroids)), float("nan")))
+    from routeformer.ops.routing import scores
+
+    res.append(("both", "routing_scores (formula)", "-", _bench(lambda: routing_scores(q, centroids)), float("nan")))
+    from routeformer.ops.routing import _score_kernels as SK
+
+    default_tiles = SK.TILES["cuda"]
+    for tiles in [default_tiles, (128, 64, 4), (128, 64, 8), (64, 32, 4), (128, 128, 8), (32, 64, 4), (64, 128, 4)]:
+        SK.TILES["cuda"] = tiles
+        try:
+            res.append(("topk", "fused scores", tiles, _bench(lambda: scores.assignment_scores(q, centroids)), math.nan))
+            res.append(("nearest", "fused argmax", tiles, _bench(lambda: scores.nearest_clusters(q, centroids)),
+                        math.nan))
+        except Exception as e:
+            res.append(("both", "fused kernel", tiles, math.nan, str(e)[:60]))
+    SK.TILES["cuda"] = default_tiles
     for assign in ("topk", "nearest"):
         direct = assign == "nearest"
         idx = TO.routing_indices(q, q, centroids, WINDOW, True, assign)
@@ -259,7 +312,7 @@ def sweep(T):
         TO.CONFIG["cuda"] = dict(default)
     print(f"== tile sweep T={T} (ms, useful TFLOP/s)")
     for r in res:
-        print(f"{r[0]:8s} {r[1]:18s} {str(r[2]):18s} {r[3]:8.3f} {r[4] if isinstance(r[4], str) else f'{r[4]:.0f}'}")
+        print(f"{r[0]:8s} {r[1]:24s} {str(r[2]):18s} {r[3]:8.3f} {r[4] if isinstance(r[4], str) else f'{r[4]:.0f}'}")
     return res
 
 
@@ -282,14 +335,18 @@ def table(rows, kernels):
         share = 100 * r["assign_ms"] / total if total else None
         lines.append(f"| {r['T']} | {mode} | {r['kernel_ms']:.3f} | {r['tflops']:.0f} | {r['assign_ms']:.3f} "
                      f"| {_fmt(share, '.0f')} |")
-    lines += ["", "| T | fwd+bwd speed-up of ours topk over dense / peer / gather | fwd over dense |",
-              "|---:|---|---:|"]
+    lines += ["", "| T | ours | fwd+bwd speed-up over dense / peer / gather | fwd over dense |",
+              "|---:|---|---|---:|"]
     by = {(r["name"], r["T"]): r for r in rows}
     for T in sorted({r["T"] for r in rows}):
-        o = by.get(("ours topk", T), {})
-        ratio = lambda n, key: (by.get((n, T), {}).get(key) or math.nan) / (o.get(key) or math.nan)  # noqa: E731
-        lines.append(f"| {T} | {ratio('dense SDPA', 'fwdbwd_ms'):.1f}x / {ratio('peer KmeansAttention', 'fwdbwd_ms'):.1f}x"
-                     f" / {ratio('gather+SDPA', 'fwdbwd_ms'):.1f}x | {ratio('dense SDPA', 'fwd_ms'):.1f}x |")
+        for ours in ("ours topk", "ours nearest", "ours topk (CUDA graph)", "ours nearest (CUDA graph)"):
+            o = by.get((ours, T), {})
+            if not o.get("fwd_ms"):
+                continue
+            ratio = lambda n, key: (by.get((n, T), {}).get(key) or math.nan) / (o.get(key) or math.nan)  # noqa: E731
+            lines.append(f"| {T} | {ours[5:]} | {ratio('dense SDPA', 'fwdbwd_ms'):.1f}x / "
+                         f"{ratio('peer KmeansAttention', 'fwdbwd_ms'):.1f}x / {ratio('gather+SDPA', 'fwdbwd_ms'):.1f}x"
+                         f" | {ratio('dense SDPA', 'fwd_ms'):.1f}x |")
     return "\n".join(lines)
 
 
@@ -301,7 +358,7 @@ def main(argv=None):
     p.add_argument("--md", default="", help="write the markdown table here")
     p.add_argument("--profile", type=int, default=0, help="only print a kernel breakdown of ours at this T")
     p.add_argument("--sweep", type=int, default=0, help="only time tile configurations at this T")
-    p.add_argument("--topk-select", default="torch", choices=("radix", "torch"),
+    p.add_argument("--topk-select", default="groups", choices=("groups", "full"),
                    help="how our topk assignment finds the W-th score (triton_ops.TOPK_SELECT)")
     args = p.parse_args(argv)
     from routeformer.ops.routing import triton_ops as TO
@@ -325,6 +382,10 @@ def main(argv=None):
             r = _measure(name, make, T)
             print(json.dumps(r), flush=True)
             rows.append(r)
+        if not keep or any("graph" in s for s in keep):
+            for r in _graph_rows(T):
+                print(json.dumps(r), flush=True)
+                rows.append(r)
         try:
             kernels += _kernel_rows(T)
             print(json.dumps(kernels[-2:]), flush=True)

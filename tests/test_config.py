@@ -34,6 +34,11 @@ def test_round_trip_through_dict():
     (dict(attention_backend="cuda"), "attention_backend must be one of"),
     (dict(routing_assign="nearest", causal=False), "needs causal=True"),
     (dict(centroid_decay=1.0), r"centroid_decay must be in \[0, 1\)"),
+    (dict(head_dim=32.0), "head_dim must be an int or None"),
+    (dict(head_dim=0), "head_dim must be a positive int"),
+    (dict(local_num_heads="2"), "local_num_heads must be an int or None"),
+    (dict(share_qk="yes"), "share_qk must be True, False or None"),
+    (dict(causal=1), "causal must be True or False"),
 ])
 def test_invalid_fields_name_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -60,6 +60,17 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"ModelConfig.{name} must be a non-negative int, got {value!r}")
+        for name in ("head_dim", "local_num_heads"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"ModelConfig.{name} must be an int or None (the default), got {value!r}")
+        if self.head_dim is not None and self.head_dim < 1:
+            raise ValueError(f"ModelConfig.head_dim must be a positive int, got {self.head_dim}")
+        for name in ("causal", "qk_layernorm", "share_centroids", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.share_qk is not None and not isinstance(self.share_qk, bool):
+            raise ValueError(f"ModelConfig.share_qk must be True, False or None (the default), got {self.share_qk!r}")
         if self.head_dim is None:
             if self.dim % self.heads:
                 raise ValueError(

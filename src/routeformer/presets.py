@@ -96,7 +96,9 @@ _SRC_PG19 = (
     "AUTHORS sparse_transformer.py pg19_local_cluster8k: hidden 1032, 22 layers, 6 local + 2 routing heads, "
     "sparsity_skip_first 21 (routing only in the last layer), 16 clusters, window 512, query_shape/"
     "memory_flange 256, max_relative_position 513, geglu filter 4096, length 8192, dropouts 0, weight_decay "
-    "0; " + _TEXT_DEFAULTS + ". Vocab: README 'vocab98K' (exact size not published; 98000 is the label).")
+    "0; " + _TEXT_DEFAULTS + ". Vocab: README 'vocab98K' (exact size not published; 98000 is the label). "
+    "Head dim 1032 / 8 = 129 exceeds the Triton routing kernels' 128, so on GPU its routing heads run the "
+    "PyTorch reference; --set model.head_dim=128 trades fidelity for the fast path.")
 _AUTH_NOTE = " Relative positions in routing heads (sparsity_cluster_relative) are not supported here."
 
 _AUTHORS = {

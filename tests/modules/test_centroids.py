@@ -168,6 +168,19 @@ def test_low_precision_model_keeps_float32_kmeans_state():
     assert model.double().centroid_modules()[0].centroids.dtype == torch.float64
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_cast_keeps_kmeans_values_exact(dtype):
+    """Not a round trip through fp16: centroids keep every bit, EMA counts above 65504 stay finite."""
+    model = _tiny().train()
+    (m, *_) = model.centroid_modules()
+    m.centroids.add_(torch.randn_like(m.centroids) * 1e-4)  # values fp16/bf16 cannot hold
+    m.ema_counts.fill_(1e6)
+    before = {name: b.clone() for name, b in m.named_buffers()}
+    model.to(dtype)
+    for name, b in m.named_buffers():
+        assert b.dtype == torch.float32 and torch.equal(b, before[name]), name
+
+
 @pytest.mark.parametrize("variant", ["ratio", "normalized_mean"])
 def test_init_centroids_from_data_spreads_tokens_over_clusters(variant):
     """Data init (spherical k-means, layer by layer) uses every cluster where random init used one.

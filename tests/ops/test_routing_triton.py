@@ -194,15 +194,6 @@ def test_matches_reference_gpu(T, D, C, window, assign, causal, shared, dtype):
 
 @gpu
 @needs_cuda
-def test_topk_index_exact_gpu():
-    x = torch.randn(1, 4, 16384, 64, device="cuda", dtype=torch.bfloat16)
-    x[:, :, 8000:9000] = x[:, :, 7:8]
-    centroids = torch.randn(4, 32, 64, device="cuda")
-    assert torch.equal(TO.topk_index(x, centroids, 512).long(), topk_positions(routing_scores(x, centroids), 512))
-
-
-@gpu
-@needs_cuda
 def test_compiles_with_inductor_gpu():
     q, k, v, centroids = _inputs(1, 4, 2048, 64, 64, 4, True, torch.bfloat16, "cuda", 7)
 
@@ -218,14 +209,33 @@ def test_compiles_with_inductor_gpu():
         torch.testing.assert_close(a, b)
 
 
-def test_topk_index_both_selectors_with_signed_zeros(monkeypatch):
-    """Radix select and the torch.topk threshold path agree with the reference, -0.0 tied with +0.0."""
+@pytest.mark.parametrize("group", [2, 4, 16])
+def test_topk_index_both_selectors_with_signed_zeros(monkeypatch, group):
+    """The two-stage group select and the whole-row select equal the reference's stable sort, with
+    -0.0 tied to +0.0, duplicated rows, and groups small enough that the first stage runs."""
+    from routeformer.ops.routing import scores
+
+    monkeypatch.setattr(scores, "GROUP", group)
     g = torch.Generator().manual_seed(8)
     x = torch.randn(1, 2, 61, 16, generator=g)
     x[:, :, 30:45] = x[:, :, 3:4]
     centroids = torch.randn(2, 5, 16, generator=g)
     centroids[:, 0] = 0.0  # a cluster whose scores are all (signed) zeros: pure tie-breaking
-    expected = topk_positions(routing_scores(x, centroids), 20)
-    for mode in ("radix", "torch"):
-        monkeypatch.setattr(TO, "TOPK_SELECT", mode)
-        assert torch.equal(TO.topk_index(x, centroids, 20).long(), expected), mode
+    for window in (1, 3, 7, 20, 61):
+        expected = topk_positions(routing_scores(x, centroids), window)
+        for mode in ("groups", "full"):
+            monkeypatch.setattr(TO, "TOPK_SELECT", mode)
+            assert torch.equal(TO.topk_index(x, centroids, window).long(), expected), (mode, window)
+
+
+@gpu
+@needs_cuda
+def test_group_select_equals_full_sort_gpu():
+    """At real sizes the first stage runs (T / 16 groups > W): same positions as the stable sort."""
+    from routeformer.ops.routing.scores import assignment_scores
+
+    x = torch.randn(2, 4, 20000, 64, device="cuda", dtype=torch.bfloat16)
+    x[:, :, 9000:9700] = x[:, :, 11:12]  # a block of exact ties straddling the cut-off
+    centroids = torch.randn(4, 40, 64, device="cuda")
+    expected = topk_positions(assignment_scores(x, centroids).transpose(2, 3), 500)
+    assert torch.equal(TO.topk_index(x, centroids, 500).long(), expected)

@@ -56,10 +56,14 @@ class RoutingCentroids(nn.Module):
     def _apply(self, fn, recurse=True):
         # model.half()/bfloat16() must not round the k-means state: EMA steps of (1 - decay) = 1e-3 vanish
         # in 8-bit mantissas. Float32 (or float64) is kept; the ops cast centroids to their compute dtype.
+        # Casting to fp16 and back would already have rounded the values (and turned EMA counts above
+        # 65504 into inf), so keep the original buffers and only follow fn's device move.
+        before = dict(self._buffers)
         super()._apply(fn, recurse)
         for name, buf in self._buffers.items():
-            if buf is not None and buf.dtype in (torch.float16, torch.bfloat16):
-                self._buffers[name] = buf.float()
+            old = before.get(name)
+            if buf is not None and old is not None and buf.dtype in (torch.float16, torch.bfloat16):
+                self._buffers[name] = old.to(device=buf.device)
         return self
 
     def extra_repr(self) -> str:

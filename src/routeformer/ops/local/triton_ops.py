@@ -70,8 +70,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_k, rel_v) -> N
     if not (q.is_cuda or _interpreting()):
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
                          "use backend='reference' or move q, k, v to a GPU")
-    if rel_k is not None and (rel_k.dtype != q.dtype or rel_v.dtype != q.dtype):
-        raise TypeError("rel_k and rel_v must have q's dtype here; local_attention_triton casts them")
 
 
 def _dot_mode(q: torch.Tensor) -> int:
@@ -180,12 +178,13 @@ def _fwd_fake(q, k, v, rel_k, rel_v, block, flange, causal, scale):
 
 @local_attn_bwd.register_fake
 def _bwd_fake(dout, q, k, v, out, lse, rel_k, rel_v, block, flange, causal, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # The real op returns fresh contiguous tensors; empty_like would keep a transposed input's strides.
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 @local_attn_rel_bwd.register_fake
 def _rel_bwd_fake(dout, q, k, v, out, lse, rel_k, rel_v, block, flange, causal, scale):
-    return torch.empty_like(rel_k), torch.empty_like(rel_v)
+    return rel_k.new_empty(rel_k.shape), rel_v.new_empty(rel_v.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -88,8 +88,9 @@ def _fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    # int64: b * stride overflows int32 once a tensor passes 2**31 elements.
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     offs_e = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     emask = offs_e < E
     offs_d = tl.arange(0, BLOCK_D)
@@ -148,8 +149,9 @@ def _bwd_dq_kernel(
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    # int64: b * stride overflows int32 once a tensor passes 2**31 elements.
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     offs_e = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     emask = offs_e < E
     offs_d = tl.arange(0, BLOCK_D)
@@ -211,8 +213,9 @@ def _bwd_dkdv_kernel(
     """
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    # int64: b * stride overflows int32 once a tensor passes 2**31 elements.
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     offs_s = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     smask = offs_s < S
     offs_d = tl.arange(0, BLOCK_D)
@@ -280,8 +283,9 @@ def _combine_kernel(
     """
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    # int64: b * stride overflows int32 once a tensor passes 2**31 elements.
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = offs_t < T
     offs_d = tl.arange(0, BLOCK_D)
@@ -353,73 +357,21 @@ def _topk_compact_kernel(
 
 
 @triton.jit
-def _ordered_key(s):
-    """float32 -> uint32 whose unsigned order is the float order (-0.0 folded onto +0.0)."""
-    bits = (s + 0.0).to(tl.uint32, bitcast=True)
-    return tl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
-
-
-@triton.jit
-def _topk_select_kernel(
-    SCORES, OUT,
-    T, C, W,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+def _gather_groups_kernel(
+    SCORES, GROUPS, CAND,
+    T, W,
+    GROUP: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    """Exact top-W positions per (batch-head, cluster), ascending, ties to the lower position.
+    """CAND (R, W*GROUP) = the scores of the GROUP positions of each selected group, in position order.
 
-    SCORES (BH, T, C) float32, read in place as BLOCK_C clusters side by side (32-byte rows). A radix
-    select over the order-preserving 32-bit keys (4 passes of 8 bits, one histogram per cluster)
-    finds the W-th largest key and how many keys equal to it are kept; a last in-order scan writes the
-    positions of every larger key and of the first `need` equal ones, compacted and already sorted.
+    SCORES (R, T) float32 rows (R = B*H*C); GROUPS (R, W) ascending group ids. Positions past T
+    (the last group's tail) get -inf, which the top-W of the candidates never picks.
     """
-    NB: tl.constexpr = 256
-    bh = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = offs_c < C
-    lc = tl.arange(0, BLOCK_C)
-    bins = tl.arange(0, 2 * NB)
-    sbase = SCORES + bh.to(tl.int64) * T * C
-    prefix = tl.zeros([BLOCK_C], dtype=tl.uint32)
-    remaining = tl.zeros([BLOCK_C], dtype=tl.int32) + W
-    for p in tl.static_range(4):
-        shift = 24 - 8 * p
-        hist = tl.zeros([BLOCK_C * 2 * NB], dtype=tl.int32)
-        for t0 in range(0, T, BLOCK_T):
-            offs_t = t0 + tl.arange(0, BLOCK_T)
-            m2 = (offs_t[:, None] < T) & cmask[None, :]
-            key = _ordered_key(tl.load(sbase + offs_t[:, None] * C + offs_c[None, :], mask=m2, other=0.0))
-            digit = ((key >> shift) & 0xFF).to(tl.int32)
-            if p == 0:
-                match = m2
-            else:
-                match = m2 & ((key >> (shift + 8)) == (prefix[None, :] >> (shift + 8)))
-            # Rows outside the current prefix land in each cluster's upper (ignored) half of bins.
-            b = lc[None, :] * (2 * NB) + tl.where(match, digit, NB)
-            hist += tl.histogram(tl.reshape(b, [BLOCK_T * BLOCK_C]), BLOCK_C * 2 * NB)
-        h = tl.reshape(hist, [BLOCK_C, 2 * NB])
-        h = tl.where(bins[None, :] < NB, h, 0)
-        above = tl.cumsum(h, axis=1, reverse=True)  # keys with this digit or a larger one
-        pick = tl.max(tl.where(above >= remaining[:, None], bins[None, :], -1), axis=1)
-        gt = tl.sum(tl.where(bins[None, :] == pick[:, None], above - h, 0), axis=1)
-        remaining = remaining - gt
-        prefix = prefix | (pick.to(tl.uint32) << shift)
-
-    kth = prefix
-    need = remaining
-    n_sel = tl.zeros([BLOCK_C], dtype=tl.int32)
-    n_eq = tl.zeros([BLOCK_C], dtype=tl.int32)
-    obase = OUT + bh.to(tl.int64) * C * W
-    for t0 in range(0, T, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        m2 = (offs_t[:, None] < T) & cmask[None, :]
-        key = _ordered_key(tl.load(sbase + offs_t[:, None] * C + offs_c[None, :], mask=m2, other=0.0))
-        eq = (key == kth[None, :]) & m2
-        eqi = eq.to(tl.int32)
-        eq_rank = n_eq[None, :] + tl.cumsum(eqi, axis=0) - eqi
-        sel = ((key > kth[None, :]) & m2) | (eq & (eq_rank < need[None, :]))
-        seli = sel.to(tl.int32)
-        slot = n_sel[None, :] + tl.cumsum(seli, axis=0) - seli
-        tl.store(obase + offs_c[None, :] * W + slot, offs_t[:, None] + 0 * slot, mask=sel & (slot < W))
-        n_sel += tl.sum(seli, axis=0)
-        n_eq += tl.sum(eqi, axis=0)
+    row = tl.program_id(1).to(tl.int64)
+    offs_w = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
+    wmask = offs_w < W
+    offs_g = tl.arange(0, GROUP)
+    g = tl.load(GROUPS + row * W + offs_w, mask=wmask, other=0)
+    pos = g[:, None] * GROUP + offs_g[None, :]
+    s = tl.load(SCORES + row * T + pos, mask=wmask[:, None] & (pos < T), other=float("-inf"))
+    tl.store(CAND + row * W * GROUP + offs_w[:, None] * GROUP + offs_g[None, :], s, mask=wmask[:, None])

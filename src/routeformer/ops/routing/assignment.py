@@ -2,8 +2,9 @@
 
 Legend: B batch, H heads, T tokens, D head dim, C clusters, W window.
 
-Both backends (the PyTorch reference and the Triton kernels) call these functions, so they attend
-exactly the same (query, key) pairs; only the attention arithmetic differs.
+Both backends (the PyTorch reference and the Triton kernels) take their scores from scores.py, which
+picks the same path for the same input, so they attend exactly the same (query, key) pairs; only the
+attention arithmetic differs.
 
 - "topk" (the paper): per (b, h, cluster) the W highest-scoring query positions and, separately, the
   W highest-scoring key positions, each sorted by position. Ties go to the lower position.
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kmeans import routing_scores
+from .scores import assignment_scores, nearest_clusters
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,8 @@ def topk_positions(scores: torch.Tensor, window: int) -> torch.Tensor:
 def assign_topk(
     q: torch.Tensor, k: torch.Tensor, centroids: torch.Tensor, window: int
 ) -> TopkAssignment:
-    query_index = topk_positions(routing_scores(q, centroids), window)
-    key_index = query_index if k is q else topk_positions(routing_scores(k, centroids), window)
+    query_index = topk_positions(assignment_scores(q, centroids).transpose(2, 3), window)
+    key_index = query_index if k is q else topk_positions(assignment_scores(k, centroids).transpose(2, 3), window)
     return TopkAssignment(query_index, key_index)
 
 
@@ -58,8 +59,8 @@ def assign_nearest(
     q: torch.Tensor, k: torch.Tensor, centroids: torch.Tensor, window: int
 ) -> NearestAssignment:
     T = q.shape[2]
-    query_cluster = routing_scores(q, centroids).argmax(dim=-1)
-    key_cluster = query_cluster if k is q else routing_scores(k, centroids).argmax(dim=-1)
+    query_cluster = nearest_clusters(q, centroids)
+    key_cluster = query_cluster if k is q else nearest_clusters(k, centroids)
     pos = torch.arange(T, device=q.device)
     # (cluster, position) packed into one integer: unique, so a plain sort orders it.
     key_code = key_cluster * T + pos

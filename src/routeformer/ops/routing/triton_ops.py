@@ -8,20 +8,23 @@ and `routeformer::routing_bwd` tied together by `register_autograd` (so `torch.c
 attention as one opaque op, no graph break) -> `routing_attention_triton`, called by
 `routeformer.ops.routing_attention` after validation.
 
-The assignment follows assignment.py exactly (same `routing_scores`, same tie rule), so the kernels
-attend the same (query, key) pairs as the reference. Nothing here synchronises with the host: grids
+The assignment takes its scores from scores.py like the reference does (same path for the same input)
+and applies the same tie rules, so the kernels attend the same (query, key) pairs as the reference. Nothing here synchronises with the host: grids
 come from shapes, data-dependent trip counts live inside the kernels.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
+import torch.nn.functional as F
 import triton
 
 from .._checks import TRITON_DTYPES, TRITON_MAX_ROUTING_HEAD_DIM
-from ..kmeans import routing_scores
 from . import _kernels as K
+from . import scores as scores_mod
+from ._score_kernels import fused_scores
 from .assignment import assign_nearest
 
 SUPPORTED_DTYPES = TRITON_DTYPES
@@ -88,47 +91,61 @@ def _(scores, kth, need, window):
     return scores.new_empty((B, H, C, window), dtype=torch.int32)
 
 
-@torch.library.custom_op("routeformer::topk_select", mutates_args=())
-def _topk_select(scores: torch.Tensor, window: int) -> torch.Tensor:
-    B, H, T, C = scores.shape
-    out = _new((B, H, C, window), torch.int32, scores.device)
-    block_c = 8  # 8 float32 scores side by side: one 32-byte sector per row of the tile
-    grid = (B * H, triton.cdiv(C, block_c))
-    K._topk_select_kernel[grid](scores, out, T, C, window,
-                                BLOCK_T=256 if scores.is_cuda else 16, BLOCK_C=block_c, num_warps=8)
-    return out
+@torch.library.custom_op("routeformer::gather_groups", mutates_args=())
+def _gather_groups(scores: torch.Tensor, groups: torch.Tensor, group: int) -> torch.Tensor:
+    B, H, C, T = scores.shape
+    W = groups.shape[-1]
+    cand = _new((B, H, C, W * group), torch.float32, scores.device)
+    block_w = 64 if scores.is_cuda else 16
+    K._gather_groups_kernel[(triton.cdiv(W, block_w), B * H * C)](scores, groups, cand, T, W,
+                                                                   GROUP=group, BLOCK_W=block_w, num_warps=4)
+    return cand
 
 
-@_topk_select.register_fake
-def _(scores, window):
-    B, H, T, C = scores.shape
-    return scores.new_empty((B, H, C, window), dtype=torch.int32)
+@_gather_groups.register_fake
+def _(scores, groups, group):
+    B, H, C, _ = scores.shape
+    return scores.new_empty((B, H, C, groups.shape[-1] * group))
 
 
-# "torch": torch.topk for the threshold, then a compaction kernel (H100, T=64k: 3.0 ms).
-# "radix": one Triton kernel (4-pass radix select + compaction) reading the scores in place; exact,
-# but 30 ms at T=64k on an H100 (too few programs, 4096-bin histograms per tile): kept for study.
-TOPK_SELECT = "torch"
+def select_top(rows: torch.Tensor, w: int) -> torch.Tensor:
+    """rows (B, H, C, L) float32 -> (B, H, C, w) int32 indices of the w largest, ascending, ties to the
+    lower index: torch.topk finds the w-th largest value, one in-order scan takes every larger value and
+    the first `need` equal ones. -0.0 and +0.0 compare equal, as in the reference's stable sort."""
+    top = rows.topk(w, dim=-1, sorted=False).values
+    kth = top.amin(dim=-1).contiguous()
+    need = (top == kth[..., None]).sum(dim=-1, dtype=torch.int32).contiguous()
+    return _topk_compact(rows, kth, need, w)
+
+
+# "groups": two small top-k's (H100, T=64k: see benchmarks/RESULTS.md); "full": torch.topk over whole
+# rows of T scores (3.0 ms at T=64k), kept for comparison in benchmarks/attention.py --sweep.
+TOPK_SELECT = "groups"
 
 
 def topk_index(x: torch.Tensor, centroids: torch.Tensor, window: int) -> torch.Tensor:
-    """(B, H, C, W) int32 positions, equal to assignment.topk_positions(routing_scores(x, c), window).
+    """(B, H, C, W) int32 positions, equal to assignment.topk_positions of the same scores.
 
-    Find the W-th largest score of each cluster, then take every score above it and the lowest
-    positions among those equal to it, in position order (ties to the lower position, as the
-    reference's stable sort).
+    Two stages, exact: split each cluster's row of T scores into groups of GROUP positions and keep
+    the W groups with the highest maxima (ordering elements by (score, -position), as the reference's
+    stable sort does, each group's maximum element is unique). Every element of another group has W
+    larger elements (the W kept maxima), so the top W all lie in the kept groups: the second stage
+    takes the top W of those W*GROUP candidates, which sit in position order.
     """
-    if TOPK_SELECT == "radix":
-        scores = routing_scores(x, centroids).contiguous()
-        return _topk_select(scores, min(window, scores.shape[2]))
-    # (B, H, C, T): torch.topk on the strided view of (B, H, T, C) reads uncoalesced, ~10x slower.
-    scores = routing_scores(x, centroids).transpose(2, 3).contiguous()
-    w = min(window, scores.shape[3])
-    # -0.0 and +0.0 compare equal in the scan, as they do in the reference's stable sort.
-    top = scores.topk(w, dim=-1, sorted=False).values
-    kth = top.amin(dim=-1).contiguous()
-    need = (top == kth[..., None]).sum(dim=-1, dtype=torch.int32).contiguous()
-    return _topk_compact(scores, kth, need, w)
+    group = scores_mod.GROUP
+    T = x.shape[2]
+    w = min(window, T)
+    if scores_mod.use_fused(x):
+        s_t, gmax = fused_scores(x, centroids)
+    else:  # the same scores as the reference (CPU, interpreter tests), group maxima in PyTorch
+        s_t = scores_mod.assignment_scores(x, centroids, fused=False)
+        G = triton.cdiv(T, group)
+        gmax = F.pad(s_t, (0, G * group - T), value=float("-inf")).unflatten(-1, (G, group)).amax(-1)
+    if TOPK_SELECT == "full" or gmax.shape[-1] <= w:
+        return select_top(s_t, w)
+    groups = select_top(gmax, w)
+    pick = select_top(_gather_groups(s_t, groups, group), w)
+    return groups.gather(-1, pick // group) * group + pick % group
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +333,8 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
 
 @_routing_bwd.register_fake
 def _(dout, q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, perm, rowptr, scale, direct, shared):
-    return torch.empty_like(q), (q.new_empty(0) if shared else torch.empty_like(k)), torch.empty_like(v)
+    # The real op returns fresh contiguous tensors; empty_like would keep a transposed input's strides.
+    return q.new_empty(q.shape), (q.new_empty(0) if shared else k.new_empty(k.shape)), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -340,6 +358,9 @@ _routing_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def check_triton_inputs(q: torch.Tensor, v: torch.Tensor) -> None:
     """Raise a clear error for inputs the kernels do not cover (the reference handles them)."""
+    if not (q.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU): use "
+                         "backend='reference' or move q, k, v and the centroids to a GPU")
     if q.dtype not in SUPPORTED_DTYPES or v.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"backend='triton' supports {SUPPORTED_DTYPES}, got {q.dtype}: cast the inputs or use "
                         "backend='reference'")

@@ -1,0 +1,119 @@
+"""The fused routing-score kernel and its custom ops; see scores.py for what it computes and why.
+
+Legend: B batch, H heads, T tokens, D head dim, C clusters, G = ceil(T / GROUP) groups.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import scores  # scores.GROUP is read at each call so tests can shrink it
+
+_EPS = 1e-5  # kmeans.normalize's LayerNorm epsilon
+# (BLOCK_T, BLOCK_C, warps); benchmarks/attention.py --sweep times alternatives. BLOCK_T is a multiple
+# of scores.GROUP. The interpreter runs each program as numpy: small C tiles exercise the C loop.
+TILES = {"cuda": (64, 32, 4), "cpu": (64, 16, 4)}
+
+
+@triton.jit
+def _scores_kernel(
+    X, CENT, S_T, GMAX, AMAX,
+    sxb, sxh, sxt, H, T, C, D, G, eps,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    WRITE: tl.constexpr, ARGMAX: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One tile of BLOCK_T positions of one (batch, head) against all C centroids.
+
+    WRITE: S_T (BH, C, T) float32 scores and GMAX (BH, C, G) the max over each GROUP_SIZE positions.
+    ARGMAX: AMAX (BH, T) int64, the first cluster of highest score (torch.argmax's tie rule).
+    PRECISION "tf32x3" on GPU: three tf32 tensor-core products, ~1e-7 relative error like fp32, while
+    "ieee" fp32 dots ran at 12 TFLOP/s (0.74 ms at T=64k, H100), slower than the formula's matmul.
+    """
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = offs_t < T
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    x = tl.load(X + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + offs_t[:, None].to(tl.int64) * sxt
+                + offs_d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / D
+    xc = tl.where(dmask[None, :], x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / D
+    xn = xc * (1.0 / tl.sqrt(var + eps))[:, None]
+    best = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
+    best_c = tl.zeros([BLOCK_T], dtype=tl.int32)
+    row0 = bh.to(tl.int64) * C
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        cmask = offs_c < C
+        cent = tl.load(CENT + (h * C + offs_c[:, None]).to(tl.int64) * D + offs_d[None, :],
+                       mask=cmask[:, None] & dmask[None, :], other=0.0)
+        s = tl.dot(xn, tl.trans(cent), input_precision=PRECISION)
+        if WRITE:
+            rows = (row0 + offs_c)[None, :]
+            tl.store(S_T + rows * T + offs_t[:, None], s, mask=tmask[:, None] & cmask[None, :])
+            NG: tl.constexpr = BLOCK_T // GROUP_SIZE
+            gmax = tl.max(tl.reshape(tl.where(tmask[:, None], s, float("-inf")), [NG, GROUP_SIZE, BLOCK_C]), axis=1)
+            offs_g = pid * NG + tl.arange(0, NG)
+            tl.store(GMAX + rows * G + offs_g[:, None], gmax, mask=(offs_g[:, None] < G) & cmask[None, :])
+        if ARGMAX:
+            s = tl.where(cmask[None, :], s, float("-inf"))
+            tile_best = tl.max(s, axis=1)
+            tile_c = tl.argmax(s, axis=1, tie_break_left=True)
+            better = tile_best > best  # strict: an equal score in a later tile keeps the lower cluster
+            best_c = tl.where(better, tile_c + c0, best_c)
+            best = tl.where(better, tile_best, best)
+    if ARGMAX:
+        tl.store(AMAX + bh.to(tl.int64) * T + offs_t, best_c.to(tl.int64), mask=tmask)
+
+
+def _launch(x: torch.Tensor, centroids: torch.Tensor, write: bool, argmax: bool):
+    B, H, T, D = x.shape
+    C = centroids.shape[1]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cent = centroids.float().contiguous()
+    G = triton.cdiv(T, scores.GROUP)
+    dev = x.device
+    s_t = torch.empty((B, H, C, T) if write else (0,), dtype=torch.float32, device=dev)
+    gmax = torch.empty((B, H, C, G) if write else (0,), dtype=torch.float32, device=dev)
+    amax = torch.empty((B, H, T) if argmax else (0,), dtype=torch.int64, device=dev)
+    block_d = max(16, triton.next_power_of_2(D))
+    block_t, block_c, warps = TILES["cuda" if x.is_cuda else "cpu"]
+    if block_d > 128:  # keep the (BLOCK_T x D) and (BLOCK_C x D) fp32 tiles in registers
+        block_t, block_c = min(block_t, 32), min(block_c, 32)
+    grid = (triton.cdiv(T, block_t), B * H)
+    _scores_kernel[grid](x, cent, s_t, gmax, amax, x.stride(0), x.stride(1), x.stride(2), H, T, C, D, G, _EPS,
+                         BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_D=block_d, GROUP_SIZE=scores.GROUP,
+                         WRITE=write, ARGMAX=argmax, PRECISION="tf32x3" if x.is_cuda else "ieee", num_warps=warps)
+    return s_t, gmax, amax
+
+
+@torch.library.custom_op("routeformer::fused_scores", mutates_args=())
+def fused_scores(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, H, T, D), centroids (H, C, D) -> (scores (B, H, C, T), group maxima (B, H, C, G)), float32."""
+    s_t, gmax, _ = _launch(x, centroids, write=True, argmax=False)
+    return s_t, gmax
+
+
+@fused_scores.register_fake
+def _(x, centroids):
+    B, H, T, _ = x.shape
+    C = centroids.shape[1]
+    G = (T + scores.GROUP - 1) // scores.GROUP
+    return x.new_empty((B, H, C, T), dtype=torch.float32), x.new_empty((B, H, C, G), dtype=torch.float32)
+
+
+@torch.library.custom_op("routeformer::fused_argmax", mutates_args=())
+def fused_argmax(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D), centroids (H, C, D) -> (B, H, T) int64 argmax cluster, no scores kept."""
+    return _launch(x, centroids, write=False, argmax=True)[2]
+
+
+@fused_argmax.register_fake
+def _(x, centroids):
+    return x.new_empty(x.shape[:3], dtype=torch.int64)

@@ -1,0 +1,85 @@
+"""The fused routing-score kernel against the formula (kmeans.routing_scores), under the interpreter on CPU.
+
+Both backends of routing_attention take their scores from the same path (scores.use_fused), so the
+kernel only has to equal the formula within fp32 rounding; its group maxima and argmax must be exact
+functions of its own scores.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from routeformer.ops.kmeans import routing_scores
+from routeformer.ops.routing import scores
+from routeformer.ops.routing._score_kernels import fused_argmax, fused_scores
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _inputs(B, H, T, D, C, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(B, H, T, D, generator=g) * 3 + 1).to(device=device, dtype=dtype)
+    centroids = torch.randn(H, C, D, generator=g).to(device)
+    return x, centroids
+
+
+def _check(x, centroids, group):
+    B, H, T, D = x.shape
+    C = centroids.shape[1]
+    s_t, gmax = fused_scores(x, centroids)
+    expected = routing_scores(x, centroids).transpose(2, 3)
+    torch.testing.assert_close(s_t, expected, atol=2e-5 * D ** 0.5, rtol=1e-5)
+    G = -(-T // group)
+    padded = torch.full((B, H, C, G * group), float("-inf"), device=x.device)
+    padded[..., :T] = s_t
+    assert torch.equal(gmax, padded.view(B, H, C, G, group).amax(-1))
+    assert torch.equal(fused_argmax(x, centroids), s_t.argmax(dim=2)) or _near_ties_only(x, centroids, s_t)
+
+
+def _near_ties_only(x, centroids, s_t):
+    """The argmax variant is compiled separately and may round the other way on a near-tie only."""
+    got = fused_argmax(x, centroids)
+    best = s_t.amax(dim=2)
+    chosen = s_t.gather(2, got[:, :, None]).squeeze(2)
+    return bool(((best - chosen) <= 1e-5 * best.abs().clamp(min=1)).all())
+
+
+@pytest.mark.parametrize("T,D,C,dtype", [(37, 24, 5, torch.float32), (100, 8, 20, torch.bfloat16),
+                                         (70, 60, 33, torch.float16)])
+def test_fused_scores_match_formula(monkeypatch, T, D, C, dtype):
+    monkeypatch.setattr(scores, "GROUP", 4)
+    x, centroids = _inputs(2, 2, T, D, C, dtype, "cpu")
+    _check(x, centroids, 4)
+
+
+def test_argmax_ties_go_to_the_lower_cluster():
+    x, centroids = _inputs(1, 2, 40, 16, 20, torch.float32, "cpu", seed=1)
+    centroids[:, 17] = centroids[:, 3]  # identical centroids in different C tiles (16 per tile on CPU)
+    centroids[:, 5] = centroids[:, 3]
+    got = fused_argmax(x, centroids)
+    assert not (got == 17).any() and not (got == 5).any()
+    assert torch.equal(got, routing_scores(x, centroids).argmax(-1))
+
+
+def test_non_contiguous_input():
+    x, centroids = _inputs(1, 3, 50, 16, 6, torch.float32, "cpu", seed=2)
+    xt = x.transpose(1, 2).contiguous().transpose(1, 2)  # (B, H, T, D) view with T-major strides
+    assert torch.equal(fused_scores(xt, centroids)[0], fused_scores(x, centroids)[0])
+
+
+def test_paths_agree_off_cuda():
+    """Off CUDA both backends use the formula: assignment_scores is the formula, transposed."""
+    x, centroids = _inputs(1, 2, 30, 16, 4, torch.float32, "cpu", seed=3)
+    assert not scores.use_fused(x)
+    assert torch.equal(scores.assignment_scores(x, centroids), routing_scores(x, centroids).transpose(2, 3))
+    assert torch.equal(scores.nearest_clusters(x, centroids), routing_scores(x, centroids).argmax(-1))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("T,D,C,dtype", [(5000, 64, 10, torch.bfloat16), (4097, 128, 130, torch.float16),
+                                         (3001, 256, 7, torch.float32), (1000, 40, 3, torch.bfloat16)])
+def test_fused_scores_match_formula_gpu(T, D, C, dtype):
+    x, centroids = _inputs(2, 3, T, D, C, dtype, "cuda")
+    _check(x, centroids, scores.GROUP)
