@@ -57,3 +57,22 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg))
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                         saved: dict, cfg: TrainConfig) -> None:
+    """Load a checkpoint's optimizer and scheduler state (optimizer.pt) but keep the settings of `cfg`.
+
+    torch's load_state_dict also restores the saved param groups' lr, weight_decay and betas and the
+    scheduler's base_lrs, which would silently ignore a resumed run's --set train.learning_rate (the
+    usual answer to a loss that became NaN). Moments and step counts come from the checkpoint; the
+    hyperparameters from cfg; with an unchanged cfg every value is the one saved, bit for bit.
+    """
+    settings = [{k: v for k, v in group.items() if k not in ("params", "lr")} for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    for group, fresh in zip(optimizer.param_groups, settings):
+        group.update(fresh)
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * lr_multiplier(scheduler.last_epoch, cfg)  # what LambdaLR.step() set last

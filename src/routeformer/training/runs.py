@@ -35,7 +35,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
     """The model of a run directory's newest checkpoint (or of a checkpoint directory), in eval mode."""
     checkpoint = ckpt.resolve_checkpoint(path)
     state = ckpt.read_state(checkpoint)
-    config = RunConfig.from_dict(state["config"])
+    config = ckpt.run_config(checkpoint, state)
     model = RoutingTransformerLM(config.model)
     ckpt.load_weights(model, checkpoint, device)
     model.to(device).eval()

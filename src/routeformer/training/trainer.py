@@ -1,10 +1,16 @@
 """The single-device training loop: a run directory, checkpoints, resume, metrics.
 
 RUN_DIR/
-    config.json          the RunConfig of the run
-    metrics.jsonl        one line per logged step / evaluation
+    config.json          the RunConfig of the run (the newest, with a resumed run's overrides)
+    metrics.jsonl        one JSON line per logged step and per evaluation (see metrics.py)
     checkpoints/step_*   see checkpoint.py
-    train.log            (written by the CLI) human-readable progress lines
+    tensorboard/         the same metrics as TensorBoard events, with train.tensorboard=true
+
+There is no log file: progress lines go to `log` (print in the CLI) or to a tqdm bar on stderr.
+`routeformer eval` adds eval.jsonl to RUN_DIR, and `routeformer plot` adds plots/.
+
+A directory holding a checkpoint is only ever continued (resume=True). One whose run stopped before its
+first checkpoint (NaN loss, Ctrl-C, an error) holds nothing to resume, so a fresh run may start there again.
 
 One optimizer step = grad_accum micro-batches of loss = cross-entropy + aux_loss (the model's weighted
 commitment loss), each scaled by 1/grad_accum; then gradient clipping, the optimizer and scheduler step,
@@ -16,9 +22,10 @@ import contextlib
 import json
 import math
 import random
+import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +40,7 @@ from . import checkpoint as ckpt
 from .config import RunConfig, apply_overrides
 from .evaluate import evaluate_nll, report
 from .metrics import MetricsLog
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, load_optimizer_state
 
 
 @dataclass
@@ -85,16 +92,37 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run); refuses to overwrite an existing run."""
+def _prepare_run_dir(run_dir: Path, resume: bool) -> tuple[Path | None, bool]:
+    """(the checkpoint to resume from, or None for a fresh run; whether a fresh run replaces one that
+    stopped before its first checkpoint). Refuses to overwrite a run that has a checkpoint."""
     existing = ckpt.list_checkpoints(run_dir)
+    started = (run_dir / "config.json").exists()
     if resume:
-        if not existing:
-            raise ValueError(f"--resume: {run_dir} holds no checkpoint to resume from; drop --resume to start")
-        return existing[-1][1]
-    if existing or (run_dir / "config.json").exists():
+        if existing:
+            return existing[-1][1], False
+        if started:
+            raise ValueError(f"--resume: {run_dir} holds no checkpoint to resume from (its run stopped before "
+                             "writing the first one): start it afresh, without --resume, as it was started "
+                             f"(routeformer train --preset NAME ... --out {run_dir}); that replaces its "
+                             "config.json and metrics.jsonl")
+        raise ValueError(f"--resume: {run_dir} holds no checkpoint to resume from; drop --resume to start a run")
+    if existing:
         raise ValueError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
-    return None
+    return None, started
+
+
+def _model_changes(before, after) -> dict[str, tuple]:
+    """ModelConfig fields that differ: name -> (checkpoint's value, new value)."""
+    old, new = asdict(before), asdict(after)
+    return {name: (old[name], new[name]) for name in old if old[name] != new[name]}
+
+
+def _divergence_advice(run_dir: Path) -> str:
+    found = ckpt.list_checkpoints(run_dir)
+    if found:
+        return (f"lower train.learning_rate; the checkpoints up to {found[-1][1].name} are intact, and "
+                "--resume --set train.learning_rate=... continues from the newest")
+    return "lower train.learning_rate and start the run afresh (it wrote no checkpoint yet)"
 
 
 def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overrides: list[str] = (),
@@ -102,11 +130,13 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overr
     """Train (or, with resume=True, continue) the run in run_dir. On resume the run's saved config is
     used, with `overrides` applied on top (e.g. a larger train.max_steps)."""
     run_dir = Path(run_dir)
-    start_ckpt = _prepare_run_dir(run_dir, resume)
-    state = None
+    start_ckpt, restarting = _prepare_run_dir(run_dir, resume)
+    state, changed = None, {}
     if start_ckpt is not None:
         state = ckpt.read_state(start_ckpt)
-        config = apply_overrides(RunConfig.from_dict(state["config"]), list(overrides))
+        saved = ckpt.run_config(start_ckpt, state)
+        config = apply_overrides(saved, list(overrides))
+        changed = _model_changes(saved.model, config.model)
     cfg = config.train
     data = PreparedDataset(config.data.resolved_path())
     check_compatible(config, data)
@@ -121,20 +151,34 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overr
                                  seed=cfg.seed, example_length=data.meta.example_length)
     step = 0
     if start_ckpt is not None:
-        ckpt.load_weights(model, start_ckpt, device)
+        what = ", ".join(f"model.{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        try:
+            ckpt.load_weights(model, start_ckpt, device)
+        except ckpt.WeightsMismatchError:
+            if not changed:
+                raise
+            # The checkpoint is fine; the override is what does not fit it.
+            raise ValueError(f"--set overrides change the model of {run_dir} ({what}) and its checkpoint's weights "
+                             "do not fit the changed model: drop those overrides to continue the run, or train "
+                             "the changed model as a new run with another --out") from None
         opt_state, rng = ckpt.load_training_state(start_ckpt)
-        optimizer.load_state_dict(opt_state["optimizer"])
-        scheduler.load_state_dict(opt_state["scheduler"])
+        load_optimizer_state(optimizer, scheduler, opt_state, cfg)
         sampler.load_state_dict(state["sampler"])
         ckpt.restore_rng(rng)
-        step = int(state["step"])
-        log(f"resumed {run_dir} from {start_ckpt.name} (step {step})")
+        step = state["step"]
+        log(f"resumed {run_dir} from {start_ckpt.name} (step {step})" + (f" with {what}" if changed else ""))
     elif cfg.centroid_init:
         # Its own sampler seed: the training batches (and so resumed runs) are the same with or without it.
         init_sampler = RandomBatchSampler(data.split("train"), seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                                           seed=cfg.seed + 1, example_length=data.meta.example_length)
         model.init_centroids(next(init_sampler)[0].to(device), seed=cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if restarting:
+        # Removed only now, after every check passed: a restart that fails early keeps the old logs.
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+        log(f"{run_dir} holds a run that stopped before its first checkpoint: starting it afresh "
+            "(its config.json and metrics.jsonl are replaced)")
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
     forward = torch.compile(model) if cfg.compile else model
     metrics = MetricsLog(run_dir, tensorboard=cfg.tensorboard, truncate_after=step if resume else None)
@@ -142,7 +186,25 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overr
                      "metric": data.meta.metric}
     result = TrainResult(run_dir)
 
+    def pending_values() -> list[list[float]]:
+        # The loop's one host sync, at log and checkpoint steps: [ce, aux] of the steps not yet synced.
+        return torch.stack([torch.stack([c, a]) for _, c, a in pending]).tolist()
+
+    def stop_if_not_finite(values: list[list[float]]) -> None:
+        for (s, _, _), (c, a) in zip(pending, values):
+            if not math.isfinite(c + a):
+                raise FloatingPointError(f"loss became {c + a} at step {s}: {_divergence_advice(run_dir)}")
+
     def save(at_step: int) -> None:
+        # A checkpoint must never hold a diverged model: it would be what --resume picks, and pruning would
+        # delete an older healthy one for it. Saving copies every tensor to the host anyway, so these two
+        # host syncs (losses not yet logged; all weights and buffers) cost little beside it.
+        if pending:
+            stop_if_not_finite(pending_values())
+        tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+        if not torch.stack([torch.isfinite(t).all() for t in tensors]).all():
+            raise FloatingPointError(f"the model's weights became non-finite by step {at_step}: "
+                                     f"{_divergence_advice(run_dir)}")
         ckpt.save_checkpoint(run_dir, step=at_step, model=model, optimizer=optimizer, scheduler=scheduler,
                              state={"config": config.to_dict(), "sampler": sampler.state_dict(),
                                     "dataset": dataset_state}, keep=cfg.keep_checkpoints)
@@ -194,8 +256,7 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overr
             out_of_time = cfg.time_budget_s > 0 and time.perf_counter() - started >= cfg.time_budget_s
             last = step == cfg.max_steps or out_of_time
             if step % cfg.log_every == 0 or last:
-                # The one host sync of the loop: losses of the logged window come to the CPU together.
-                values = torch.stack([torch.stack([c, a]) for _, c, a in pending]).tolist()
+                values = pending_values()
                 now = time.perf_counter()
                 tps = tokens_per_step * window_steps / max(now - window_start, 1e-9)
                 for (s, _, _), (c, a) in zip(pending, values):
@@ -206,8 +267,7 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overr
                 metrics.write({"step": step, "loss": ce_mean + aux_mean, "ce": ce_mean, "aux": aux_mean,
                                "lr": scheduler.get_last_lr()[0], "tokens_per_s": tps,
                                "elapsed_s": now - started})
-                if not math.isfinite(ce_mean):
-                    raise FloatingPointError(f"loss became {ce_mean} at step {step}: lower train.learning_rate")
+                stop_if_not_finite(values)
                 if bar is not None:
                     bar.set_postfix(loss=f"{ce_mean + aux_mean:.4f}", tok_s=f"{tps:,.0f}")
                 elif plain:
