@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from routeformer import config as cfg_mod
@@ -33,23 +34,47 @@ def test_top_k_keeps_k_largest():
         assert set(torch.nonzero(row_out > float("-inf")).flatten().tolist()) == set(row.topk(5).indices.tolist())
 
 
-def _model():
+def test_top_k_ties_keep_the_lowest_ids():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0],
+                           [2.0, 2.0, 2.0, 2.0, 2.0]])
+    kept = filter_logits(logits, top_k=2) > float("-inf")
+    assert kept.tolist() == [[False, True, True, False, False], [True, True, False, False, False]]
+    # top_k=1 agrees with greedy decoding (argmax returns the first maximum) on ties.
+    assert torch.equal(filter_logits(logits, top_k=1).argmax(-1), logits.argmax(-1))
+    assert (filter_logits(logits, top_k=1) > float("-inf")).sum(-1).tolist() == [1, 1]
+
+
+def _model(routing_assign="topk"):
     torch.manual_seed(0)
     cfg = cfg_mod.ModelConfig(vocab_size=40, dim=32, depth=2, heads=2, max_seq_len=32, query_shape=8,
                               memory_flange=8, sparsity_cluster_size=2, sparsity_cluster_attention_window=8,
-                              max_relative_distance=17)
+                              max_relative_distance=17, routing_assign=routing_assign)
     return RoutingTransformerLM(cfg).eval()
 
 
-def test_greedy_equals_argmax_of_full_forward():
-    model = _model()
+def test_greedy_equals_argmax_of_one_forward_over_the_output():
+    # "nearest" routing is strictly causal, so one teacher-forced forward over the finished sequence
+    # gives at every position the logits the decoding loop saw there (with "topk" the clusters of a
+    # longer sequence differ). An independent computation: no loop, one call.
+    model = _model("nearest")
     prompt = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(2))
-    out = sample(model, prompt, 6, temperature=0)
-    tokens = prompt
-    for _ in range(6):
-        nxt = model(tokens)[:, -1].argmax(-1, keepdim=True)
-        tokens = torch.cat([tokens, nxt], 1)
-    assert torch.equal(out, tokens)
+    out = sample(model, prompt, 12, temperature=0)
+    assert out.shape == (2, 17) and torch.equal(out[:, :5], prompt)
+    with torch.no_grad():
+        predicted = model(out[:, :-1]).argmax(-1)
+    assert torch.equal(out[:, 5:], predicted[:, 4:])
+
+
+def test_tiny_temperature_is_greedy_not_nan():
+    model = _model()
+    prompt = torch.randint(0, 40, (2, 4), generator=torch.Generator().manual_seed(4))
+    greedy = sample(model, prompt, 6, temperature=0)
+    for t in (1e-40, 1e-30, 5e-324):
+        g = torch.Generator().manual_seed(0)
+        assert torch.equal(sample(model, prompt, 6, temperature=t, top_p=0.9, top_k=5, generator=g), greedy)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            sample(model, prompt, 1, temperature=bad)
 
 
 def test_tiny_nucleus_is_greedy_and_long_outputs_slide_the_window():

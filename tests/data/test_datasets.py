@@ -168,3 +168,97 @@ def test_stdlib_corpus_is_sorted_filtered_and_capped(tmp_path):
     assert info["files"] == 2 and info["sha256"] == hashlib.sha256(data).hexdigest()
     capped, _ = stdlib_corpus(max_bytes=40, root=root)
     assert capped == b"# ==== file: a/x.py ====\n# a/x.py\n\n"
+    with pytest.raises(ValueError, match="smaller than the corpus's first file .* at least 35"):
+        stdlib_corpus(max_bytes=20, root=root)  # used to say "found no Python files"
+
+
+def _imagenet_zip(path, members, rng, rows_per_batch=1):
+    """A zip of npz batches as image-net.org ships them; returns {batch name: rows (N, 12288)}."""
+    rows = {}
+    with zipfile.ZipFile(path, "w") as zf:
+        for m in members:
+            rows[m] = rng.integers(0, 256, (rows_per_batch, 12288), dtype=np.uint8)
+            buf = io.BytesIO()
+            np.savez_compressed(buf, data=rows[m], labels=np.arange(rows_per_batch))
+            zf.writestr(f"x/{m}.npz", buf.getvalue())
+    return rows
+
+
+def test_imagenet64_streams_rows_with_bounded_memory(tmp_path, monkeypatch):
+    import tracemalloc
+
+    from routeformer.data import images
+
+    rng = np.random.default_rng(5)
+    order = [1, 2, 3, 4, 5, 6, 7, 10]
+    train = [f"train_data_batch_{i}" for i in sorted(order, key=str)]  # stored 1, 10, 2, ...
+    rows = _imagenet_zip(tmp_path / "Imagenet64_train_part1_npz.zip", train, rng, rows_per_batch=16)
+    rows |= _imagenet_zip(tmp_path / "Imagenet64_val_npz.zip", ["val_data"], rng, rows_per_batch=4)
+    total = sum(r.nbytes for r in rows.values())  # 1.6 MB of random (incompressible) pixels
+    monkeypatch.setattr(images, "CHUNK_ROWS", 4, raising=False)
+    tracemalloc.start()
+    try:
+        ds = PreparedDataset(prepare("imagenet64", tmp_path / "d", from_file=tmp_path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Reading every batch into memory first (as before) peaks above `total`. Streaming holds one
+    # chunk of rows and the zip readers' buffers (zipfile's seek within a member reads up to 16 MB at
+    # once: here one batch's npz, 200 kB).
+    assert peak < total / 3, (peak, total)
+    got = np.asarray(ds.split("train")).reshape(-1, 12288)
+    expected = np.concatenate([images.chw_to_hwc(rows[f"train_data_batch_{i}"], 64) for i in order])
+    assert np.array_equal(got, expected)
+    assert np.array_equal(np.asarray(ds.split("test")).reshape(-1, 12288), images.chw_to_hwc(rows["val_data"], 64))
+
+
+def test_imagenet64_reads_each_batch_once(tmp_path):
+    rng = np.random.default_rng(6)
+    src = tmp_path / "src"
+    src.mkdir()
+    rows = _imagenet_zip(src / "Imagenet64_train_part1_npz.zip", ["train_data_batch_1"], rng, rows_per_batch=2)
+    _imagenet_zip(src / "Imagenet64_val_npz.zip", ["val_data"], rng)
+    # The same batch extracted beside its zip, and the folder passed alongside one of its own files.
+    with zipfile.ZipFile(src / "Imagenet64_train_part1_npz.zip") as zf:
+        (src / "train_data_batch_1.npz").write_bytes(zf.read("x/train_data_batch_1.npz"))
+    from routeformer.data import images
+
+    ds = PreparedDataset(prepare("imagenet64", tmp_path / "d", from_file=src))
+    assert np.array_equal(np.asarray(ds.split("train")).reshape(-1, 12288),
+                          images.chw_to_hwc(rows["train_data_batch_1"], 64))  # 2 images, not 4
+    members = images.imagenet64_members([src, src / "Imagenet64_val_npz.zip", src])
+    assert [key for key, _ in members] == [("train", 1), ("valid", 0)]
+    other = tmp_path / "other"
+    other.mkdir()
+    _imagenet_zip(other / "more.zip", ["train_data_batch_1"], rng, rows_per_batch=3)
+    with pytest.raises(ValueError, match="differ in size: remove one"):
+        images.imagenet64_members([src, other])
+
+
+def test_imagenet64_wrong_image_size_is_named(tmp_path):
+    for name, shape in (("train_data_batch_1", (2, 3072)), ("val_data", (2, 3072))):
+        np.savez(tmp_path / f"{name}.npz", data=np.zeros(shape, dtype=np.uint8))
+    with pytest.raises(ValueError, match="not 12288"):
+        prepare("imagenet64", tmp_path / "d", from_file=tmp_path)
+    assert not (tmp_path / "d").exists() and not list(tmp_path.glob(".d.*"))
+
+
+def test_prepare_leaves_an_existing_out_tmp_alone(tmp_path):
+    # OUT.tmp was the writer's fixed scratch name, deleted as "debris": it may be the user's folder.
+    (tmp_path / "c.txt").write_bytes(b"some text to split into three parts " * 10)
+    mine = tmp_path / "d.tmp"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    words = tmp_path / "w"
+    words.mkdir()
+    (words / "wiki.train.tokens").write_text("a b\n")
+    (words / "wiki.valid.tokens").write_text("a\n")
+    (words / "wiki.test.tokens").write_text("zz\n")  # not in the vocabulary, which has no <unk>
+    with pytest.raises(ValueError, match="outside the training vocabulary"):  # fails mid-write: abort()
+        prepare("wikitext103", tmp_path / "d", from_file=words)
+    assert (mine / "keep.txt").read_text() == "mine"
+    out = prepare("stdlib", tmp_path / "d", from_file=tmp_path / "c.txt")
+    assert (mine / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "d", "d.tmp", "w"]  # no scratch left
+    assert PreparedDataset(out).meta.splits["train"]["tokens"] == int(360 * 0.9)
+    assert out.stat().st_mode & 0o777 == mine.stat().st_mode & 0o777  # as mkdir makes it, not mkdtemp's 0700

@@ -32,16 +32,20 @@ def stdlib_files(root: str | Path | None = None) -> list[tuple[str, Path]]:
 def stdlib_corpus(max_bytes: int = DEFAULT_MAX_BYTES, root: str | Path | None = None) -> tuple[bytes, dict]:
     """(corpus bytes, provenance dict)."""
     parts, total, count = [], 0, 0
-    for rel, path in stdlib_files(root):
+    files = stdlib_files(root)
+    if not files:
+        raise ValueError(f"found no Python files under {root or sysconfig.get_paths()['stdlib']}")
+    for rel, path in files:
         chunk = f"# ==== file: {rel} ====\n".encode() + path.read_bytes() + b"\n"
         if total + len(chunk) > max_bytes:
+            if not parts:
+                raise ValueError(f"--max-bytes {max_bytes} is smaller than the corpus's first file ({rel}, "
+                                 f"{len(chunk):,} bytes with its header): raise it to at least {len(chunk)}")
             break
         parts.append(chunk)
         total += len(chunk)
         count += 1
     data = b"".join(parts)
-    if not data:
-        raise ValueError(f"found no Python files under {root or sysconfig.get_paths()['stdlib']}")
     info = {
         "source": "Python standard library",
         "python": sys.version.split()[0],

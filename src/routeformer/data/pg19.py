@@ -5,8 +5,9 @@ JSON listing gives every object's size and md5, and every book is verified again
 
 Tokens: a byte-level BPE of HuggingFace `tokenizers`, vocabulary 32768 (the authors used a ~32k t2t
 subword vocabulary), trained on the training books in sorted order; id 0 is <eos>, appended after each
-book. Each split records its whitespace-separated word count, so evaluation also reports word-level
-perplexity exp(total NLL / words) (the authors' README: multiply the subword log-perplexity by 1.248).
+book. Each split records its whitespace-separated word count, so evaluation of a whole split also
+reports word-level perplexity exp(total NLL / words) (the authors' README: multiply the subword
+log-perplexity by 1.248); of part of a split, an estimate (training/evaluate.py).
 """
 from __future__ import annotations
 

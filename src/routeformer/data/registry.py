@@ -99,13 +99,24 @@ def prepare(name: str, out: str | Path, *, from_file: str | Path | None = None,
     get_dataset_info(name)
     out = Path(out)
     from_file = Path(from_file) if from_file is not None else None
+    if max_bytes is not None:
+        # Refused rather than ignored: a cap that silently does nothing reads as if it had worked.
+        if name != "stdlib" or from_file is not None:
+            raise ValueError(f"--max-bytes caps only the built-in stdlib corpus (no --from-file); "
+                             f"drop it, or cut {from_file or 'the input'} to size yourself")
+        if max_bytes < 1:
+            raise ValueError(f"--max-bytes must be a positive number of bytes, got {max_bytes}; leave it out "
+                             f"for the default cap ({corpus.DEFAULT_MAX_BYTES:,})")
     if from_file is not None and from_file.is_file() and from_file.stat().st_size == 0:
         raise ValueError(f"--from-file {from_file} is empty")
     extra: dict = {"source": str(from_file) if from_file else "download"}
     if name == "stdlib":
         if from_file is not None:
             return text.write_char_splits(out, "stdlib", from_file.read_bytes(), extra)
-        data, info = corpus.stdlib_corpus(max_bytes or corpus.DEFAULT_MAX_BYTES)
+        data, info = corpus.stdlib_corpus(corpus.DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
+        if len(data) < text.MIN_CHARS:  # write_char_splits would say "use a larger file": there is none
+            raise ValueError(f"--max-bytes {max_bytes} keeps {len(data)} bytes of the corpus, fewer than the "
+                             f"{text.MIN_CHARS} a 90/5/5 split needs: raise --max-bytes")
         return text.write_char_splits(out, "stdlib", data, {**extra, **info})
     paths = _obtain(name, from_file, Path(cache) if cache else out.parent / "downloads")
     if from_file is None:

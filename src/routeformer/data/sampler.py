@@ -14,6 +14,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
+# Fixed-length examples (images) are read as this id followed by the example, so the model predicts
+# every value of it: value i sits at input position i + 1. Sampling and plotting must do the same.
+START_TOKEN = 0
+
 
 def _window_count(num_tokens: int, seq_len: int, example_length: int) -> int:
     if example_length:
@@ -30,7 +34,7 @@ class RandomBatchSampler:
     """Random (inputs, targets) windows of seq_len tokens; targets are the inputs shifted by one.
 
     With example_length > 0 (images) each window is one example: seq_len must equal example_length,
-    the input is the example with a start token (id 0) prepended and its last token dropped, and the
+    the input is the example with START_TOKEN (id 0) prepended and its last token dropped, and the
     target is the whole example, so every token of every example is predicted.
     """
 
@@ -64,7 +68,7 @@ class RandomBatchSampler:
         starts = rng.integers(0, self.num_windows, size=self.batch_size)
         if self.example_length:
             targets = _gather(self.tokens, starts * self.example_length, self.example_length)
-            inputs = torch.cat([torch.zeros_like(targets[:, :1]), targets[:, :-1]], dim=1)
+            inputs = torch.cat([torch.full_like(targets[:, :1], START_TOKEN), targets[:, :-1]], dim=1)
             return inputs, targets
         rows = _gather(self.tokens, starts, self.seq_len + 1)
         return rows[:, :-1], rows[:, 1:]
@@ -90,20 +94,30 @@ class RandomBatchSampler:
         self.step = int(state["step"])
 
 
+def _eval_starts(num_tokens: int, seq_len: int, example_length: int, max_tokens: int | None) -> np.ndarray:
+    if example_length:
+        starts = np.arange(num_tokens // example_length) * example_length
+    else:
+        starts = np.arange((num_tokens - 1) // seq_len) * seq_len
+    if max_tokens is not None:
+        starts = starts[: max(1, max_tokens // seq_len)]
+    return starts
+
+
+def eval_target_count(num_tokens: int, *, seq_len: int, example_length: int = 0,
+                      max_tokens: int | None = None) -> int:
+    """How many target tokens eval_batches yields (with max_tokens None: a whole-split evaluation)."""
+    return len(_eval_starts(num_tokens, seq_len, example_length, max_tokens)) * (example_length or seq_len)
+
+
 def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, example_length: int = 0,
                  max_tokens: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Non-overlapping windows in order, covering each token once as a target (the tail that does not
     fill a whole window is dropped). max_tokens caps the number of target tokens (None: whole split)."""
-    if example_length:
-        n = len(tokens) // example_length
-        starts = np.arange(n) * example_length
-        length = example_length
-    else:
-        n = (len(tokens) - 1) // seq_len
-        starts = np.arange(n) * seq_len
-        length = seq_len + 1
-    if max_tokens is not None:
-        starts = starts[: max(1, max_tokens // seq_len)]
+    if seq_len < 1 or batch_size < 1:
+        raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
+    starts = _eval_starts(len(tokens), seq_len, example_length, max_tokens)
+    length = example_length or seq_len + 1
     if len(starts) == 0:
         raise ValueError(
             f"the evaluation split has {len(tokens)} tokens, too few for one window of {seq_len}: "
@@ -112,6 +126,6 @@ def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, example_l
     for i in range(0, len(starts), batch_size):
         rows = _gather(tokens, starts[i : i + batch_size], length)
         if example_length:
-            yield torch.cat([torch.zeros_like(rows[:, :1]), rows[:, :-1]], dim=1), rows
+            yield torch.cat([torch.full_like(rows[:, :1], START_TOKEN), rows[:, :-1]], dim=1), rows
         else:
             yield rows[:, :-1], rows[:, 1:]

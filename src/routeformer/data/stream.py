@@ -10,14 +10,17 @@ Layout of a prepared dataset directory:
 A split entry is {"file": "train.bin", "tokens": N} plus, for text with a tokenizer, "words": the number
 of whitespace-separated words it encodes (to report word-level perplexity from subword losses).
 
-A prepared directory is written under DIR.tmp and renamed to DIR when complete, so a directory with a
-meta.json was written completely.
+A prepared directory is written into a fresh temporary directory beside DIR (.DIR.<random>.tmp, made
+by tempfile.mkdtemp, so no existing directory is ever reused or deleted) and renamed to DIR when
+complete, so a directory with a meta.json was written completely. A prepare killed mid-write leaves
+its .DIR.*.tmp behind; delete it by hand.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,7 +106,7 @@ class PreparedDataset:
 
 
 class DatasetWriter:
-    """Writes a prepared dataset into OUT.tmp, then renames it to OUT on commit().
+    """Writes a prepared dataset into a new temporary directory beside OUT, renamed to OUT on commit().
 
     Splits are appended in chunks so that large corpora never sit in memory whole.
     """
@@ -116,10 +119,10 @@ class DatasetWriter:
             )
         if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
             raise FileExistsError(f"{self.out} exists and is not an empty directory: choose another --out")
-        self.tmp = self.out.with_name(self.out.name + ".tmp")
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)  # debris of an interrupted prepare
-        self.tmp.mkdir(parents=True)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        # A name of our own (not OUT.tmp): a fixed name could be a user's directory, and deleting
+        # "debris" there would delete their files.
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
         self.meta = meta
         self._dtype = np.dtype(meta.dtype)
 
@@ -147,6 +150,10 @@ class DatasetWriter:
         for path in self.tmp.iterdir():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
+        # mkdtemp makes the directory private (0700); give the dataset the permissions mkdir would have.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)
         if self.out.exists():
             self.out.rmdir()  # only an empty directory can be here (checked in __init__)
         os.replace(self.tmp, self.out)

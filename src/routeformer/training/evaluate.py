@@ -2,7 +2,10 @@
 
 bits per character/byte (enwik8, text8, stdlib, Wikitext-103 bytes) and bits per dimension (images) are
 nll / ln 2; perplexity (Wikitext-103 words, PG-19) is exp(nll). For subword data the split's word count
-also gives word-level perplexity exp(nll * tokens / words).
+also gives word-level perplexity exp(nll * tokens / words): the total NLL of the split over its words.
+That identity holds only when nll is the mean over the whole split, so an evaluation of part of it
+(--max-tokens, train.eval_tokens) reports `word_ppl_estimate` instead: the whole split's tokens-per-word
+ratio applied to a part whose ratio may differ.
 """
 from __future__ import annotations
 
@@ -38,8 +41,12 @@ def evaluate_nll(model: torch.nn.Module, tokens: np.ndarray, *, seq_len: int, ba
     return float(total) / count, count  # one host sync for the whole evaluation
 
 
-def report(nll: float, metric: str, split_info: dict | None = None) -> dict:
-    """{"nll", metric: value, ...} for a mean NLL (nats per token)."""
+def report(nll: float, metric: str, split_info: dict | None = None, *, whole_split: bool = False) -> dict:
+    """{"nll", metric: value, ...} for a mean NLL (nats per token).
+
+    whole_split: nll covers every full window of the split (sampler.eval_target_count), so word-level
+    perplexity is reported as "word_ppl"; otherwise as "word_ppl_estimate". False unless the caller knows.
+    """
     out = {"nll": nll}
     if metric in ("bpc", "bpd"):
         out[metric] = nll / math.log(2)
@@ -47,5 +54,5 @@ def report(nll: float, metric: str, split_info: dict | None = None) -> dict:
         out["ppl"] = math.exp(min(nll, 700.0))
         if split_info and split_info.get("words"):
             ratio = split_info["tokens"] / split_info["words"]
-            out["word_ppl"] = math.exp(min(nll * ratio, 700.0))
+            out["word_ppl" if whole_split else "word_ppl_estimate"] = math.exp(min(nll * ratio, 700.0))
     return out

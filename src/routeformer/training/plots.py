@@ -27,6 +27,7 @@ def plot_losses(run_dir: str | Path, out: str | Path) -> Path:
     evals = [r for r in records if "eval_loss" in r]
     if not train:
         raise ValueError(f"{run_dir}/metrics.jsonl has no training steps to plot: train first")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)  # only once there is something to draw
     fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
     ax.plot([r["step"] for r in train], [r["ce"] for r in train], label="train cross-entropy")
     if evals:
@@ -95,6 +96,7 @@ def plot_clusters(model, tokens: torch.Tensor, out: str | Path, *, layer: int | 
     if layer is not None and layer not in layers:
         raise ValueError(f"layer {layer} has no routing heads; routing layers: {layers}")
     shown = layers if layer is None else [layer]
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     members = [routing_membership(model, tokens, i).numpy() for i in shown]
     H, C, T = members[0].shape
     mode = model.config.routing_assign
