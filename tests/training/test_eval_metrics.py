@@ -62,3 +62,26 @@ def test_word_perplexity_only_for_the_whole_split():
     part = report(nll, "ppl", split)  # a caller that does not say gets the labelled estimate
     assert "word_ppl" not in part and part["word_ppl_estimate"] == pytest.approx(2 ** 6.75, rel=1e-9)
     assert "word_ppl" not in report(nll, "ppl", {"tokens": 9})  # no word count: no word-level number
+
+
+def test_validation_during_training_labels_word_perplexity_by_coverage(tmp_path):
+    """train's periodic validation reports word_ppl only when it covered the whole split."""
+    import json
+
+    from routeformer.training import train
+    from routeformer.training.metrics import read_metrics
+
+    from .helpers import prepared, tiny_config
+
+    data = prepared(tmp_path)
+    meta = json.loads((data / "meta.json").read_text())
+    meta["metric"] = "ppl"  # as PG-19's: tokens with the split's word count
+    for info in meta["splits"].values():
+        info["words"] = max(1, info["tokens"] // 4)
+    (data / "meta.json").write_text(json.dumps(meta))
+    for eval_tokens, key in (("0", "word_ppl"), ("64", "word_ppl_estimate")):
+        run = tmp_path / f"run{eval_tokens}"
+        train(tiny_config(data, 1, [f"train.eval_tokens={eval_tokens}"]), run, log=lambda s: None)
+        (line,) = [r for r in read_metrics(run / "metrics.jsonl") if "eval_loss" in r]
+        other = {"word_ppl", "word_ppl_estimate"} - {key}
+        assert key in line and not other & set(line), line

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.sampler import RandomBatchSampler
+from ..data.sampler import RandomBatchSampler, eval_target_count
 from ..data.stream import PreparedDataset
 from ..model import RoutingTransformerLM
 from . import checkpoint as ckpt
@@ -213,7 +213,9 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overr
         nll, n = evaluate_nll(model, data.split(config.data.eval_split), seq_len=cfg.seq_len,
                               batch_size=cfg.batch_size, example_length=data.meta.example_length,
                               max_tokens=cfg.eval_tokens or None, device=device, autocast=autocast)
-        rep = report(nll, data.meta.metric, data.meta.splits[config.data.eval_split])
+        split = data.split(config.data.eval_split)
+        whole = n == eval_target_count(len(split), seq_len=cfg.seq_len, example_length=data.meta.example_length)
+        rep = report(nll, data.meta.metric, data.meta.splits[config.data.eval_split], whole_split=whole)
         metrics.write({"step": at_step, "split": config.data.eval_split, "eval_loss": nll, "eval_tokens": n,
                        **{k: v for k, v in rep.items() if k != "nll"}})
         return rep

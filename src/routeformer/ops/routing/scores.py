@@ -16,6 +16,8 @@ rounding (tests/ops/test_routing_scores.py), which can only matter for scores ti
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from .._checks import TRITON_DTYPES
@@ -26,12 +28,14 @@ GROUP = 16
 MAX_FUSED_HEAD_DIM = 256  # the kernel holds one (BLOCK_T x D) fp32 tile in registers
 
 
+# A constant, not ops.triton_available(): torch.compile traces this check, and a CUDA tensor already
+# proves the device half of that function.
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def use_fused(x: torch.Tensor) -> bool:
     """The one rule both backends follow: fused on CUDA for the dtypes and head dims the kernel takes."""
-    from .. import triton_available
-
-    return (x.is_cuda and x.dtype in TRITON_DTYPES and x.shape[-1] <= MAX_FUSED_HEAD_DIM
-            and triton_available())
+    return x.is_cuda and x.dtype in TRITON_DTYPES and x.shape[-1] <= MAX_FUSED_HEAD_DIM and _HAS_TRITON
 
 
 def assignment_scores(x: torch.Tensor, centroids: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
