@@ -64,6 +64,7 @@ def test_assignment_ops_fake_matches_real():
     kth = top.amin(-1).contiguous()
     need = (top == kth[..., None]).sum(-1, dtype=torch.int32).contiguous()
     torch.library.opcheck(R._topk_compact, (s_t, kth, need, 5))
+    torch.library.opcheck(R._select_rows, (s_t, 5))
 
 
 @pytest.mark.parametrize("op", ["local", "routing"])

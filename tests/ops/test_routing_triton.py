@@ -239,3 +239,18 @@ def test_group_select_equals_full_sort_gpu():
     centroids = torch.randn(4, 40, 64, device="cuda")
     expected = topk_positions(assignment_scores(x, centroids).transpose(2, 3), 500)
     assert torch.equal(TO.topk_index(x, centroids, 500).long(), expected)
+
+
+@pytest.mark.parametrize("one_kernel", [True, False])
+def test_select_top_equals_stable_sort(monkeypatch, one_kernel):
+    """Both row selectors (one kernel per row; torch.topk + scan) on ties, signed zeros, -inf and odd L."""
+    monkeypatch.setattr(TO, "SELECT_ROWS_MAX", 8192 if one_kernel else 0)
+    g = torch.Generator().manual_seed(11)
+    for L, w in ((37, 1), (37, 36), (100, 37), (130, 64), (5, 5)):
+        rows = torch.randn(2, 1, 3, L, generator=g)
+        rows[0, 0, 0, ::3] = 0.5  # many exact ties around the cut-off
+        rows[0, 0, 1] = torch.where(torch.rand(L, generator=g) < 0.5, 0.0, -0.0)  # only signed zeros
+        rows[1, 0, 2, L // 2:] = float("-inf")  # candidate padding past T
+        rows[1, 0, 0] = rows[1, 0, 0].round()  # few distinct values
+        expected = torch.sort(rows, dim=-1, descending=True, stable=True).indices[..., :w].sort(-1).values
+        assert torch.equal(TO.select_top(rows, w).long(), expected), (L, w)

@@ -375,3 +375,42 @@ def _gather_groups_kernel(
     pos = g[:, None] * GROUP + offs_g[None, :]
     s = tl.load(SCORES + row * T + pos, mask=wmask[:, None] & (pos < T), other=float("-inf"))
     tl.store(CAND + row * W * GROUP + offs_w[:, None] * GROUP + offs_g[None, :], s, mask=wmask[:, None])
+
+
+@triton.jit
+def _select_rows_kernel(
+    ROWS, OUT,
+    L, W,
+    BLOCK_L: tl.constexpr,
+):
+    """OUT (R, W) int32: the indices of the W largest of each row of ROWS (R, L) float32, ascending,
+    ties to the lower index; one program holds one whole row in registers.
+
+    Floats map to int32 keys with the same order (-0.0 first folded onto +0.0, so the two tie as in
+    the reference's stable sort). A 33-step bisection finds the W-th largest key; one in-order scan
+    then takes every larger key and the first `need` equal ones, already sorted by index.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_L)
+    m = offs < L
+    s = tl.load(ROWS + row * L + offs, mask=m, other=float("-inf")) + 0.0
+    bits = s.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+    key = tl.where(m, key, -(2**31) - 1)  # padding sorts below every real key, -inf included
+    # Invariant: at least W keys >= lo (BLOCK_L >= W keys >= the minimum), and the W-th largest key is
+    # in [lo, hi]. The range spans at most 2**32 + 1 values: 33 halvings pin it.
+    lo = tl.min(key, axis=0)
+    hi = tl.max(key, axis=0)
+    for _ in tl.static_range(33):
+        mid = lo + (hi - lo + 1) // 2
+        ok = tl.sum((key >= mid).to(tl.int32), axis=0) >= W
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    kth = lo
+    need = W - tl.sum((key > kth).to(tl.int32), axis=0)
+    eq = (key == kth).to(tl.int32)
+    eq_rank = tl.cumsum(eq, axis=0) - eq
+    sel = (key > kth) | ((eq > 0) & (eq_rank < need))
+    seli = sel.to(tl.int32)
+    slot = tl.cumsum(seli, axis=0) - seli
+    tl.store(OUT + row * W + slot, offs, mask=sel & m)

@@ -108,10 +108,33 @@ def _(scores, groups, group):
     return scores.new_empty((B, H, C, groups.shape[-1] * group))
 
 
+@torch.library.custom_op("routeformer::select_rows", mutates_args=())
+def _select_rows(rows: torch.Tensor, w: int) -> torch.Tensor:
+    B, H, C, L = rows.shape
+    out = _new((B, H, C, w), torch.int32, rows.device)
+    block = triton.next_power_of_2(L)
+    K._select_rows_kernel[(B * H * C,)](rows, out, L, w, BLOCK_L=block,
+                                       num_warps=min(16, max(4, block // 512)) if rows.is_cuda else 4)
+    return out
+
+
+@_select_rows.register_fake
+def _(rows, w):
+    return rows.new_empty((*rows.shape[:3], w), dtype=torch.int32)
+
+
+# Rows up to this long go through the one-kernel select (a whole row in registers), longer ones
+# through torch.topk + a compaction scan.
+SELECT_ROWS_MAX = 8192
+
+
 def select_top(rows: torch.Tensor, w: int) -> torch.Tensor:
     """rows (B, H, C, L) float32 -> (B, H, C, w) int32 indices of the w largest, ascending, ties to the
-    lower index: torch.topk finds the w-th largest value, one in-order scan takes every larger value and
-    the first `need` equal ones. -0.0 and +0.0 compare equal, as in the reference's stable sort."""
+    lower index. -0.0 and +0.0 compare equal, as in the reference's stable sort. Short rows: one kernel
+    per row; long rows: torch.topk finds the w-th largest value, one in-order scan takes every larger
+    value and the first `need` equal ones."""
+    if rows.shape[-1] <= SELECT_ROWS_MAX:
+        return _select_rows(rows.contiguous(), w)
     top = rows.topk(w, dim=-1, sorted=False).values
     kth = top.amin(dim=-1).contiguous()
     need = (top == kth[..., None]).sum(dim=-1, dtype=torch.int32).contiguous()
