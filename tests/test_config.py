@@ -48,3 +48,21 @@ def test_invalid_fields_name_the_field(kwargs, match):
 def test_unknown_dict_fields_are_rejected():
     with pytest.raises(ValueError, match=r"unknown ModelConfig fields: \['num_layers'\]"):
         ModelConfig.from_dict({"num_layers": 3})
+
+
+def test_issue_defaults():
+    """The defaults the spec names: Shaw max distance 513, commitment 1e-4, EMA decay 0.999, pre-LN, relu."""
+    import inspect
+
+    from routeformer import RoutingTransformerLM
+    from routeformer.ops import kmeans
+
+    cfg = ModelConfig()
+    assert (cfg.max_relative_distance, cfg.commitment_weight, cfg.centroid_decay) == (513, 1e-4, 0.999)
+    assert (cfg.norm, cfg.ffn, cfg.position, cfg.routing_assign, cfg.causal) == ("pre", "relu", "shaw", "topk", True)
+    assert cfg.share_centroids is False  # the authors' code: one centroid set per layer
+    assert inspect.signature(kmeans.ema_update).parameters["decay"].default == 0.999
+    model = RoutingTransformerLM(ModelConfig(vocab_size=16, dim=16, depth=1, heads=2))
+    local = model.layers[0].attn.local
+    assert local.rel_k.shape == local.rel_v.shape == (2 * 513 + 1, 8)  # separate key and value tables
+    assert local.rel_k is not local.rel_v

@@ -80,3 +80,40 @@ def test_auto_backend_sends_unsupported_inputs_to_the_reference(monkeypatch):
     assert not _use_triton("reference", fake(torch.float32, 64), fake(torch.float32, 64))
     cpu = types.SimpleNamespace(is_cuda=False, dtype=torch.float32, shape=(1, 2, 8, 64))
     assert not _use_triton("auto", cpu, cpu)
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        # "meta" stands in for a second device on a CPU-only machine: the check runs before any math.
+        (lambda a: {**a, "k": a["k"].to("meta")}, "k is on meta but q is on cpu"),
+        (lambda a: {**a, "v": a["v"].to("meta")}, "v is on meta but q is on cpu"),
+        (lambda a: {**a, "centroids": a["centroids"].to("meta")}, "centroids are on meta but q is on cpu"),
+        (lambda a: {**a, "centroids": a["centroids"].long()}, "centroids must be floating point"),
+        (lambda a: {**a, "centroids": a["centroids"][0]}, "centroids must have shape"),
+        (lambda a: {**a, "centroids": a["centroids"][:, :0]}, "at least one cluster"),
+        (lambda a: {**a, "q": a["q"][:, :, :0], "k": a["k"][:, :, :0], "v": a["v"][:, :, :0]}, "T = 0"),
+        (lambda a: {**a, "v": a["v"].double()}, "v has dtype"),
+    ],
+)
+def test_routing_rejects_mismatched_devices_and_centroids(mutate, match):
+    q, k, v, c = _qkvc()
+    args = mutate(dict(q=q, k=k, v=v, centroids=c, window=4))
+    with pytest.raises(ValueError, match=match):
+        routing_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("centroids"), **args)
+
+
+def test_local_rejects_mismatched_devices_and_non_int_sizes():
+    q, k, v, _ = _qkvc()
+    with pytest.raises(ValueError, match="k is on meta but q is on cpu"):
+        local_attention(q, k.to("meta"), v, block=4, flange=2)
+    with pytest.raises(ValueError, match="k has dtype"):
+        local_attention(q, k.double(), v, block=4, flange=2)
+    with pytest.raises(ValueError, match="rel_v is on meta"):
+        local_attention(q, k, v, block=4, flange=2, rel_k=torch.randn(5, 8), rel_v=torch.randn(5, 8, device="meta"))
+    with pytest.raises(TypeError, match="flange must be an int"):
+        local_attention(q, k, v, block=4, flange=2.0)
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        local_attention(q, k, v, block=4, flange=2, causal=1)
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        routing_attention(q, k, v, torch.randn(2, 3, 8), window=4, causal=1)
