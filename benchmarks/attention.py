@@ -251,6 +251,28 @@ def profile(T):
         print(p.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
 
 
+def cpu_profile(T, iters=50):
+    """Where the host time of our eager forward+backward goes (cProfile, sorted by own time): below 32k
+    the GPU idles while Python launches kernels, so this is what the eager rows measure."""
+    import cProfile
+    import pstats
+
+    q, k, v, dout, centroids = _inputs(T)
+    for assign in ("topk", "nearest"):
+        f = _ours(assign)(T, centroids)
+        for _ in range(3):
+            f(q, k, v).backward(dout)
+        torch.cuda.synchronize()
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(iters):
+            f(q, k, v).backward(dout)
+        torch.cuda.synchronize()
+        pr.disable()
+        print(f"== host profile {assign} T={T} ({iters} fwd+bwd; times are per {iters} iterations)")
+        pstats.Stats(pr).sort_stats("tottime").print_stats(22)
+
+
 def sweep(T):
     """Tile configurations of the attention kernels at one T: kernel-only times per config."""
     from routeformer.ops.routing import triton_ops as TO
@@ -359,6 +381,7 @@ def main(argv=None):
     p.add_argument("--md", default="", help="write the markdown table here")
     p.add_argument("--profile", type=int, default=0, help="only print a kernel breakdown of ours at this T")
     p.add_argument("--sweep", type=int, default=0, help="only time tile configurations at this T")
+    p.add_argument("--cpu-profile", type=int, default=0, help="only profile the host time of ours at this T")
     p.add_argument("--topk-select", default="groups", choices=("groups", "full"),
                    help="how our topk assignment finds the W-th score (triton_ops.TOPK_SELECT)")
     args = p.parse_args(argv)
@@ -367,7 +390,9 @@ def main(argv=None):
     TO.TOPK_SELECT = args.topk_select
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention.py needs a CUDA device")
-    if args.profile or args.sweep:
+    if args.profile or args.sweep or args.cpu_profile:
+        if args.cpu_profile:
+            cpu_profile(args.cpu_profile)
         if args.profile:
             profile(args.profile)
         if args.sweep:

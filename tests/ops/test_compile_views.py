@@ -56,6 +56,7 @@ def test_assignment_ops_fake_matches_real():
     (x, _, _) = _t(_views(2, T=40))
     centroids = torch.randn(2, 3, 16)
     torch.library.opcheck(S.fused_scores, (x, centroids))
+    torch.library.opcheck(S.fused_scores, (x, centroids, 1, 2))
     torch.library.opcheck(S.fused_argmax, (x, centroids))
     s_t, gmax = S.fused_scores(x, centroids)
     groups = R.select_top(gmax, 2)

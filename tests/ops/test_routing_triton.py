@@ -231,7 +231,9 @@ def test_topk_index_both_selectors_with_signed_zeros(monkeypatch, group):
 @gpu
 @needs_cuda
 def test_group_select_equals_full_sort_gpu():
-    """At real sizes the first stage runs (T / 16 groups > W): same positions as the stable sort."""
+    """At real sizes the first stage runs (T / 16 groups > W): same positions as the stable sort. bf16,
+    D = 64 scores 32 clusters a pass (TO.cluster_chunk), so the 40 clusters take two passes, whose
+    scores must be the bits of the whole-C launch the reference takes."""
     from routeformer.ops.routing.scores import assignment_scores
 
     x = torch.randn(2, 4, 20000, 64, device="cuda", dtype=torch.bfloat16)
@@ -239,6 +241,33 @@ def test_group_select_equals_full_sort_gpu():
     centroids = torch.randn(4, 40, 64, device="cuda")
     expected = topk_positions(assignment_scores(x, centroids).transpose(2, 3), 500)
     assert torch.equal(TO.topk_index(x, centroids, 500).long(), expected)
+
+
+def test_cluster_passes_equal_one_pass(monkeypatch):
+    """Scoring the clusters in passes (fused kernel, interpreter) selects what one pass selects."""
+    from routeformer.ops.routing import scores
+    from routeformer.ops.routing._score_kernels import fused_scores, tiles
+
+    monkeypatch.setattr(scores, "use_fused", lambda x: True)
+    monkeypatch.setattr(scores, "GROUP", 4)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 2, 150, 24, generator=g).to(torch.bfloat16)
+    x[:, :, 90:110] = x[:, :, 7:8]  # exact ties
+    centroids = torch.randn(2, 40, 24, generator=g)
+    block_c = tiles(x)[1]
+    assert TO.cluster_chunk(x, 40) == block_c  # 24 * 2 / 4 = 12 clusters, rounded up to one tile
+    whole_scores = fused_scores(x, centroids)[0]
+    for c0 in range(0, 40, block_c):
+        part = fused_scores(x, centroids, c0, min(block_c, 40 - c0))[0]
+        assert torch.equal(part, whole_scores[:, :, c0:c0 + block_c])
+    expected = topk_positions(whole_scores.transpose(2, 3), 9)
+    got = TO.topk_index(x, centroids, 9)
+    monkeypatch.setattr(TO, "CLUSTER_CHUNK", 64)
+    assert TO.cluster_chunk(x, 40) == 40
+    assert torch.equal(got, TO.topk_index(x, centroids, 9))
+    assert torch.equal(got.long(), expected)
+    with pytest.raises(ValueError, match="clusters"):
+        fused_scores(x, centroids, 40, 1)
 
 
 @pytest.mark.parametrize("one_kernel", [True, False])

@@ -209,7 +209,8 @@ def _bwd_dkdv_kernel(
 ):
     """dk, dv per slot tile, looping over the contiguous entry range [QLO, QHI) that attends it.
 
-    ADD_DK (shared QK, DIRECT): DK already holds dq at these positions; add dk to it.
+    ADD_DK (shared QK): DK is the dq buffer, which holds dq at these rows (token positions if DIRECT,
+    else entries, which are the slots); add dk to it, so one rounding covers dq + dk.
     """
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -271,12 +272,12 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _combine_kernel(
-    X, X2, PERM, ROWPTR, LO, HI, Y, INV_N,
+    X, PERM, ROWPTR, LO, HI, Y, INV_N,
     sxb, sxh, sxe, syb, syh, syt,
     H, T, E, D,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, TWO: tl.constexpr, MEAN: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, MEAN: tl.constexpr,
 ):
-    """Y[t] = sum of X[e] (+ X2[e]) over the entries e at position t, via a position-sorted PERM.
+    """Y[t] = sum of X[e] over the entries e at position t, via a position-sorted PERM.
 
     MEAN (forward scatter-mean): divide by the number of entries that had a key (HI > LO) and store
     that inverse count in INV_N for the backward; tokens no cluster gave a key get 0.
@@ -298,14 +299,11 @@ def _combine_kernel(
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     nk = tl.zeros([BLOCK_T], dtype=tl.float32)
     xbase = X + b * sxb + h * sxh
-    x2base = X2 + b * sxb + h * sxh
     for j in range(0, tl.max(cnt, axis=0)):
         has = j < cnt
         e = tl.load(PERM + ibase + start + j, mask=has, other=0).to(tl.int64)
         m2 = has[:, None] & dmask
         acc += tl.load(xbase + e[:, None] * sxe + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
-        if TWO:
-            acc += tl.load(x2base + e[:, None] * sxe + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
         if MEAN:
             lo = tl.load(LO + ibase + e, mask=has, other=0)
             hi = tl.load(HI + ibase + e, mask=has, other=0)

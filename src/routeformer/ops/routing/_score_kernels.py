@@ -19,13 +19,15 @@ TILES = {"cuda": (64, 32, 4), "cpu": (64, 16, 4)}
 @triton.jit
 def _scores_kernel(
     X, CENT, S_T, GMAX, AMAX,
-    sxb, sxh, sxt, H, T, C, D, G, eps,
+    sxb, sxh, sxt, H, T, C, C_BEGIN, C_COUNT, D, G, eps,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_SIZE: tl.constexpr,
     WRITE: tl.constexpr, ARGMAX: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One tile of BLOCK_T positions of one (batch, head) against all C centroids.
+    """One tile of BLOCK_T positions of one (batch, head) against centroids C_BEGIN .. C_BEGIN+C_COUNT-1.
 
-    WRITE: S_T (BH, C, T) float32 scores and GMAX (BH, C, G) the max over each GROUP_SIZE positions.
+    WRITE: S_T (BH, C_COUNT, T) float32 scores and GMAX (BH, C_COUNT, G) the max over each GROUP_SIZE
+    positions. A chunk that starts at a multiple of BLOCK_C runs exactly the tiles of the whole-C
+    launch, so its scores are the same bits (triton_ops.topk_index relies on it).
     ARGMAX: AMAX (BH, T) int64, the first cluster of highest score (torch.argmax's tie rule).
     PRECISION "tf32x3" on GPU: three tf32 tensor-core products, ~1e-7 relative error like fp32, while
     "ieee" fp32 dots ran at 12 TFLOP/s (0.74 ms at T=64k, H100), slower than the formula's matmul.
@@ -46,10 +48,11 @@ def _scores_kernel(
     xn = xc * (1.0 / tl.sqrt(var + eps))[:, None]
     best = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
     best_c = tl.zeros([BLOCK_T], dtype=tl.int32)
-    row0 = bh.to(tl.int64) * C
-    for c0 in range(0, C, BLOCK_C):
+    row0 = bh.to(tl.int64) * C_COUNT - C_BEGIN
+    c_end = C_BEGIN + C_COUNT
+    for c0 in range(C_BEGIN, c_end, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        cmask = offs_c < C
+        cmask = offs_c < c_end
         cent = tl.load(CENT + (h * C + offs_c[:, None]).to(tl.int64) * D + offs_d[None, :],
                        mask=cmask[:, None] & dmask[None, :], other=0.0)
         s = tl.dot(xn, tl.trans(cent), input_precision=PRECISION)
@@ -71,41 +74,57 @@ def _scores_kernel(
         tl.store(AMAX + bh.to(tl.int64) * T + offs_t, best_c.to(tl.int64), mask=tmask)
 
 
-def _launch(x: torch.Tensor, centroids: torch.Tensor, write: bool, argmax: bool):
+def tiles(x: torch.Tensor) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_C, warps) the kernel runs with for x."""
+    block_t, block_c, warps = TILES["cuda" if x.is_cuda else "cpu"]
+    if x.shape[-1] > 128:  # keep the (BLOCK_T x D) and (BLOCK_C x D) fp32 tiles in registers
+        block_t, block_c = min(block_t, 32), min(block_c, 32)
+    return block_t, block_c, warps
+
+
+def _launch(x: torch.Tensor, centroids: torch.Tensor, write: bool, argmax: bool, c_begin: int = 0,
+            c_count: int | None = None):
     B, H, T, D = x.shape
     C = centroids.shape[1]
+    c_count = C - c_begin if c_count is None else c_count
     if x.stride(-1) != 1:
         x = x.contiguous()
     cent = centroids.float().contiguous()
     G = triton.cdiv(T, scores.GROUP)
     dev = x.device
-    s_t = torch.empty((B, H, C, T) if write else (0,), dtype=torch.float32, device=dev)
-    gmax = torch.empty((B, H, C, G) if write else (0,), dtype=torch.float32, device=dev)
+    s_t = torch.empty((B, H, c_count, T) if write else (0,), dtype=torch.float32, device=dev)
+    gmax = torch.empty((B, H, c_count, G) if write else (0,), dtype=torch.float32, device=dev)
     amax = torch.empty((B, H, T) if argmax else (0,), dtype=torch.int64, device=dev)
     block_d = max(16, triton.next_power_of_2(D))
-    block_t, block_c, warps = TILES["cuda" if x.is_cuda else "cpu"]
-    if block_d > 128:  # keep the (BLOCK_T x D) and (BLOCK_C x D) fp32 tiles in registers
-        block_t, block_c = min(block_t, 32), min(block_c, 32)
+    block_t, block_c, warps = tiles(x)
     grid = (triton.cdiv(T, block_t), B * H)
-    _scores_kernel[grid](x, cent, s_t, gmax, amax, x.stride(0), x.stride(1), x.stride(2), H, T, C, D, G, _EPS,
+    _scores_kernel[grid](x, cent, s_t, gmax, amax, x.stride(0), x.stride(1), x.stride(2), H, T, C, c_begin,
+                         c_count, D, G, _EPS,
                          BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_D=block_d, GROUP_SIZE=scores.GROUP,
                          WRITE=write, ARGMAX=argmax, PRECISION="tf32x3" if x.is_cuda else "ieee", num_warps=warps)
     return s_t, gmax, amax
 
 
 @torch.library.custom_op("routeformer::fused_scores", mutates_args=())
-def fused_scores(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (B, H, T, D), centroids (H, C, D) -> (scores (B, H, C, T), group maxima (B, H, C, G)), float32."""
-    s_t, gmax, _ = _launch(x, centroids, write=True, argmax=False)
+def fused_scores(x: torch.Tensor, centroids: torch.Tensor, c_begin: int = 0, c_count: int = -1
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, H, T, D), centroids (H, C, D) -> (scores (B, H, C', T), group maxima (B, H, C', G)), float32,
+    for the C' = c_count clusters from c_begin on (c_count -1: all the rest). A c_begin that is a
+    multiple of `tiles(x)[1]` gives the same bits as the matching rows of the whole-C call."""
+    C = centroids.shape[1]
+    if not (0 <= c_begin < C and (c_count == -1 or 1 <= c_count <= C - c_begin)):
+        raise ValueError(f"fused_scores: clusters [{c_begin}, {c_begin} + {c_count}) are not inside [0, {C})")
+    s_t, gmax, _ = _launch(x, centroids, write=True, argmax=False, c_begin=c_begin,
+                           c_count=None if c_count == -1 else c_count)
     return s_t, gmax
 
 
 @fused_scores.register_fake
-def _(x, centroids):
+def _(x, centroids, c_begin=0, c_count=-1):
     B, H, T, _ = x.shape
-    C = centroids.shape[1]
+    n = centroids.shape[1] - c_begin if c_count == -1 else c_count
     G = (T + scores.GROUP - 1) // scores.GROUP
-    return x.new_empty((B, H, C, T), dtype=torch.float32), x.new_empty((B, H, C, G), dtype=torch.float32)
+    return x.new_empty((B, H, n, T), dtype=torch.float32), x.new_empty((B, H, n, G), dtype=torch.float32)
 
 
 @torch.library.custom_op("routeformer::fused_argmax", mutates_args=())

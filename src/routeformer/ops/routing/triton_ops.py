@@ -145,6 +145,37 @@ def select_top(rows: torch.Tensor, w: int) -> torch.Tensor:
 # rows of T scores (3.0 ms at T=64k), kept for comparison in benchmarks/attention.py --sweep.
 TOPK_SELECT = "groups"
 
+# Clusters scored per pass of topk_index; None: as many as keep the float32 scores of one pass no
+# larger than x itself (see cluster_chunk). Tests set a small number to exercise several passes.
+CLUSTER_CHUNK: int | None = None
+
+
+def cluster_chunk(x: torch.Tensor, C: int) -> int:
+    """Clusters per scoring pass: the (B, H, C, T) float32 scores grow as T^2 / W (256 MiB at T = 64k,
+    H = 8, W = 512, 4x the bf16 input), so topk_index scores the clusters in passes whose scores are at
+    most the size of x (D * itemsize / 4 clusters). Each pass starts at a multiple of the score
+    kernel's cluster tile, so it runs the very tiles of a whole-C launch and gets the same bits."""
+    from ._score_kernels import tiles
+
+    block_c = tiles(x)[1]
+    chunk = CLUSTER_CHUNK or (x.shape[-1] * x.element_size() // 4)
+    return min(C, max(block_c, chunk // block_c * block_c))
+
+
+def _select_from_scores(s_t: torch.Tensor, gmax: torch.Tensor | None, w: int) -> torch.Tensor:
+    """(B, H, C', T) float32 scores and their group maxima (None: computed here) -> (B, H, C', w)
+    int32 top-w positions; the two stages of topk_index."""
+    group = scores_mod.GROUP
+    T = s_t.shape[-1]
+    G = triton.cdiv(T, group)
+    if TOPK_SELECT == "full" or G <= w:
+        return select_top(s_t, w)
+    if gmax is None:
+        gmax = F.pad(s_t, (0, G * group - T), value=float("-inf")).unflatten(-1, (G, group)).amax(-1)
+    groups = select_top(gmax, w)
+    pick = select_top(_gather_groups(s_t, groups, group), w)
+    return groups.gather(-1, pick // group) * group + pick % group
+
 
 def topk_index(x: torch.Tensor, centroids: torch.Tensor, window: int) -> torch.Tensor:
     """(B, H, C, W) int32 positions, equal to assignment.topk_positions of the same scores.
@@ -153,22 +184,19 @@ def topk_index(x: torch.Tensor, centroids: torch.Tensor, window: int) -> torch.T
     the W groups with the highest maxima (ordering elements by (score, -position), as the reference's
     stable sort does, each group's maximum element is unique). Every element of another group has W
     larger elements (the W kept maxima), so the top W all lie in the kept groups: the second stage
-    takes the top W of those W*GROUP candidates, which sit in position order.
+    takes the top W of those W*GROUP candidates, which sit in position order. On CUDA the clusters
+    are scored in passes of `cluster_chunk`, so the scores alive at once never outgrow x.
     """
-    group = scores_mod.GROUP
-    T = x.shape[2]
-    w = min(window, T)
-    if scores_mod.use_fused(x):
-        s_t, gmax = fused_scores(x, centroids)
-    else:  # the same scores as the reference (CPU, interpreter tests), group maxima in PyTorch
-        s_t = scores_mod.assignment_scores(x, centroids, fused=False)
-        G = triton.cdiv(T, group)
-        gmax = F.pad(s_t, (0, G * group - T), value=float("-inf")).unflatten(-1, (G, group)).amax(-1)
-    if TOPK_SELECT == "full" or gmax.shape[-1] <= w:
-        return select_top(s_t, w)
-    groups = select_top(gmax, w)
-    pick = select_top(_gather_groups(s_t, groups, group), w)
-    return groups.gather(-1, pick // group) * group + pick % group
+    w = min(window, x.shape[2])
+    if not scores_mod.use_fused(x):
+        # The formula path (CPU, interpreter tests) scores all clusters in one matmul, as the
+        # reference does: a matmul over fewer columns may round differently.
+        return _select_from_scores(scores_mod.assignment_scores(x, centroids, fused=False), None, w)
+    C = centroids.shape[1]
+    chunk = cluster_chunk(x, C)
+    parts = [_select_from_scores(*fused_scores(x, centroids, c0, min(chunk, C - c0)), w)
+             for c0 in range(0, C, chunk)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,15 +254,15 @@ def _s4(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _combine(x, x2, perm, rowptr, lo, hi, T, mean, out_dtype):
+def _combine(x, perm, rowptr, lo, hi, T, mean, out_dtype):
     B, H, E, Dx = x.shape
     y = _new((B, H, T, Dx), out_dtype, x.device)
     inv_n = _new((B * H, T), torch.float32, x.device) if mean else y
     block_t, warps = _cfg(x, "combine")
     grid = (triton.cdiv(T, block_t), B * H)
-    K._combine_kernel[grid](x, x if x2 is None else x2, perm, rowptr, lo, hi, y, inv_n,
+    K._combine_kernel[grid](x, perm, rowptr, lo, hi, y, inv_n,
                             *_s4(x), *_s4(y), H, T, E, Dx,
-                            BLOCK_T=block_t, BLOCK_D=_pow2(Dx), TWO=x2 is not None, MEAN=mean, num_warps=warps)
+                            BLOCK_T=block_t, BLOCK_D=_pow2(Dx), MEAN=mean, num_warps=warps)
     return y, (inv_n if mean else None)
 
 
@@ -279,7 +307,7 @@ def _routing_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.
         o_ph, n_ph, p_ph, r_ph = _placeholders(q)
         return o_e, o_ph, lse, n_ph, p_ph, r_ph
     perm, rowptr = _inverse(qpos, T)
-    out, inv_n = _combine(o_e, None, perm, rowptr, lo, hi, T, True, q.dtype)
+    out, inv_n = _combine(o_e, perm, rowptr, lo, hi, T, True, q.dtype)
     return out, o_e, lse, inv_n, perm, rowptr
 
 
@@ -329,29 +357,35 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     s1 = torch.clamp(s0 + bn, max=S)
     qlo = torch.searchsorted(hi, s0.expand(B * H, nt).contiguous(), right=True, out_int32=True)
     qhi = torch.searchsorted(lo, s1.expand(B * H, nt).contiguous(), right=False, out_int32=True)
+    # Shared QK: entry e and slot e are the same (cluster, rank) or token, so the dk/dv kernel adds
+    # dk into the dq buffer in place and one buffer holds the whole gradient of q.
     if direct:
         dk = dq if shared else _new((B, H, T, D), q.dtype, dev)
         dv = _new((B, H, T, Dv), q.dtype, dev)
     else:
-        dk = _new((B, H, S, D), part, dev)
+        dk = dq if shared else _new((B, H, S, D), part, dev)
         dv = _new((B, H, S, Dv), part, dev)
     K._bwd_dkdv_kernel[(nt, B * H)](
         q, k, v, dout, lse, inv, delta, qpos, lo, hi, kpos, qlo, qhi, dk, dv,
         *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(dk), *_s4(dv),
         H, T, E, S, nt, D, Dv, scale, sl2,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
-        DIRECT=direct, ADD_DK=direct and shared, PRECISION=prec, num_warps=warps, num_stages=stages)
+        DIRECT=direct, ADD_DK=shared, PRECISION=prec, num_warps=warps, num_stages=stages)
     empty = q.new_empty(0)
     if direct:
         return dq, (empty if shared else dk), dv
+    # Each per-entry buffer is dropped as soon as it is summed per token, so that the partials and the
+    # summed gradients are never all alive at once (peak memory).
     kperm, krowptr = (perm, rowptr) if shared else _inverse(kpos, T)
-    dv_t, _ = _combine(dv, None, kperm, krowptr, lo, hi, T, False, q.dtype)
+    dq_t = _combine(dq, perm, rowptr, lo, hi, T, False, q.dtype)[0]
+    del dq
     if shared:
-        dq_t, _ = _combine(dq, dk, perm, rowptr, lo, hi, T, False, q.dtype)
+        del dk  # the same buffer as dq
+    dv_t = _combine(dv, kperm, krowptr, lo, hi, T, False, q.dtype)[0]
+    del dv
+    if shared:
         return dq_t, empty, dv_t
-    dq_t, _ = _combine(dq, None, perm, rowptr, lo, hi, T, False, q.dtype)
-    dk_t, _ = _combine(dk, None, kperm, krowptr, lo, hi, T, False, q.dtype)
-    return dq_t, dk_t, dv_t
+    return dq_t, _combine(dk, kperm, krowptr, lo, hi, T, False, q.dtype)[0], dv_t
 
 
 @_routing_bwd.register_fake
