@@ -30,12 +30,12 @@ def test_local_ops_fake_matches_real():
     rel = torch.randn(2 * 5 + 1, 16)
     for rk, rv in ((None, None), (rel, rel.clone())):
         args = (q, k, v, rk, rv, 8, 8, True, 0.25)
-        torch.library.opcheck(L.local_attn_fwd, args)
+        torch.library.opcheck(L.local_attn_fwd.op, args)
         out, lse = L.local_attn_fwd(*args)
         dout = torch.randn(1, 24, 2, 16).transpose(1, 2)
-        torch.library.opcheck(L.local_attn_bwd, (dout, q, k, v, out, lse, rk, rv, 8, 8, True, 0.25))
+        torch.library.opcheck(L.local_attn_bwd.op, (dout, q, k, v, out, lse, rk, rv, 8, 8, True, 0.25))
         if rk is not None:
-            torch.library.opcheck(L.local_attn_rel_bwd, (dout, q, k, v, out, lse, rk, rv, 8, 8, True, 0.25))
+            torch.library.opcheck(L.local_attn_rel_bwd.op, (dout, q, k, v, out, lse, rk, rv, 8, 8, True, 0.25))
 
 
 @pytest.mark.parametrize("assign,shared", [("topk", False), ("topk", True), ("nearest", True), ("nearest", False)])
@@ -45,27 +45,27 @@ def test_routing_ops_fake_matches_real(assign, shared):
     centroids = torch.randn(2, 3, 16)
     idx = R.routing_indices(q, k, centroids, 8, True, assign)
     args = (q, k, v, *idx, 0.25, assign == "nearest", shared)
-    torch.library.opcheck(R._routing_fwd, args)
+    torch.library.opcheck(R._routing_fwd.op, args)
     saved = R._routing_fwd(*args)
     dout = torch.randn(1, 24, 2, 16).transpose(1, 2)
-    torch.library.opcheck(R._routing_bwd, (dout, q, k, v, saved[0], saved[1], saved[2], saved[3], *idx,
+    torch.library.opcheck(R._routing_bwd.op, (dout, q, k, v, saved[0], saved[1], saved[2], saved[3], *idx,
                                            saved[4], saved[5], 0.25, assign == "nearest", shared))
 
 
 def test_assignment_ops_fake_matches_real():
     (x, _, _) = _t(_views(2, T=40))
     centroids = torch.randn(2, 3, 16)
-    torch.library.opcheck(S.fused_scores, (x, centroids))
-    torch.library.opcheck(S.fused_scores, (x, centroids, 1, 2))
-    torch.library.opcheck(S.fused_argmax, (x, centroids))
+    torch.library.opcheck(S.fused_scores.op, (x, centroids))
+    torch.library.opcheck(S.fused_scores.op, (x, centroids, 1, 2))
+    torch.library.opcheck(S.fused_argmax.op, (x, centroids))
     s_t, gmax = S.fused_scores(x, centroids)
     groups = R.select_top(gmax, 2)
-    torch.library.opcheck(R._gather_groups, (s_t, groups, 16))
+    torch.library.opcheck(R._gather_groups.op, (s_t, groups, 16))
     top = s_t.topk(5, dim=-1).values
     kth = top.amin(-1).contiguous()
     need = (top == kth[..., None]).sum(-1, dtype=torch.int32).contiguous()
-    torch.library.opcheck(R._topk_compact, (s_t, kth, need, 5))
-    torch.library.opcheck(R._select_rows, (s_t, 5))
+    torch.library.opcheck(R._topk_compact.op, (s_t, kth, need, 5))
+    torch.library.opcheck(R._select_rows.op, (s_t, 5))
 
 
 @pytest.mark.parametrize("op", ["local", "routing"])

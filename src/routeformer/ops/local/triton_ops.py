@@ -5,7 +5,7 @@ Legend: B batch, H heads, T tokens, D head dim (Dv for values), M max relative d
 Layers (each knows only the one below): kernels in triton_kernels.py; `_launch_*` check shapes and
 pick tiles; `routeformer::local_attn_fwd` / `_bwd` / `_rel_bwd` are torch.library.custom_op ops
 with fake (meta) implementations, so torch.compile keeps them in the graph as opaque calls with no
-graph break (triton_op would let inductor look inside, but it cannot be traced under the CPU
+graph break (eager calls skip the dispatcher: ops/_dispatch.py) (triton_op would let inductor look inside, but it cannot be traced under the CPU
 interpreter, where the tests run); `register_autograd` ties them together; `local_attention_triton` is what the dispatcher in __init__.py calls (already validated).
 No host synchronisation: every loop bound is computed from shapes or inside the kernels.
 """
@@ -18,6 +18,7 @@ import torch
 import triton
 
 from .._checks import TRITON_DTYPES
+from .._dispatch import custom_op, with_autograd
 from .triton_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_rel_kernel, _fwd_kernel
 
 __all__ = ["local_attention_triton", "TILE_OVERRIDES"]
@@ -84,7 +85,7 @@ def _rel_args(rel_k, rel_v, q):
     return (q, q) if rel_k is None else (rel_k.contiguous(), rel_v.contiguous())
 
 
-@torch.library.custom_op("routeformer::local_attn_fwd", mutates_args=())
+@custom_op("routeformer::local_attn_fwd")
 def local_attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_k: torch.Tensor | None, rel_v: torch.Tensor | None,
     block: int, flange: int, causal: bool, scale: float,
@@ -107,7 +108,7 @@ def local_attn_fwd(
     return out, lse
 
 
-@torch.library.custom_op("routeformer::local_attn_bwd", mutates_args=())
+@custom_op("routeformer::local_attn_bwd")
 def local_attn_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     rel_k: torch.Tensor | None, rel_v: torch.Tensor | None, block: int, flange: int, causal: bool, scale: float,
@@ -136,7 +137,7 @@ def local_attn_bwd(
     return dq, dk, dv
 
 
-@torch.library.custom_op("routeformer::local_attn_rel_bwd", mutates_args=())
+@custom_op("routeformer::local_attn_rel_bwd")
 def local_attn_rel_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     rel_k: torch.Tensor, rel_v: torch.Tensor, block: int, flange: int, causal: bool, scale: float,
@@ -171,18 +172,18 @@ def local_attn_rel_bwd(
     return d_rel_k.to(rel_k.dtype), d_rel_v.to(rel_v.dtype)
 
 
-@local_attn_fwd.register_fake
+@local_attn_fwd.op.register_fake
 def _fwd_fake(q, k, v, rel_k, rel_v, block, flange, causal, scale):
     return q.new_empty(*q.shape[:3], v.shape[3]), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@local_attn_bwd.register_fake
+@local_attn_bwd.op.register_fake
 def _bwd_fake(dout, q, k, v, out, lse, rel_k, rel_v, block, flange, causal, scale):
     # The real op returns fresh contiguous tensors; empty_like would keep a transposed input's strides.
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-@local_attn_rel_bwd.register_fake
+@local_attn_rel_bwd.op.register_fake
 def _rel_bwd_fake(dout, q, k, v, out, lse, rel_k, rel_v, block, flange, causal, scale):
     return rel_k.new_empty(rel_k.shape), rel_v.new_empty(rel_v.shape)
 
@@ -196,6 +197,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, _dlse):
+    if dout is None:  # only lse (not differentiable) was used
+        return (None,) * 9
     q, k, v, rel_k, rel_v, out, lse = ctx.saved_tensors
     dq, dk, dv = local_attn_bwd(dout, q, k, v, out, lse, rel_k, rel_v, *ctx.args)
     d_rel_k = d_rel_v = None
@@ -204,7 +207,7 @@ def _backward(ctx, dout, _dlse):
     return dq, dk, dv, d_rel_k, d_rel_v, None, None, None, None
 
 
-local_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+_local_attn = with_autograd(local_attn_fwd, _backward, _setup_context)
 
 
 def local_attention_triton(q, k, v, *, block, flange, causal, scale, rel_k=None, rel_v=None):
@@ -214,4 +217,4 @@ def local_attention_triton(q, k, v, *, block, flange, causal, scale, rel_k=None,
     _check(q, k, v, rel_k, rel_v)
     if not (isinstance(scale, float) and math.isfinite(scale)):
         raise ValueError(f"scale must be a finite float here, got {scale!r}")
-    return local_attn_fwd(q, k, v, rel_k, rel_v, block, flange, causal, scale)[0]
+    return _local_attn(q, k, v, rel_k, rel_v, block, flange, causal, scale)[0]

@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._dispatch import custom_op
 from . import scores  # scores.GROUP is read at each call so tests can shrink it
 
 _EPS = 1e-5  # kmeans.normalize's LayerNorm epsilon
@@ -105,7 +106,7 @@ def _launch(x: torch.Tensor, centroids: torch.Tensor, write: bool, argmax: bool,
     return s_t, gmax, amax
 
 
-@torch.library.custom_op("routeformer::fused_scores", mutates_args=())
+@custom_op("routeformer::fused_scores")
 def fused_scores(x: torch.Tensor, centroids: torch.Tensor, c_begin: int = 0, c_count: int = -1
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (B, H, T, D), centroids (H, C, D) -> (scores (B, H, C', T), group maxima (B, H, C', G)), float32,
@@ -119,7 +120,7 @@ def fused_scores(x: torch.Tensor, centroids: torch.Tensor, c_begin: int = 0, c_c
     return s_t, gmax
 
 
-@fused_scores.register_fake
+@fused_scores.op.register_fake
 def _(x, centroids, c_begin=0, c_count=-1):
     B, H, T, _ = x.shape
     n = centroids.shape[1] - c_begin if c_count == -1 else c_count
@@ -127,12 +128,12 @@ def _(x, centroids, c_begin=0, c_count=-1):
     return x.new_empty((B, H, n, T), dtype=torch.float32), x.new_empty((B, H, n, G), dtype=torch.float32)
 
 
-@torch.library.custom_op("routeformer::fused_argmax", mutates_args=())
+@custom_op("routeformer::fused_argmax")
 def fused_argmax(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """x (B, H, T, D), centroids (H, C, D) -> (B, H, T) int64 argmax cluster, no scores kept."""
     return _launch(x, centroids, write=False, argmax=True)[2]
 
 
-@fused_argmax.register_fake
+@fused_argmax.op.register_fake
 def _(x, centroids):
     return x.new_empty(x.shape[:3], dtype=torch.int64)

@@ -5,8 +5,8 @@ E query entries, S key slots per (batch, head) (topk: E = S = C*W; nearest: E = 
 
 Layers: `_kernels.py` (Triton) -> launchers here -> `torch.library.custom_op`s `routeformer::routing_fwd`
 and `routeformer::routing_bwd` tied together by `register_autograd` (so `torch.compile` treats the
-attention as one opaque op, no graph break) -> `routing_attention_triton`, called by
-`routeformer.ops.routing_attention` after validation.
+attention as one opaque op, no graph break; eager calls skip the dispatcher, see ops/_dispatch.py)
+-> `routing_attention_triton`, called by `routeformer.ops.routing_attention` after validation.
 
 The assignment takes its scores from scores.py like the reference does (same path for the same input)
 and applies the same tie rules, so the kernels attend the same (query, key) pairs as the reference. Nothing here synchronises with the host: grids
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import triton
 
 from .._checks import TRITON_DTYPES, TRITON_MAX_ROUTING_HEAD_DIM
+from .._dispatch import custom_op, with_autograd
 from . import _kernels as K
 from . import scores as scores_mod
 from ._score_kernels import fused_scores
@@ -74,7 +75,7 @@ def _pow2(n: int) -> int:
 # Assignment: exact top-W per cluster without a full sort.
 
 
-@torch.library.custom_op("routeformer::topk_compact", mutates_args=())
+@custom_op("routeformer::topk_compact")
 def _topk_compact(scores: torch.Tensor, kth: torch.Tensor, need: torch.Tensor, window: int) -> torch.Tensor:
     B, H, C, T = scores.shape
     out = _new((B, H, C, window), torch.int32, scores.device)
@@ -85,13 +86,13 @@ def _topk_compact(scores: torch.Tensor, kth: torch.Tensor, need: torch.Tensor, w
     return out
 
 
-@_topk_compact.register_fake
+@_topk_compact.op.register_fake
 def _(scores, kth, need, window):
     B, H, C, T = scores.shape
     return scores.new_empty((B, H, C, window), dtype=torch.int32)
 
 
-@torch.library.custom_op("routeformer::gather_groups", mutates_args=())
+@custom_op("routeformer::gather_groups")
 def _gather_groups(scores: torch.Tensor, groups: torch.Tensor, group: int) -> torch.Tensor:
     B, H, C, T = scores.shape
     W = groups.shape[-1]
@@ -102,13 +103,13 @@ def _gather_groups(scores: torch.Tensor, groups: torch.Tensor, group: int) -> to
     return cand
 
 
-@_gather_groups.register_fake
+@_gather_groups.op.register_fake
 def _(scores, groups, group):
     B, H, C, _ = scores.shape
     return scores.new_empty((B, H, C, groups.shape[-1] * group))
 
 
-@torch.library.custom_op("routeformer::select_rows", mutates_args=())
+@custom_op("routeformer::select_rows")
 def _select_rows(rows: torch.Tensor, w: int) -> torch.Tensor:
     B, H, C, L = rows.shape
     out = _new((B, H, C, w), torch.int32, rows.device)
@@ -118,7 +119,7 @@ def _select_rows(rows: torch.Tensor, w: int) -> torch.Tensor:
     return out
 
 
-@_select_rows.register_fake
+@_select_rows.op.register_fake
 def _(rows, w):
     return rows.new_empty((*rows.shape[:3], w), dtype=torch.int32)
 
@@ -292,7 +293,7 @@ def routing_indices(q, k, centroids, window: int, causal: bool, assign: str):
         return _nearest_indices(q, k, centroids, window)
 
 
-@torch.library.custom_op("routeformer::routing_fwd", mutates_args=())
+@custom_op("routeformer::routing_fwd")
 def _routing_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor, lo: torch.Tensor,
                  hi: torch.Tensor, kpos: torch.Tensor, scale: float, direct: bool, shared: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -311,7 +312,7 @@ def _routing_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.
     return out, o_e, lse, inv_n, perm, rowptr
 
 
-@_routing_fwd.register_fake
+@_routing_fwd.op.register_fake
 def _(q, k, v, qpos, lo, hi, kpos, scale, direct, shared):
     B, H, T, _ = q.shape
     Dv, E = v.shape[-1], qpos.shape[1]
@@ -324,7 +325,7 @@ def _(q, k, v, qpos, lo, hi, kpos, scale, direct, shared):
             q.new_empty((B * H, E), dtype=torch.int32), q.new_empty((B * H, T + 1), dtype=torch.int32))
 
 
-@torch.library.custom_op("routeformer::routing_bwd", mutates_args=())
+@custom_op("routeformer::routing_bwd")
 def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  o_e: torch.Tensor, lse: torch.Tensor, inv_n: torch.Tensor, qpos: torch.Tensor, lo: torch.Tensor,
                  hi: torch.Tensor, kpos: torch.Tensor, perm: torch.Tensor, rowptr: torch.Tensor, scale: float,
@@ -388,7 +389,7 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     return dq_t, _combine(dk, kperm, krowptr, lo, hi, T, False, q.dtype)[0], dv_t
 
 
-@_routing_bwd.register_fake
+@_routing_bwd.op.register_fake
 def _(dout, q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, perm, rowptr, scale, direct, shared):
     # The real op returns fresh contiguous tensors; empty_like would keep a transposed input's strides.
     return q.new_empty(q.shape), (q.new_empty(0) if shared else k.new_empty(k.shape)), v.new_empty(v.shape)
@@ -401,16 +402,19 @@ def _setup_context(ctx, inputs, output):
     ctx.scale, ctx.direct = scale, direct
     # Shared QK: one gradient (dq + dk), summed by the kernels instead of autograd.
     ctx.shared = shared
+    ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward(ctx, dout, *_unused):
+    if dout is None:  # only the non-differentiable outputs were used
+        return (None,) * 10
     q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, perm, rowptr = ctx.saved_tensors
     dq, dk, dv = _routing_bwd(dout, q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, perm, rowptr,
                               ctx.scale, ctx.direct, ctx.shared)
     return dq, (None if ctx.shared else dk), dv, None, None, None, None, None, None, None
 
 
-_routing_fwd.register_autograd(_backward, setup_context=_setup_context)
+_routing = with_autograd(_routing_fwd, _backward, _setup_context)
 
 
 def check_triton_inputs(q: torch.Tensor, v: torch.Tensor) -> None:
@@ -434,4 +438,4 @@ def routing_attention_triton(q, k, v, centroids, *, window, causal, assign, scal
     q, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, v))
     k = q if shared else (k if k.stride(-1) == 1 else k.contiguous())
     qpos, lo, hi, kpos = routing_indices(q, k, centroids, window, causal, assign)
-    return _routing_fwd(q, k, v, qpos, lo, hi, kpos, scale, assign == "nearest", shared)[0]
+    return _routing(q, k, v, qpos, lo, hi, kpos, scale, assign == "nearest", shared)[0]
