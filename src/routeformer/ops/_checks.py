@@ -5,6 +5,7 @@ argument and the fix, never a shape error from deep inside an einsum.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -74,3 +75,22 @@ def check_backend(backend: str) -> str:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Reference ops compute in float32 at least (float64 stays float64) and cast back."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def autocast_off(fn):
+    """Run fn with autocast disabled on its first argument's device.
+
+    The reference ops and the routing scores fix their own precision (float32 math, compute_dtype);
+    under torch.autocast their einsums would silently run in bf16/fp16, so the scores would select
+    other tokens than the specification says and scatter_add would meet mixed dtypes.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(x, *args, **kwargs):
+        device_type = x.device.type
+        if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return fn(x, *args, **kwargs)
+        return fn(x, *args, **kwargs)
+
+    return wrapper

@@ -31,6 +31,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ._checks import autocast_off
+
 UPDATE_VARIANTS = ("ratio", "normalized_mean")
 
 
@@ -40,6 +42,7 @@ def normalize(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return F.layer_norm(x, (x.shape[-1],), eps=eps)
 
 
+@autocast_off
 def routing_scores(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """x (B, H, T, D), centroids (H, C, D) -> scores (B, H, T, C) = centroids . LayerNorm(x)."""
     xn = normalize(x)
@@ -120,6 +123,7 @@ def commitment_loss(
     return (x_normed - chosen).pow(2).sum(-1).mean()
 
 
+@autocast_off
 def spherical_kmeans(
     x: torch.Tensor, num_clusters: int, *, iters: int = 10, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import compute_dtype
+from .._checks import autocast_off, compute_dtype
 from ..routing.reference import _gather_rows, _masked_softmax
 
 
@@ -26,6 +26,7 @@ def block_key_positions(T: int, block: int, flange: int, causal: bool, device) -
     return first + torch.arange(span, device=device)
 
 
+@autocast_off
 def local_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -3,13 +3,14 @@
 Legend: B batch, H heads, T tokens, D head dim (Dv for values), C clusters, W window.
 
 Memory is O(T * W) per (batch, head) when C * W ~ T: no T x T matrix is built. The attention math
-runs in float32 (float64 stays float64) and the result is cast back to the input dtype.
+runs in float32 (float64 stays float64), autocast or not, and the result is cast back to the input
+dtype.
 """
 from __future__ import annotations
 
 import torch
 
-from .._checks import compute_dtype
+from .._checks import autocast_off, compute_dtype
 from .assignment import NearestAssignment, TopkAssignment
 
 # Chunks bound the temporaries of one step; autograd still keeps what backward needs.
@@ -34,6 +35,7 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(2, flat).view(*index.shape, D)
 
 
+@autocast_off
 def topk_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -69,6 +71,7 @@ def topk_attention(
     return out / count.clamp_min(1.0)[..., None]
 
 
+@autocast_off
 def nearest_attention(
     q: torch.Tensor,
     k: torch.Tensor,
