@@ -6,6 +6,7 @@ ROUTEFORMER_DEMO_SECONDS changes the training time budget (default 120).
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -15,7 +16,7 @@ from .main import main as cli
 
 
 def _run(*argv: str) -> None:
-    print(f"\n$ routeformer {' '.join(argv)}", flush=True)
+    print(f"\n$ routeformer {shlex.join(argv)}", flush=True)  # quoted: each line can be pasted and run
     code = cli(list(argv))
     if code:
         sys.exit(code)

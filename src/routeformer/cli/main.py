@@ -23,10 +23,21 @@ train.max_steps moves the end of the cosine schedule, so the learning rates afte
 differ from those of a run that was given that max_steps from the start."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors as one line too (argparse prints the whole usage block before them).
+
+    Subparsers are made with the parser's own class, so every command's errors go through here.
+    """
+
+    def error(self, message: str):
+        message = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ..data.registry import DATASETS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="routeformer", description="Routing Transformer: prepare data, train, evaluate, sample, plot.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -99,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"routeformer {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            FloatingPointError) as err:
+    except (ValueError, TypeError, OSError, FloatingPointError) as err:
+        # OSError: a path that is a folder where a file is needed, unreadable, or on a full disk.
         if os.environ.get("ROUTEFORMER_DEBUG"):
             raise
         message = " ".join(str(err).split()) or type(err).__name__

@@ -67,8 +67,13 @@ def verify(path: str | os.PathLike, source: Source) -> None:
                 )
 
 
+# Some hosts (the Wikitext mirror among them) answer urllib's default "Python-urllib/3.x" with 403.
+USER_AGENT = "routeformer/0.1 (dataset download)"
+
+
 def _urlopen(url: str, timeout: float = 60.0):
-    return urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 (http(s) and file URLs by design)
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 (http(s) and file URLs by design)
 
 
 def fetch(source: Source, dest_dir: str | os.PathLike, *, from_file_hint: str = "--from-file PATH") -> Path:

@@ -16,7 +16,10 @@ from .download import Source, fetch
 from .stream import PreparedDataset
 
 MATT = "http://mattmahoney.net/dc/"
-WIKITEXT = "https://s3.amazonaws.com/research.metamind.io/wikitext/"
+# The original S3 bucket (s3.amazonaws.com/research.metamind.io/wikitext/) answers 403 since 2024; the
+# dataset author's own host serves the same archives. The checksums below are checked on every
+# download, so a file that differs is refused rather than used.
+WIKITEXT = "https://wikitext.smerity.com/"
 IMAGENET = "https://image-net.org/data/downsample/"
 
 SOURCES: dict[str, list[Source]] = {
@@ -66,6 +69,10 @@ DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (
 )}
 
 
+# Datasets whose --from-file is one file (a folder is an error, not something to read).
+_SINGLE_FILE = ("stdlib", "enwik8", "text8")
+
+
 def get_dataset_info(name: str) -> DatasetInfo:
     if name not in DATASETS:
         close = difflib.get_close_matches(name, list(DATASETS), n=3, cutoff=0.5)
@@ -107,8 +114,14 @@ def prepare(name: str, out: str | Path, *, from_file: str | Path | None = None,
         if max_bytes < 1:
             raise ValueError(f"--max-bytes must be a positive number of bytes, got {max_bytes}; leave it out "
                              f"for the default cap ({corpus.DEFAULT_MAX_BYTES:,})")
-    if from_file is not None and from_file.is_file() and from_file.stat().st_size == 0:
-        raise ValueError(f"--from-file {from_file} is empty")
+    if from_file is not None:
+        if not from_file.exists():
+            raise FileNotFoundError(f"--from-file {from_file} does not exist: check the path")
+        if from_file.is_dir() and name in _SINGLE_FILE:
+            raise ValueError(f"--from-file {from_file} is a directory, but {name} reads one file "
+                             f"({DATASETS[name].from_file}): pass that file")
+        if from_file.is_file() and from_file.stat().st_size == 0:
+            raise ValueError(f"--from-file {from_file} is empty")
     extra: dict = {"source": str(from_file) if from_file else "download"}
     if name == "stdlib":
         if from_file is not None:

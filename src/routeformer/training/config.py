@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import asdict, dataclass, field, fields
 
@@ -58,6 +59,11 @@ class TrainConfig:
                      "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("learning_rate", "min_lr_ratio", "weight_decay", "grad_clip", "time_budget_s"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"train.{name} must be a finite number, got {getattr(self, name)}")
+        if len(self.adam_betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
         for name in ("warmup_steps", "eval_every", "eval_tokens", "weight_decay", "grad_clip", "time_budget_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
@@ -137,12 +143,19 @@ def parse_value(text: str, annotation):
         try:
             return int(text)
         except ValueError:
+            pass
+        try:
             value = float(text)  # accepts 1e4; rejects 2.5 below
-            if not value.is_integer():
-                raise ValueError(f"expected an integer, got {text!r}") from None
-            return int(value)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {text!r}") from None
+        if not value.is_integer():
+            raise ValueError(f"expected an integer, got {text!r}")
+        return int(value)
     if annotation is float:
-        return float(text)
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"expected a number, got {text!r}") from None
     if annotation is str:
         return text
     raise TypeError(f"cannot parse a value of type {annotation}")
@@ -188,7 +201,8 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
         try:
             raw[section][name] = parse_value(text.strip(), hints[name])
         except ValueError as err:
-            raise ValueError(f"--set {key}={text}: {err} (the field's type is {hints[name]})") from None
+            kind = getattr(hints[name], "__name__", None) if typing.get_origin(hints[name]) is None else None
+            raise ValueError(f"--set {key}={text}: {err} (the field's type is {kind or hints[name]})") from None
         explicit.add((section, name))
     original = config.model
     for name, derive in _DERIVED.items():

@@ -1,7 +1,8 @@
 """Metrics: one JSON object per line in RUN_DIR/metrics.jsonl, optionally mirrored to TensorBoard.
 
 Training lines: {"step", "loss", "ce", "aux", "lr", "tokens_per_s", "elapsed_s"}; evaluation lines:
-{"step", "split", "eval_loss", <metric>}. `step` counts optimizer steps completed.
+{"step", "split", "eval_loss", <metric>}. `step` counts optimizer steps completed; `lr` is the learning
+rate that step's update used.
 """
 from __future__ import annotations
 

@@ -95,6 +95,8 @@ def _seed_everything(seed: int) -> None:
 def _prepare_run_dir(run_dir: Path, resume: bool) -> tuple[Path | None, bool]:
     """(the checkpoint to resume from, or None for a fresh run; whether a fresh run replaces one that
     stopped before its first checkpoint). Refuses to overwrite a run that has a checkpoint."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"{run_dir} is a file, not a run directory: choose another --out")
     existing = ckpt.list_checkpoints(run_dir)
     started = (run_dir / "config.json").exists()
     if resume:
@@ -249,6 +251,7 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overr
                 aux_sum += aux.detach().float() / cfg.grad_accum
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            step_lr = optimizer.param_groups[0]["lr"]  # the rate this update uses (logged with its step)
             optimizer.step()
             scheduler.step()
             model.update_centroids()
@@ -267,7 +270,7 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overr
                 ce_mean = sum(v[0] for v in values) / len(values)
                 aux_mean = sum(v[1] for v in values) / len(values)
                 metrics.write({"step": step, "loss": ce_mean + aux_mean, "ce": ce_mean, "aux": aux_mean,
-                               "lr": scheduler.get_last_lr()[0], "tokens_per_s": tps,
+                               "lr": step_lr, "tokens_per_s": tps,
                                "elapsed_s": now - started})
                 stop_if_not_finite(values)
                 if bar is not None:
@@ -276,7 +279,7 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overr
                     eta = (now - started) / (step - first_step) * (cfg.max_steps - step)
                     if cfg.time_budget_s:
                         eta = min(eta, max(0.0, cfg.time_budget_s - (now - started)))
-                    log(f"step {step}/{cfg.max_steps}  loss {ce_mean + aux_mean:.4f}  lr {scheduler.get_last_lr()[0]:.2e}"
+                    log(f"step {step}/{cfg.max_steps}  loss {ce_mean + aux_mean:.4f}  lr {step_lr:.2e}"
                         f"  {tps:,.0f} tok/s  elapsed {now - started:.0f}s  eta {eta:.0f}s")
                 pending.clear()
                 window_start, window_steps = now, 0
