@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Everything one GPU session measures, in one call (the device keeps nothing between calls):
+#   1. the GPU tests (kernels against the reference at real sizes),
+#   2. the host-time profile of our eager forward+backward (where the eager rows' time goes),
+#   3. the kernel-level profile at T = 64k,
+#   4. the full side-by-side benchmark (benchmarks/attention.py) as JSON and a markdown table.
+# Logs and results go to $OUT (or ./gpu_out). The PyPI peer is installed from .whl/ when present:
+#   python3 -m pip download --no-deps -d .whl routing-transformer==1.6.1 local-attention==1.4.4 \
+#       product-key-memory==0.1.11 mixture-of-experts==0.2.3
+# Usage: bash benchmarks/gpu_session.sh [--quick]   (--quick: T = 8k and 64k, no peer or FlexAttention)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-gpu_out}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"
+git log -1 --format='commit %h %s' 2>/dev/null | tee -a "$out/device.txt"
+
+python3 -m pytest -q -m gpu tests/ > "$out/gpu_tests.txt" 2>&1
+echo "gpu tests: $(tail -1 "$out/gpu_tests.txt")"
+python3 benchmarks/attention.py --cpu-profile 8192 > "$out/host_profile.txt" 2>&1
+python3 benchmarks/attention.py --profile 65536 > "$out/kernel_profile.txt" 2>&1
+if [[ "${1:-}" == "--quick" ]]; then
+    args=(--T 8192,65536 --rows "ours topk,ours nearest,dense,graph")
+else
+    args=()
+fi
+python3 benchmarks/attention.py "${args[@]}" --out "$out/bench.json" --md "$out/bench.md" > "$out/bench.log" 2>&1
+echo "benchmark exit $?"
+grep -E "passed|failed|error" "$out/gpu_tests.txt" | tail -3
+cat "$out/bench.md" 2>/dev/null || tail -20 "$out/bench.log"
