@@ -233,44 +233,37 @@ def _kernel_rows(T):
     return out
 
 
-def profile(T):
-    """Kernel-level breakdown of our forward and fwd+bwd (torch.profiler), printed as a table."""
-    from torch.profiler import ProfilerActivity, profile as prof
-
-    q, k, v, dout, centroids = _inputs(T)
-    for assign in ("topk", "nearest"):
-        f = _ours(assign)(T, centroids)
-        for _ in range(2):
-            f(q, k, v).backward(dout)
-        torch.cuda.synchronize()
-        with prof(activities=[ProfilerActivity.CUDA]) as p:
-            for _ in range(5):
-                f(q, k, v).backward(dout)
-            torch.cuda.synchronize()
-        print(f"== profile {assign} T={T} (5 fwd+bwd)")
-        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
-
-
-def cpu_profile(T, iters=50):
-    """Where the host time of our eager forward+backward goes (cProfile, sorted by own time): below 32k
-    the GPU idles while Python launches kernels, so this is what the eager rows measure."""
+def profile(T, host=False):
+    """Breakdown of our eager forward+backward per mode: the GPU kernels (torch.profiler, 5 iterations)
+    or, with host=True, where the host time goes (cProfile by own time, 50 iterations): below 32k the
+    GPU idles while Python launches kernels, and that is what the eager rows measure."""
     import cProfile
     import pstats
 
+    from torch.profiler import ProfilerActivity, profile as prof
+
     q, k, v, dout, centroids = _inputs(T)
+    iters = 50 if host else 5
     for assign in ("topk", "nearest"):
         f = _ours(assign)(T, centroids)
-        for _ in range(3):
-            f(q, k, v).backward(dout)
-        torch.cuda.synchronize()
-        pr = cProfile.Profile()
-        pr.enable()
-        for _ in range(iters):
-            f(q, k, v).backward(dout)
-        torch.cuda.synchronize()
-        pr.disable()
-        print(f"== host profile {assign} T={T} ({iters} fwd+bwd; times are per {iters} iterations)")
-        pstats.Stats(pr).sort_stats("tottime").print_stats(22)
+
+        def run(n):
+            for _ in range(n):
+                f(q, k, v).backward(dout)
+            torch.cuda.synchronize()
+
+        run(3)
+        print(f"== {'host ' if host else ''}profile {assign} T={T} ({iters} fwd+bwd)")
+        if host:
+            pr = cProfile.Profile()
+            pr.enable()
+            run(iters)
+            pr.disable()
+            pstats.Stats(pr).sort_stats("tottime").print_stats(22)
+        else:
+            with prof(activities=[ProfilerActivity.CUDA]) as p:
+                run(iters)
+            print(p.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
 
 
 def sweep(T):
@@ -392,7 +385,7 @@ def main(argv=None):
         sys.exit("benchmarks/attention.py needs a CUDA device")
     if args.profile or args.sweep or args.cpu_profile:
         if args.cpu_profile:
-            cpu_profile(args.cpu_profile)
+            profile(args.cpu_profile, host=True)
         if args.profile:
             profile(args.profile)
         if args.sweep:
