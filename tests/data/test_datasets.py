@@ -136,6 +136,24 @@ def test_prepare_downloads_the_canonical_source(tmp_path, monkeypatch):
         prepare("text8", tmp_path / "d2", cache=tmp_path / "cache")
 
 
+def test_downloaded_enwik8_must_have_the_published_md5(tmp_path, monkeypatch):
+    data = bytes(range(256)) * 4
+    with zipfile.ZipFile(tmp_path / "enwik8.zip", "w") as zf:
+        zf.writestr("enwik8", data)
+    size = (tmp_path / "enwik8.zip").stat().st_size
+    monkeypatch.setitem(registry.SOURCES, "enwik8", [Source((tmp_path / "enwik8.zip").as_uri(), "enwik8.zip",
+                                                            size=size)])
+    with pytest.raises(DownloadError, match="not the published a1fa5ffddb56f4953e226637dabbb36a"):
+        prepare("enwik8", tmp_path / "d", cache=tmp_path / "cache")
+    assert not (tmp_path / "d").exists()
+    monkeypatch.setitem(registry.CONTENT_MD5, "enwik8", hashlib.md5(data).hexdigest())
+    ds = PreparedDataset(prepare("enwik8", tmp_path / "d", cache=tmp_path / "cache"))
+    assert ds.split("train").tobytes() == data[:921]
+    # A file the user passes is theirs to choose ("any file: split 90/5/5"): no md5 demanded.
+    monkeypatch.setitem(registry.CONTENT_MD5, "enwik8", "0" * 32)
+    PreparedDataset(prepare("enwik8", tmp_path / "e", from_file=tmp_path / "enwik8.zip"))
+
+
 def test_pg19_download_path_with_a_fake_bucket(tmp_path, monkeypatch):
     from routeformer.data import pg19
 

@@ -6,13 +6,14 @@ the entry says so.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from . import corpus, images, pg19, text
-from .download import Source, fetch
+from .download import DownloadError, Source, fetch
 from .stream import PreparedDataset
 
 MATT = "http://mattmahoney.net/dc/"
@@ -23,8 +24,9 @@ WIKITEXT = "https://wikitext.smerity.com/"
 IMAGENET = "https://image-net.org/data/downsample/"
 
 SOURCES: dict[str, list[Source]] = {
-    # Sizes as in TensorFlow's word2vec tutorial (text8) and the HuggingFace enwik8 card; no published
-    # checksum was found for these two archives, so only the size is verified.
+    # Archive sizes as in TensorFlow's word2vec tutorial (text8) and the HuggingFace enwik8 card; no published
+    # checksum was found for these two archives, so their size is verified, and enwik8's extracted text
+    # against its published md5 (CONTENT_MD5).
     "enwik8": [Source(MATT + "enwik8.zip", "enwik8.zip", size=36445475, provenance="size only (HF dataset card)")],
     "text8": [Source(MATT + "text8.zip", "text8.zip", size=31344016, provenance="size only (TF word2vec tutorial)")],
     "wikitext103": [Source(WIKITEXT + "wikitext-103-v1.zip", "wikitext-103-v1.zip",
@@ -81,6 +83,19 @@ def get_dataset_info(name: str) -> DatasetInfo:
     return DATASETS[name]
 
 
+# Checksums of the extracted text where the page that hosts the archive publishes one: enwik8's
+# 100,000,000 bytes (mattmahoney.net/dc/textdata.html lists size, md5 and sha1). text8 has none.
+CONTENT_MD5 = {"enwik8": "a1fa5ffddb56f4953e226637dabbb36a"}
+
+
+def _verify_content(name: str, data: bytes) -> None:
+    expected = CONTENT_MD5.get(name)
+    if expected is not None and hashlib.md5(data).hexdigest() != expected:
+        raise DownloadError(f"the downloaded {name} has md5 {hashlib.md5(data).hexdigest()}, not the published "
+                            f"{expected}: delete the download and try again, or pass a copy you trust with "
+                            "--from-file")
+
+
 def _obtain(name: str, from_file: Path | None, cache: Path) -> list[Path]:
     if from_file is not None:
         if not from_file.exists():
@@ -135,7 +150,10 @@ def prepare(name: str, out: str | Path, *, from_file: str | Path | None = None,
     if from_file is None:
         extra["sources"] = [s.url for s in SOURCES.get(name, [])]
     if name in ("enwik8", "text8"):
-        return text.write_char_splits(out, name, text.read_member(paths[0], name), extra)
+        data = text.read_member(paths[0], name)
+        if from_file is None:
+            _verify_content(name, data)
+        return text.write_char_splits(out, name, data, extra)
     if name == "wikitext103":
         return text.write_wikitext_words(out, text.wikitext_files(paths[0], "tokens"), extra)
     if name == "wikitext103_bytes":
