@@ -16,6 +16,12 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_ROUTING_HEAD_DIM = 128  # the routing kernels keep a (rows x D) tile in registers
 
 
+def gpu_plan(t: torch.Tensor) -> bool:
+    """Whether a launcher picks GPU tiles, warps and precisions for t: on CUDA, and on the meta device,
+    where nothing runs and benchmarks/sm90_resources.py records what a GPU launch would be."""
+    return t.is_cuda or t.is_meta
+
+
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """q, k: (B, H, T, D); v: (B, H, T, Dv). Same dtype (floating) and device."""
     for name, t in (("q", q), ("k", k), ("v", v)):

@@ -17,7 +17,7 @@ import os
 import torch
 import triton
 
-from .._checks import TRITON_DTYPES
+from .._checks import TRITON_DTYPES, gpu_plan
 from .._dispatch import custom_op, with_autograd
 from .triton_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_rel_kernel, _fwd_kernel
 
@@ -41,7 +41,7 @@ def _pow2(n: int) -> int:
 
 def _tiles(kind: str, q: torch.Tensor, has_rel: bool) -> dict:
     """Tile shape and launch settings for one kernel. Small tiles under the CPU interpreter."""
-    if _interpreting() or not q.is_cuda:
+    if _interpreting() or not gpu_plan(q):
         cfg = dict(BM=16, BN=16, num_warps=4, num_stages=1)
     elif q.dtype == torch.float32:
         cfg = dict(BM=32, BN=32, num_warps=4, num_stages=2) if has_rel else dict(BM=64, BN=64, num_warps=4, num_stages=2)

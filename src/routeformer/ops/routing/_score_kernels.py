@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import gpu_plan
 from .._dispatch import custom_op
 from . import scores  # scores.GROUP is read at each call so tests can shrink it
 
@@ -77,7 +78,7 @@ def _scores_kernel(
 
 def tiles(x: torch.Tensor) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_C, warps) the kernel runs with for x."""
-    block_t, block_c, warps = TILES["cuda" if x.is_cuda else "cpu"]
+    block_t, block_c, warps = TILES["cuda" if gpu_plan(x) else "cpu"]
     if x.shape[-1] > 128:  # keep the (BLOCK_T x D) and (BLOCK_C x D) fp32 tiles in registers
         block_t, block_c = min(block_t, 32), min(block_c, 32)
     return block_t, block_c, warps
@@ -102,7 +103,7 @@ def _launch(x: torch.Tensor, centroids: torch.Tensor, write: bool, argmax: bool,
     _scores_kernel[grid](x, cent, s_t, gmax, amax, x.stride(0), x.stride(1), x.stride(2), H, T, C, c_begin,
                          c_count, D, G, _EPS,
                          BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_D=block_d, GROUP_SIZE=scores.GROUP,
-                         WRITE=write, ARGMAX=argmax, PRECISION="tf32x3" if x.is_cuda else "ieee", num_warps=warps)
+                         WRITE=write, ARGMAX=argmax, PRECISION="tf32x3" if gpu_plan(x) else "ieee", num_warps=warps)
     return s_t, gmax, amax
 
 

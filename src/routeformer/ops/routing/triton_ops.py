@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from .._checks import TRITON_DTYPES, TRITON_MAX_ROUTING_HEAD_DIM
+from .._checks import TRITON_DTYPES, TRITON_MAX_ROUTING_HEAD_DIM, gpu_plan
 from .._dispatch import custom_op, with_autograd
 from . import _kernels as K
 from . import scores as scores_mod
@@ -51,14 +51,14 @@ def _new(shape, dtype, device) -> torch.Tensor:
 
 
 def _cfg(t: torch.Tensor, name: str):
-    return CONFIG["cuda" if t.is_cuda else "cpu"][name]
+    return CONFIG["cuda" if gpu_plan(t) else "cpu"][name]
 
 
 def _precision(t: torch.Tensor) -> str:
     # fp32 inputs get full-precision dots; tf32 would miss the fp32 tolerance by ~1000x.
     if t.dtype == torch.float32:
         return "ieee"
-    return "tf32" if t.is_cuda else "upcast"  # see _kernels._dot
+    return "tf32" if gpu_plan(t) else "upcast"  # see _kernels._dot
 
 
 def _skip_empty(q, k, direct: bool) -> bool:
@@ -82,7 +82,7 @@ def _topk_compact(scores: torch.Tensor, kth: torch.Tensor, need: torch.Tensor, w
     block_c = 4
     grid = (B * H, triton.cdiv(C, block_c))
     K._topk_compact_kernel[grid](scores, kth, need, out, T, C, window,
-                                 BLOCK_T=256 if scores.is_cuda else 16, BLOCK_C=block_c, num_warps=4)
+                                 BLOCK_T=256 if gpu_plan(scores) else 16, BLOCK_C=block_c, num_warps=4)
     return out
 
 
@@ -97,7 +97,7 @@ def _gather_groups(scores: torch.Tensor, groups: torch.Tensor, group: int) -> to
     B, H, C, T = scores.shape
     W = groups.shape[-1]
     cand = _new((B, H, C, W * group), torch.float32, scores.device)
-    block_w = 64 if scores.is_cuda else 16
+    block_w = 64 if gpu_plan(scores) else 16
     K._gather_groups_kernel[(triton.cdiv(W, block_w), B * H * C)](scores, groups, cand, T, W,
                                                                    GROUP=group, BLOCK_W=block_w, num_warps=4)
     return cand
@@ -115,7 +115,7 @@ def _select_rows(rows: torch.Tensor, w: int) -> torch.Tensor:
     out = _new((B, H, C, w), torch.int32, rows.device)
     block = triton.next_power_of_2(L)
     K._select_rows_kernel[(B * H * C,)](rows, out, L, w, BLOCK_L=block,
-                                       num_warps=min(16, max(4, block // 512)) if rows.is_cuda else 4)
+                                       num_warps=min(16, max(4, block // 512)) if gpu_plan(rows) else 4)
     return out
 
 

@@ -1,0 +1,212 @@
+"""Compile every Triton kernel of the benchmark setting for sm_90 (H100 / H200) on this machine, no GPU
+needed, and report each one's registers, local memory (spills) and shared memory.
+
+    TRITON_INTERPRET=0 PYTHONPATH=src python benchmarks/sm90_resources.py [--T 65536] [--json FILE]
+
+The launchers run for real on meta tensors (shapes and dtypes, no data; ops._checks.gpu_plan makes
+them choose GPU tiles, warps and precisions for meta tensors), with every Triton kernel replaced by a
+recorder, so the recorded launches carry exactly the arguments, tile sizes, warps and stages a CUDA
+launch would get: routing topk and nearest (shared and separate keys)
+forward and backward, and local attention with and without Shaw tables (bf16, B=1, H=8, D=64,
+window 512; local block 256, flange 256). Each distinct launch is then compiled ahead of time with the
+installed Triton's own compiler and ptxas for sm_90a, and `cuobjdump --dump-resource-usage` reads
+the cubin. A compile error here is a compile error on the GPU (for this Triton version; the GPU image
+may carry another). What this cannot say is how fast anything runs.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+B, H, D, WINDOW, BLOCK, FLANGE = 1, 8, 64, 512, 256, 256
+_TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
+                 torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+
+
+class _Recorder:
+    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **kwargs)` records the launch."""
+
+    def __init__(self, fn, log: list):
+        self.fn, self.log = fn, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append((self.fn, args, kwargs))
+        return launch
+
+
+def _kernel_slots():
+    """(module, attribute) of every kernel object a launcher looks up at call time."""
+    from routeformer.ops.local import triton_ops as L
+    from routeformer.ops.routing import _kernels as K
+    from routeformer.ops.routing import _score_kernels as S
+
+    routing = [(K, n) for n in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_combine_kernel",
+                                "_topk_compact_kernel", "_gather_groups_kernel", "_select_rows_kernel")]
+    local = [(L, n) for n in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_rel_kernel")]
+    return routing + [(S, "_scores_kernel")] + local
+
+
+@contextlib.contextmanager
+def recording(log: list):
+    """Kernels replaced by recorders; the fused score kernel taken as on CUDA; separate keys told
+    apart by identity (meta tensors share data_ptr 0)."""
+    from routeformer.ops.routing import scores
+    from routeformer.ops.routing import triton_ops as TO
+
+    saved = [(m, n, getattr(m, n)) for m, n in _kernel_slots()]
+    kernels = len(saved)
+    saved += [(scores, "use_fused", scores.use_fused), (TO, "_skip_empty", TO._skip_empty)]
+    try:
+        for m, n, fn in saved[:kernels]:
+            setattr(m, n, _Recorder(fn, log))
+        scores.use_fused = lambda x: True
+        TO._skip_empty = lambda q, k, direct: direct and k is not q
+        yield
+    finally:
+        for m, n, fn in saved:
+            setattr(m, n, fn)
+
+
+def record_launches(T: int) -> list:
+    from routeformer.ops.local import triton_ops as L
+    from routeformer.ops.routing import triton_ops as TO
+
+    log: list = []
+    with recording(log):
+        mk = lambda *s, dtype=torch.bfloat16: torch.empty(*s, dtype=dtype, device="meta")  # noqa: E731
+        q, k, v, dout = (mk(B, H, T, D) for _ in range(4))
+        centroids = mk(H, max(1, T // WINDOW), D, dtype=torch.float32)
+        scale = D ** -0.5
+        for assign in ("topk", "nearest"):
+            for keys in (q, k):
+                shared = keys is q
+                idx = TO.routing_indices(q, keys, centroids, WINDOW, True, assign)
+                direct = assign == "nearest"
+                saved = TO._routing_fwd.impl(q, keys, v, *idx, scale, direct, shared)
+                TO._routing_bwd.impl(dout, q, keys, v, saved[0], saved[1], saved[2], saved[3], *idx,
+                                     saved[4], saved[5], scale, direct, shared)
+        rel = mk(2 * 513 + 1, D)
+        for rk, rv in ((None, None), (rel, rel)):
+            out, lse = L.local_attn_fwd.impl(q, k, v, rk, rv, BLOCK, FLANGE, True, scale)
+            L.local_attn_bwd.impl(dout, q, k, v, out, lse, rk, rv, BLOCK, FLANGE, True, scale)
+            if rk is not None:
+                L.local_attn_rel_bwd.impl(dout, q, k, v, out, lse, rk, rv, BLOCK, FLANGE, True, scale)
+    return log
+
+
+def _signature(fn, args, kwargs):
+    """The JIT's view of one launch: (signature, constexprs, attrs, options)."""
+    names = fn.arg_names
+    const_idx = set(fn.constexprs)
+    runtime = [n for i, n in enumerate(names) if i not in const_idx]
+    if len(args) > len(runtime):
+        raise ValueError(f"{fn.__name__}: constexprs passed by position are not supported here")
+    values = dict(zip(runtime, args))
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(names):
+        if i in const_idx:
+            signature[name] = "constexpr"
+            constexprs[name] = kwargs[name]
+            continue
+        value = values[name]
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TRITON_TYPES[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch's allocations are aligned
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}.{name}: cannot type {type(value).__name__}")
+    options = {"num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3)}
+    return signature, constexprs, attrs, options
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def compile_launch(fn, args, kwargs) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constexprs, attrs, options = _signature(fn, args, kwargs)
+    start = time.perf_counter()
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32), options=options)
+    seconds = time.perf_counter() - start
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+    res = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    flags = {k: v for k, v in constexprs.items() if not k.startswith("BLOCK") and k not in ("BM", "BN", "BD", "BDV")}
+    tiles = {k: v for k, v in constexprs.items() if k not in flags}
+    return {"kernel": fn.__name__, "module": fn.fn.__module__.rsplit(".", 2)[-2], "flags": flags, "tiles": tiles,
+            **options, "regs": int(res.get("REG", -1)), "local_bytes": int(res.get("LOCAL", 0)),
+            "stack_bytes": int(res.get("STACK", 0)), "shared_bytes": kernel.metadata.shared,
+            "compile_s": round(seconds, 2)}
+
+
+def distinct(log: list) -> list:
+    seen, out = set(), []
+    for fn, args, kwargs in log:
+        sig, consts, _, opts = _signature(fn, args, kwargs)
+        key = (fn.__name__, fn.fn.__module__, tuple(sig.items()), tuple(sorted(consts.items())), tuple(opts.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append((fn, args, kwargs))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--T", type=int, default=65536, help="sequence length of the recorded launches")
+    p.add_argument("--json", default="", help="write the rows here")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        sys.exit("run with TRITON_INTERPRET=0: the interpreter's kernels cannot be compiled")
+    launches = distinct(record_launches(args.T))
+    rows, failures = [], []
+    for fn, a, kw in launches:
+        try:
+            rows.append(compile_launch(fn, a, kw))
+        except Exception as err:  # one kernel's failure is a row, and the exit code says so
+            failures.append(f"{fn.fn.__module__}.{fn.__name__}: {type(err).__name__}: {str(err)[:300]}")
+    import triton
+
+    print(f"sm_90 resources, triton {triton.__version__}, T={args.T}, bf16 H={H} D={D} W={WINDOW}")
+    print("| module | kernel | flags | tiles | warps | stages | regs | local B | shared KiB |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['module']} | {r['kernel']} | {r['flags']} | {r['tiles']} | {r['num_warps']} | {r['num_stages']} "
+              f"| {r['regs']} | {r['local_bytes']} | {r['shared_bytes'] / 1024:.1f} |")
+    for f in failures:
+        print("FAILED", f)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"triton": triton.__version__, "T": args.T, "rows": rows,
+                                               "failures": failures}, indent=1))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
