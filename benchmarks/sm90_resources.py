@@ -10,7 +10,8 @@ launch would get: routing topk and nearest (shared and separate keys)
 forward and backward, and local attention with and without Shaw tables (bf16, B=1, H=8, D=64,
 window 512; local block 256, flange 256). Each distinct launch is then compiled ahead of time with the
 installed Triton's own compiler and ptxas for sm_90a, and `cuobjdump --dump-resource-usage` reads
-the cubin. A compile error here is a compile error on the GPU (for this Triton version; the GPU image
+the cubin (and the SASS, for Hopper's warpgroup MMA HGMMA against the older HMMA). A compile error
+here is a compile error on the GPU (for this Triton version; the GPU image
 may carry another). What this cannot say is how fast anything runs.
 """
 from __future__ import annotations
@@ -156,14 +157,17 @@ def compile_launch(fn, args, kwargs) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True,
-                               text=True, check=True).stdout
+        dump = lambda *flags: subprocess.run([_cuobjdump(), *flags, f.name], capture_output=True,  # noqa: E731
+                                             text=True, check=True).stdout
+        usage, sass = dump("--dump-resource-usage"), dump("-sass")
     res = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    # Hopper's warpgroup MMA (HGMMA) vs the older per-warp mma.sync (HMMA): HOPPER.md's first check.
+    mma = {op: len(re.findall(rf"\b{op}\.", sass)) for op in ("HGMMA", "HMMA")}
     flags = {k: v for k, v in constexprs.items() if not k.startswith("BLOCK") and k not in ("BM", "BN", "BD", "BDV")}
     tiles = {k: v for k, v in constexprs.items() if k not in flags}
     return {"kernel": fn.__name__, "module": fn.fn.__module__.rsplit(".", 2)[-2], "flags": flags, "tiles": tiles,
             **options, "regs": int(res.get("REG", -1)), "local_bytes": int(res.get("LOCAL", 0)),
-            "stack_bytes": int(res.get("STACK", 0)), "shared_bytes": kernel.metadata.shared,
+            "stack_bytes": int(res.get("STACK", 0)), "shared_bytes": kernel.metadata.shared, **mma,
             "compile_s": round(seconds, 2)}
 
 
@@ -195,11 +199,11 @@ def main(argv=None) -> int:
     import triton
 
     print(f"sm_90 resources, triton {triton.__version__}, T={args.T}, bf16 H={H} D={D} W={WINDOW}")
-    print("| module | kernel | flags | tiles | warps | stages | regs | local B | shared KiB |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|")
+    print("| module | kernel | flags | tiles | warps | stages | regs | local B | shared KiB | HGMMA / HMMA |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['module']} | {r['kernel']} | {r['flags']} | {r['tiles']} | {r['num_warps']} | {r['num_stages']} "
-              f"| {r['regs']} | {r['local_bytes']} | {r['shared_bytes'] / 1024:.1f} |")
+              f"| {r['regs']} | {r['local_bytes']} | {r['shared_bytes'] / 1024:.1f} | {r['HGMMA']} / {r['HMMA']} |")
     for f in failures:
         print("FAILED", f)
     if args.json:
