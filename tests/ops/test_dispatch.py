@@ -64,3 +64,9 @@ def test_fake_tensors_and_compile_go_through_the_op():
     f(x).sum().backward()
     torch.testing.assert_close(x.grad, torch.full((6,), 2.0))
     assert any("scale_pair" in str(n.target) for g in graphs for n in g.graph.nodes)
+
+
+def test_jit_trace_records_the_op():
+    traced = torch.jit.trace(lambda x: _scale_pair(x, 2.0)[0], torch.randn(3))
+    assert "routeformer_test::scale_pair" in str(traced.graph)
+    torch.testing.assert_close(traced(torch.ones(3)), torch.full((3,), 2.0))

@@ -15,8 +15,10 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
 def tracing() -> bool:
-    """True under torch.compile / export, and under any dispatch mode (fake tensors, make_fx)."""
-    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+    """True under torch.compile / export, any dispatch mode (fake tensors, make_fx) and torch.jit.trace:
+    whatever records ops must see the custom op, since it cannot see a Triton launch."""
+    return (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+            or torch.jit.is_tracing())
 
 
 class DualOp:
