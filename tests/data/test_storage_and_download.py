@@ -31,7 +31,7 @@ def test_downloads_send_a_user_agent(tmp_path, monkeypatch):
     assert seen == [download.USER_AGENT] and seen[0].startswith("routeformer/")
 
 
-def test_wikitext_comes_from_a_live_host_with_its_checksums():
+def test_wikitext_sources_avoid_the_dead_s3_bucket_and_keep_checksums():
     # s3.amazonaws.com/research.metamind.io answers 403 since 2024; the archives and checksums are unchanged.
     for name in ("wikitext103", "wikitext103_bytes"):
         (source,) = registry.SOURCES[name]
