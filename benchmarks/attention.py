@@ -16,6 +16,7 @@ assign% is the assignment's share of our forward time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -332,6 +333,48 @@ def sweep(T):
     return res
 
 
+AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through the dispatcher")
+
+
+@contextlib.contextmanager
+def _variant(name):
+    """One change since the b39427a H100 run switched back, to measure it alone (NOTES_routing.md v5)."""
+    from routeformer.ops import _dispatch
+    from routeformer.ops.routing import triton_ops as TO
+
+    saved = (TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing)
+    if name == "one scoring pass":
+        TO.CLUSTER_CHUNK = 1 << 30
+    elif name == "torch.topk select":
+        TO.SELECT_ROWS_MAX = 0
+    elif name == "through the dispatcher":
+        _dispatch.tracing = lambda: True  # eager calls take the custom ops, as before ops/_dispatch.py
+    try:
+        yield
+    finally:
+        TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing = saved
+
+
+def ab(Ts):
+    """Each recent change alone: eager fwd and fwd+bwd times and peaks of ours with it switched back."""
+    rows = []
+    for T in Ts:
+        for assign in ("topk", "nearest"):
+            for name in AB_VARIANTS:
+                if assign == "nearest" and name in ("one scoring pass", "torch.topk select"):
+                    continue  # nearest has no top-k
+                with _variant(name):
+                    r = _measure(f"ours {assign} / {name}", _ours(assign), T)
+                print(json.dumps(r), flush=True)
+                rows.append(r)
+    print("| T | variant | fwd ms | fwd+bwd ms | fwd MiB | fwd+bwd MiB |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['T']} | {r['name']} | {_fmt(r.get('fwd_ms'), '.3f')} | {_fmt(r.get('fwdbwd_ms'), '.3f')} "
+              f"| {_fmt(r.get('fwd_mib'), '.0f')} | {_fmt(r.get('fwdbwd_mib'), '.0f')} |")
+    return rows
+
+
 def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
@@ -375,6 +418,7 @@ def main(argv=None):
     p.add_argument("--profile", type=int, default=0, help="only print a kernel breakdown of ours at this T")
     p.add_argument("--sweep", type=int, default=0, help="only time tile configurations at this T")
     p.add_argument("--cpu-profile", type=int, default=0, help="only profile the host time of ours at this T")
+    p.add_argument("--ab", default="", help="only measure each recent change alone at these T (e.g. 8192,65536)")
     p.add_argument("--topk-select", default="groups", choices=("groups", "full"),
                    help="how our topk assignment finds the W-th score (triton_ops.TOPK_SELECT)")
     args = p.parse_args(argv)
@@ -383,6 +427,12 @@ def main(argv=None):
     TO.TOPK_SELECT = args.topk_select
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention.py needs a CUDA device")
+    if args.ab:
+        rows = ab([int(t) for t in args.ab.split(",")])
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump({"device": torch.cuda.get_device_name(), "ab": rows}, fh, indent=1)
+        return
     if args.profile or args.sweep or args.cpu_profile:
         if args.cpu_profile:
             profile(args.cpu_profile, host=True)

@@ -3,7 +3,8 @@
 #   1. the GPU tests (kernels against the reference at real sizes),
 #   2. the host-time profile of our eager forward+backward (where the eager rows' time goes),
 #   3. the kernel-level profile at T = 64k,
-#   4. the full side-by-side benchmark (benchmarks/attention.py) as JSON and a markdown table.
+#   4. each change since the last H100 table alone (attention.py --ab, NOTES_routing.md v5),
+#   5. the full side-by-side benchmark (benchmarks/attention.py) as JSON and a markdown table.
 # Logs and results go to $OUT (or ./gpu_out). The PyPI peer is installed from .whl/ when present:
 #   python3 -m pip download --no-deps -d .whl routing-transformer==1.6.1 local-attention==1.4.4 \
 #       product-key-memory==0.1.11 mixture-of-experts==0.2.3
@@ -24,6 +25,7 @@ python3 -m pytest -q -m gpu tests/ > "$out/gpu_tests.txt" 2>&1
 echo "gpu tests: $(tail -1 "$out/gpu_tests.txt")"
 python3 benchmarks/attention.py --cpu-profile 8192 > "$out/host_profile.txt" 2>&1
 python3 benchmarks/attention.py --profile 65536 > "$out/kernel_profile.txt" 2>&1
+python3 benchmarks/attention.py --ab 8192,65536 --out "$out/ab.json" > "$out/ab.txt" 2>&1
 if [[ "${1:-}" == "--quick" ]]; then
     args=(--T 8192,65536 --rows "ours topk,ours nearest,dense,graph")
 else
@@ -32,4 +34,5 @@ fi
 python3 benchmarks/attention.py "${args[@]}" --out "$out/bench.json" --md "$out/bench.md" > "$out/bench.log" 2>&1
 echo "benchmark exit $?"
 grep -E "passed|failed|error" "$out/gpu_tests.txt" | tail -3
+grep "^|" "$out/ab.txt"
 cat "$out/bench.md" 2>/dev/null || tail -20 "$out/bench.log"
