@@ -1,6 +1,7 @@
 # Two entry points: `make test` and `make demo`. Both create .venv and install into it.
 # torch is pinned exactly: on the project's machines torch==2.13.0 resolves to a local CPU wheel,
-# while a loose requirement would download GBs of CUDA packages.
+# while a loose requirement would download GBs of CUDA packages. triton is pinned too: the interpreter
+# and sm_90 compile tests run its compiler, and a new release must not turn CI red unannounced.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0 triton==3.9.0
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
