@@ -33,6 +33,7 @@ else
 fi
 python3 benchmarks/attention.py "${args[@]}" --out "$out/bench.json" --md "$out/bench.md" > "$out/bench.log" 2>&1
 echo "benchmark exit $?"
+python3 benchmarks/plot_results.py "$out/bench.json" "$out/bench.png" || true
 grep -E "passed|failed|error" "$out/gpu_tests.txt" | tail -3
 grep "^|" "$out/ab.txt"
 cat "$out/bench.md" 2>/dev/null || tail -20 "$out/bench.log"
