@@ -231,9 +231,7 @@ def test_topk_index_both_selectors_with_signed_zeros(monkeypatch, group):
 @gpu
 @needs_cuda
 def test_group_select_equals_full_sort_gpu():
-    """At real sizes the first stage runs (T / 16 groups > W): same positions as the stable sort. bf16,
-    D = 64 scores 32 clusters a pass (TO.cluster_chunk), so the 40 clusters take two passes, whose
-    scores must be the bits of the whole-C launch the reference takes."""
+    """At real sizes the first stage runs (T / 16 groups > W): same positions as the stable sort."""
     from routeformer.ops.routing.scores import assignment_scores
 
     x = torch.randn(2, 4, 20000, 64, device="cuda", dtype=torch.bfloat16)
@@ -255,7 +253,7 @@ def test_cluster_passes_equal_one_pass(monkeypatch):
     x[:, :, 90:110] = x[:, :, 7:8]  # exact ties
     centroids = torch.randn(2, 40, 24, generator=g)
     block_c = tiles(x)[1]
-    assert TO.cluster_chunk(x, 40) == block_c  # 24 * 2 / 4 = 12 clusters, rounded up to one tile
+    assert TO.cluster_chunk(x, 40) == block_c  # 24 * 2 / 2 = 24 clusters, rounded down to one tile
     whole_scores = fused_scores(x, centroids)[0]
     for c0 in range(0, 40, block_c):
         part = fused_scores(x, centroids, c0, min(block_c, 40 - c0))[0]
@@ -288,10 +286,11 @@ def test_select_top_equals_stable_sort(monkeypatch, one_kernel):
 @gpu
 @needs_cuda
 def test_scoring_passes_select_what_one_pass_selects_gpu(monkeypatch):
-    """T = 64k, C = 128, bf16 D = 64: four passes of 32 clusters, bit-identical scores to one pass."""
+    """T = 64k, C = 128, bf16 D = 64: two passes of 64 clusters, whose scores must be the bits of the
+    whole-C launch (the one the reference backend takes), so both select the same positions."""
     x = torch.randn(1, 8, 65536, 64, device="cuda", dtype=torch.bfloat16)
     centroids = torch.nn.functional.normalize(torch.randn(8, 128, 64, device="cuda"), dim=-1)
-    assert TO.cluster_chunk(x, 128) == 32
+    assert TO.cluster_chunk(x, 128) == 64
     passes = TO.topk_index(x, centroids, 512)
     monkeypatch.setattr(TO, "CLUSTER_CHUNK", 1 << 20)
     assert torch.equal(passes, TO.topk_index(x, centroids, 512))

@@ -147,19 +147,21 @@ def select_top(rows: torch.Tensor, w: int) -> torch.Tensor:
 TOPK_SELECT = "groups"
 
 # Clusters scored per pass of topk_index; None: as many as keep the float32 scores of one pass no
-# larger than x itself (see cluster_chunk). Tests set a small number to exercise several passes.
+# larger than twice x (see cluster_chunk). Tests set a small number to exercise several passes.
 CLUSTER_CHUNK: int | None = None
 
 
 def cluster_chunk(x: torch.Tensor, C: int) -> int:
     """Clusters per scoring pass: the (B, H, C, T) float32 scores grow as T^2 / W (256 MiB at T = 64k,
     H = 8, W = 512, 4x the bf16 input), so topk_index scores the clusters in passes whose scores are at
-    most the size of x (D * itemsize / 4 clusters). Each pass starts at a multiple of the score
-    kernel's cluster tile, so it runs the very tiles of a whole-C launch and gets the same bits."""
+    most twice the size of x (D * itemsize / 2 clusters), about what the attention's per-entry output
+    and result take after it; more passes would re-read x more often and launch more kernels for
+    no lower peak. Each pass starts at a multiple of the score kernel's cluster tile, so it runs the
+    very tiles of a whole-C launch and gets the same bits."""
     from ._score_kernels import tiles
 
     block_c = tiles(x)[1]
-    chunk = CLUSTER_CHUNK or (x.shape[-1] * x.element_size() // 4)
+    chunk = CLUSTER_CHUNK or (x.shape[-1] * x.element_size() // 2)
     return min(C, max(block_c, chunk // block_c * block_c))
 
 
@@ -186,7 +188,7 @@ def topk_index(x: torch.Tensor, centroids: torch.Tensor, window: int) -> torch.T
     stable sort does, each group's maximum element is unique). Every element of another group has W
     larger elements (the W kept maxima), so the top W all lie in the kept groups: the second stage
     takes the top W of those W*GROUP candidates, which sit in position order. On CUDA the clusters
-    are scored in passes of `cluster_chunk`, so the scores alive at once never outgrow x.
+    are scored in passes of `cluster_chunk`, so the scores alive at once never outgrow 2x the size of x.
     """
     w = min(window, x.shape[2])
     if not scores_mod.use_fused(x):
