@@ -279,6 +279,7 @@ def sweep(T):
     dq_cfgs = [(64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3), (64, 64, 8, 3)]
     dkdv_cfgs = [(32, 128, 4, 3), (32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (16, 128, 4, 3),
                  (32, 128, 4, 4), (64, 64, 4, 3)]
+    combine_cfgs = [(64, 4), (32, 4), (16, 2), (32, 2), (128, 4)]  # (BLOCK_T, warps); topk's per-token sums
     chosen = TO.TOPK_SELECT
     for mode in ("groups", "full"):
         TO.TOPK_SELECT = mode
@@ -316,7 +317,8 @@ def sweep(T):
                 res.append((assign, "fwd", cfg, float("nan"), str(e)[:60]))
         TO.CONFIG["cuda"] = dict(default)
         saved = TO._routing_fwd(q.detach(), q.detach(), v.detach(), *idx, scale, direct, True)
-        for name, cfgs in (("dq", dq_cfgs), ("dkdv", dkdv_cfgs)):
+        varied = (("dq", dq_cfgs), ("dkdv", dkdv_cfgs)) + ((("combine", combine_cfgs),) if not direct else ())
+        for name, cfgs in varied:
             for cfg in cfgs:
                 TO.CONFIG["cuda"] = dict(default, **{name: cfg})
                 try:

@@ -26,6 +26,7 @@ echo "gpu tests: $(tail -1 "$out/gpu_tests.txt")"
 python3 benchmarks/attention.py --cpu-profile 8192 > "$out/host_profile.txt" 2>&1
 python3 benchmarks/attention.py --profile 65536 > "$out/kernel_profile.txt" 2>&1
 python3 benchmarks/attention.py --ab 8192,65536 --out "$out/ab.json" > "$out/ab.txt" 2>&1
+python3 benchmarks/attention.py --sweep 65536 > "$out/sweep.txt" 2>&1
 if [[ "${1:-}" == "--quick" ]]; then
     args=(--T 8192,65536 --rows "ours topk,ours nearest,dense,graph")
 else
