@@ -5,8 +5,10 @@ Legend: B batch, H heads, T tokens, D head dim (Dv for values), M max relative d
 Layers (each knows only the one below): kernels in triton_kernels.py; `_launch_*` check shapes and
 pick tiles; `routeformer::local_attn_fwd` / `_bwd` / `_rel_bwd` are torch.library.custom_op ops
 with fake (meta) implementations, so torch.compile keeps them in the graph as opaque calls with no
-graph break (eager calls skip the dispatcher: ops/_dispatch.py) (triton_op would let inductor look inside, but it cannot be traced under the CPU
-interpreter, where the tests run); `register_autograd` ties them together; `local_attention_triton` is what the dispatcher in __init__.py calls (already validated).
+graph break (triton_op would let inductor look inside, but it cannot be traced under the CPU
+interpreter, where the tests run); `register_autograd` ties them together, and eager calls skip the
+dispatcher (ops/_dispatch.py); `local_attention_triton` is what the dispatcher in __init__.py calls
+(already validated).
 No host synchronisation: every loop bound is computed from shapes or inside the kernels.
 """
 from __future__ import annotations
