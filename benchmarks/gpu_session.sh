@@ -1,42 +1,97 @@
 #!/usr/bin/env bash
-# Everything one GPU session measures, in one call (the device keeps nothing between calls), most
-# valuable first, each step's output in $OUT (or ./gpu_out) as soon as it ends, so a call stopped at
-# the device's 600 s limit keeps what finished:
-#   1. the GPU tests (kernels against the reference at real sizes, memory target at 64k),
-#   2. the full side-by-side benchmark (benchmarks/attention.py): JSON, markdown table and plot,
-#   3. each change since the last H100 table alone (attention.py --ab, NOTES_routing.md v5),
-#   4. the host-time profile of our eager forward+backward and the kernel profile at 64k,
-#   5. the tile sweep at 64k.
+# Everything one GPU session measures, in as few calls as possible (the device keeps nothing between
+# calls), most valuable first. Steps (default: all, in this order):
+#   tests    the GPU tests (kernels against the reference at real sizes, memory target at 64k)
+#   bench    the full side-by-side benchmark (benchmarks/attention.py): JSON, markdown table and plot
+#   ab       each recent change alone (attention.py --ab, NOTES_routing.md v5)
+#   host     the host-time profile of our eager forward+backward at 8k
+#   kernels  the kernel profile at 64k
+#   sweep    the tile sweep at 64k
+# Each step's output lands in $OUT/gpu_session.tgz (one archive, rewritten atomically after every
+# step: the device returns at most 8 files, and a call stopped at its time limit keeps what finished).
+# Each step also has its own time limit (STEP_LIMIT_S, default 300 s); PYTEST_ARGS replaces the tests
+# step's default selection (tests/), e.g. one test id or `tests/ --deselect ID`.
 # The PyPI peer is installed from .whl/ when present (carry .whl):
 #   python3 -m pip download --no-deps -d .whl routing-transformer==1.6.1 local-attention==1.4.4 \
 #       product-key-memory==0.1.11 mixture-of-experts==0.2.3
-# Usage: bash benchmarks/gpu_session.sh [--quick]   (--quick: T = 8k and 64k, no peer or FlexAttention)
+# Usage: bash benchmarks/gpu_session.sh [--quick] [STEP ...]
+#   --quick: the benchmark at T = 8k and 64k only, without the peer or FlexAttention.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_out}"
+work="$(mktemp -d)"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+limit="${STEP_LIMIT_S:-300}"
+
+quick=0
+steps=()
+for a in "$@"; do
+    case "$a" in
+        --quick) quick=1 ;;
+        tests|bench|ab|host|kernels|sweep) steps+=("$a") ;;
+        *) echo "gpu_session.sh: unknown step '$a' (steps: tests bench ab host kernels sweep; flag: --quick)" >&2; exit 2 ;;
+    esac
+done
+[[ ${#steps[@]} -eq 0 ]] && steps=(tests bench ab host kernels sweep)
+
+save() {  # archive everything so far; the rename makes a half-written archive impossible
+    tar czf "$out/.gpu_session.tgz.tmp" -C "$work" . && mv "$out/.gpu_session.tgz.tmp" "$out/gpu_session.tgz"
+}
+
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"
-git log -1 --format='commit %h %s' 2>/dev/null | tee -a "$out/device.txt"
+{
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+    git log -1 --format='commit %h %s' 2>/dev/null
+    python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
+    date -u '+%Y-%m-%d %H:%M UTC'
+} | tee "$work/device.txt"
+save
 
-python3 -m pytest -q -m gpu tests/ > "$out/gpu_tests.txt" 2>&1
-echo "gpu tests: $(tail -1 "$out/gpu_tests.txt")"
-if [[ "${1:-}" == "--quick" ]]; then
-    args=(--T 8192,65536 --rows "ours topk,ours nearest,dense,graph")
-else
-    args=()
-fi
-python3 benchmarks/attention.py "${args[@]}" --out "$out/bench.json" --md "$out/bench.md" > "$out/bench.log" 2>&1
-echo "benchmark exit $?"
-python3 benchmarks/plot_results.py "$out/bench.json" "$out/bench.png" || true
-python3 benchmarks/attention.py --ab 8192,65536 --out "$out/ab.json" > "$out/ab.txt" 2>&1
-python3 benchmarks/attention.py --cpu-profile 8192 > "$out/host_profile.txt" 2>&1
-python3 benchmarks/attention.py --profile 65536 > "$out/kernel_profile.txt" 2>&1
-python3 benchmarks/attention.py --sweep 65536 > "$out/sweep.txt" 2>&1
-grep -E "passed|failed|error" "$out/gpu_tests.txt" | tail -3
-grep "^|" "$out/ab.txt"
-cat "$out/bench.md" 2>/dev/null || tail -20 "$out/bench.log"
+run_step() {  # run_step NAME LOGFILE COMMAND...: time-limited, logged, archived
+    local name="$1" log="$2" t0=$SECONDS rc
+    shift 2
+    timeout "$limit" "$@" > "$work/$log" 2>&1
+    rc=$?
+    echo "$name: exit $rc in $((SECONDS - t0)) s" | tee -a "$work/steps.txt"
+    save
+}
+
+for s in "${steps[@]}"; do
+    case "$s" in
+        tests)
+            # faulthandler: a test still running after 60 s prints every thread's stack (a hang shows where)
+            # shellcheck disable=SC2086
+            # pytest-xdist, where installed: the tests' Triton compilations run on several CPU cores
+            par=(); python3 -c "import xdist" 2> /dev/null && par=(-n 6)
+            run_step tests gpu_tests.txt python3 -m pytest -v -m gpu "${par[@]}" --durations=15 \
+                -o faulthandler_timeout=60 ${PYTEST_ARGS:-tests/}
+            grep -E "passed|failed|error" "$work/gpu_tests.txt" | tail -3 ;;
+        bench)
+            if [[ $quick == 1 ]]; then
+                args=(--T 8192,65536 --rows "ours topk,ours nearest,dense,graph")
+            else
+                args=()
+            fi
+            run_step bench bench.log python3 benchmarks/attention.py "${args[@]}" \
+                --out "$work/bench.json" --md "$work/bench.md"
+            python3 benchmarks/plot_results.py "$work/bench.json" "$work/bench.png" > /dev/null 2>&1 && save
+            cat "$work/bench.md" 2>/dev/null || tail -20 "$work/bench.log" ;;
+        ab)
+            run_step ab ab.txt python3 benchmarks/attention.py --ab 8192,65536 --out "$work/ab.json"
+            grep "^|" "$work/ab.txt" || tail -5 "$work/ab.txt" ;;
+        host)
+            run_step host host_profile.txt python3 benchmarks/attention.py --cpu-profile 8192
+            tail -25 "$work/host_profile.txt" ;;
+        kernels)
+            run_step kernels kernel_profile.txt python3 benchmarks/attention.py --profile 65536
+            tail -30 "$work/kernel_profile.txt" ;;
+        sweep)
+            run_step sweep sweep.txt python3 benchmarks/attention.py --sweep 65536
+            tail -15 "$work/sweep.txt" ;;
+    esac
+done
+cat "$work/steps.txt"
