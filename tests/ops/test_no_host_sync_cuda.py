@@ -1,8 +1,9 @@
 """The Triton paths never synchronise the host with the GPU (no .item(), .nonzero(), data-dependent
 shapes) in forward or backward: a sync would stall every eager step and break CUDA-graph capture.
 
-torch.cuda.set_sync_debug_mode("error") makes every synchronising PyTorch call raise. Each case runs
-once first so that Triton's compilation is not part of what is checked.
+torch.cuda.set_sync_debug_mode("error") makes every synchronising PyTorch call raise, and the same
+fwd+bwd is then captured in a CUDA graph (capture fails on any sync) and replayed. Each case runs once
+first so that Triton's compilation is not part of what is checked.
 """
 from __future__ import annotations
 
@@ -33,10 +34,30 @@ def _fwd_bwd(fn, *tensors):
     (out[0] if isinstance(out, tuple) else out).float().square().mean().backward()
 
 
+def _grads(fn, tensors):
+    out = fn(*tensors)
+    loss = (out[0] if isinstance(out, tuple) else out).float().square().mean()
+    return torch.autograd.grad(loss, tensors)
+
+
 def _check(fn, *tensors):
     _fwd_bwd(fn, *tensors)  # compile and warm up outside the check
     with syncs_raise():
         _fwd_bwd(fn, *tensors)
+    # The debug mode is a prototype that misses some syncs; capturing fwd+bwd in a CUDA graph fails on
+    # any of them, and the replayed graph must give what eager gives.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
+        _grads(fn, tensors)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _grads(fn, tensors)
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, expected in zip(captured, _grads(fn, tensors)):
+        torch.testing.assert_close(got, expected)
 
 
 def _qkv(T, D=64, H=4, dtype=torch.bfloat16):
