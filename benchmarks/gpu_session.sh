@@ -45,7 +45,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 {
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-    git log -1 --format='commit %h %s' 2>/dev/null
+    # The device's .git can lag the working tree it gets: a hash of the sources names what really ran
+    # (compare: find src -name '*.py' | sort | xargs cat | sha1sum).
+    echo "src sha1 $(find src -name '*.py' | sort | xargs cat | sha1sum | cut -c1-12)"
     python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
     date -u '+%Y-%m-%d %H:%M UTC'
 } | tee "$work/device.txt"

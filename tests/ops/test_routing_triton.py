@@ -279,6 +279,12 @@ def test_select_top_equals_stable_sort(monkeypatch, one_kernel):
         rows[0, 0, 1] = torch.where(torch.rand(L, generator=g) < 0.5, 0.0, -0.0)  # only signed zeros
         rows[1, 0, 2, L // 2:] = float("-inf")  # candidate padding past T
         rows[1, 0, 0] = rows[1, 0, 0].round()  # few distinct values
+        # The ends of the float range, denormals and infinities (the kernel's integer keys span them all).
+        big = torch.finfo(torch.float32)
+        extremes = torch.tensor([float("inf"), big.max, big.tiny, big.tiny / 4, -big.tiny / 4, -big.max,
+                                 float("-inf"), 0.0, -0.0])
+        rows[1, 0, 1] = extremes[torch.randint(0, len(extremes), (L,), generator=g)]
+        rows[0, 0, 2] = float("-inf")  # a row of padding only: the first w positions
         expected = torch.sort(rows, dim=-1, descending=True, stable=True).indices[..., :w].sort(-1).values
         assert torch.equal(TO.select_top(rows, w).long(), expected), (L, w)
 

@@ -385,26 +385,30 @@ def _select_rows_kernel(
     ties to the lower index; one program holds one whole row in registers.
 
     Floats map to int32 keys with the same order (-0.0 first folded onto +0.0, so the two tie as in
-    the reference's stable sort). A 33-step bisection finds the W-th largest key; one in-order scan
-    then takes every larger key and the first `need` equal ones, already sorted by index.
+    the reference's stable sort). A bisection finds the W-th largest key; one in-order scan then takes
+    every larger key and the first `need` equal ones, already sorted by index. Keys stay int32 (the
+    per-step compare over the row is the kernel's main work); only the scalar bounds are int64.
     """
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_L)
     m = offs < L
     s = tl.load(ROWS + row * L + offs, mask=m, other=float("-inf")) + 0.0
     bits = s.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
-    key = tl.where(m, key, -(2**31) - 1)  # padding sorts below every real key, -inf included
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    # Padding gets the lowest int32 and sorts below every real key: -inf maps to -2**31 + 2**23 - 1,
+    # and the one NaN pattern that would tie with the padding is lifted by one (NaNs have no order).
+    lowest = tl.full([BLOCK_L], -2147483648, tl.int32)  # typed: a bare constant this size is int64
+    key = tl.where(m, tl.maximum(key, lowest + 1), lowest)
     # Invariant: at least W keys >= lo (BLOCK_L >= W keys >= the minimum), and the W-th largest key is
-    # in [lo, hi]. The range spans at most 2**32 + 1 values: 33 halvings pin it.
-    lo = tl.min(key, axis=0)
-    hi = tl.max(key, axis=0)
+    # in [lo, hi]. The range spans at most 2**32 values: 32 halvings pin it, one more costs nothing.
+    lo = tl.min(key, axis=0).to(tl.int64)
+    hi = tl.max(key, axis=0).to(tl.int64)
     for _ in tl.static_range(33):
         mid = lo + (hi - lo + 1) // 2
-        ok = tl.sum((key >= mid).to(tl.int32), axis=0) >= W
+        ok = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0) >= W
         lo = tl.where(ok, mid, lo)
         hi = tl.where(ok, hi, mid - 1)
-    kth = lo
+    kth = lo.to(tl.int32)
     need = W - tl.sum((key > kth).to(tl.int32), axis=0)
     eq = (key == kth).to(tl.int32)
     eq_rank = tl.cumsum(eq, axis=0) - eq
