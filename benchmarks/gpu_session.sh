@@ -45,9 +45,10 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 {
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-    # The device's .git can lag the working tree it gets: a hash of the sources names what really ran
-    # (compare: find src -name '*.py' | sort | xargs cat | sha1sum).
-    echo "src sha1 $(find src -name '*.py' | sort | xargs cat | sha1sum | cut -c1-12)"
+    # The device's .git can lag the working tree it gets: the sources' hashes name what really ran
+    # (src_sha1.txt in the archive; compare with the same command here).
+    find src -name '*.py' -print0 | LC_ALL=C sort -z | xargs -0 sha1sum > "$work/src_sha1.txt"
+    echo "src sha1 $(sha1sum < "$work/src_sha1.txt" | cut -c1-12)"
     python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
     date -u '+%Y-%m-%d %H:%M UTC'
 } | tee "$work/device.txt"

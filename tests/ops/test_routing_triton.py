@@ -152,11 +152,12 @@ def test_window_at_least_t_and_single_cluster_is_dense_causal():
     torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
 
 
-def test_compiles_without_graph_breaks():
+@pytest.mark.parametrize("assign", ["topk", "nearest"])
+def test_compiles_without_graph_breaks(assign):
     q, k, v, centroids = _inputs(1, 2, 40, 16, 16, 3, True, torch.float32, "cpu", 5)
 
     def f(q, v):
-        return routing_attention(q, q, v, centroids, window=16, causal=True, backend="triton").sum()
+        return routing_attention(q, q, v, centroids, window=16, causal=True, assign=assign, backend="triton").sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     got = torch.autograd.grad(compiled(q, v), (q, v))
@@ -328,3 +329,29 @@ def test_fwd_bwd_peak_memory_at_most_dense_sdpa_gpu(assign):
                                           backend="triton").backward(dout))
     dense = peak(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, v, is_causal=True).backward(dout))
     assert ours <= dense, (ours / 2**20, dense / 2**20)
+
+
+@pytest.mark.parametrize("C", [5, 300, 40000])  # uint8, int16 and int32 cluster ids
+def test_nearest_shared_indices_equal_assign_nearest(C):
+    """Shared QK, nearest: the launcher's own derivation (stable sort of the cluster ids alone) gives
+    the slots, starts and ends of the specification, assignment.assign_nearest."""
+    g = torch.Generator().manual_seed(C)
+    B, H, T, W = 2, 2, 97, 10
+    x = torch.randn(B, H, T, 8, generator=g)
+    centroids = torch.randn(H, C, 8, generator=g)
+    centroids[:, 3:] *= 0.01  # tokens crowd into 3 clusters, so that the window binds for every C
+    flat = lambda t: t.reshape(B * H, T).to(torch.int32)  # noqa: E731
+    a = assign_nearest(x, x, centroids, W)
+    expected = (a.key_order, a.key_start.gather(2, a.key_order), a.key_end.gather(2, a.key_order), a.key_order)
+    got = TO._nearest_indices(x, x, centroids, W)
+    for name, e, r in zip(("qpos", "lo", "hi", "kpos"), got, expected):
+        assert torch.equal(e, flat(r)), name
+
+
+def test_topk_shared_causal_ends_equal_searchsorted():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 2, 61, 8, generator=g)
+    centroids = torch.randn(2, 4, 8, generator=g)
+    qpos, lo, hi, kpos = TO._topk_indices(x, x, centroids, 20, causal=True)
+    ends = torch.searchsorted(kpos.view(4, 4, 20), qpos.view(4, 4, 20), right=True, out_int32=True)
+    assert torch.equal(hi, (lo.view(4, 4, 20) + ends).view_as(hi))

@@ -213,7 +213,10 @@ def _topk_indices(q, k, centroids, window, causal):
     ki = qi if k is q else topk_index(k, centroids, window)
     B, H, C, W = qi.shape
     base = (torch.arange(C, device=q.device, dtype=torch.int32) * W)[:, None]
-    if causal:
+    if causal and k is q:
+        # A cluster's positions are distinct and ascending: query rank r sees key ranks 0..r.
+        hi = (base + torch.arange(1, W + 1, device=q.device, dtype=torch.int32)).expand(B, H, C, W)
+    elif causal:
         # Keys of a cluster are sorted by position: the ones a query may see are a prefix.
         hi = base + torch.searchsorted(ki, qi, right=True, out_int32=True)
     else:
@@ -224,17 +227,35 @@ def _topk_indices(q, k, centroids, window, causal):
 
 
 def _nearest_indices(q, k, centroids, window):
-    a = assign_nearest(q, k, centroids, window)
     B, H, T, _ = q.shape
+    flat = lambda t: t.reshape(B * H, T).to(torch.int32).contiguous()  # noqa: E731
     if k is q:
-        q_order = a.key_order
-    else:
-        pos = torch.arange(T, device=q.device)
-        q_order = (a.query_cluster * T + pos).sort(dim=-1).indices
+        return _nearest_indices_shared(q, centroids, window, flat)
+    a = assign_nearest(q, k, centroids, window)
+    pos = torch.arange(T, device=q.device)
+    q_order = (a.query_cluster * T + pos).sort(dim=-1).indices
     lo = a.key_start.gather(2, q_order)
     hi = a.key_end.gather(2, q_order)
-    flat = lambda t: t.reshape(B * H, T).to(torch.int32).contiguous()  # noqa: E731
     return flat(q_order), flat(lo), flat(hi), flat(a.key_order)
+
+
+def _nearest_indices_shared(x, centroids, window, flat):
+    """Shared QK: what assign_nearest gives, derived in slot order with fewer and cheaper kernels.
+
+    A stable sort of the cluster ids alone orders tokens by (cluster, position), as assign_nearest's
+    sort of cluster * T + position does, but on 8- or 16-bit keys (a quarter or an eighth of the radix
+    passes of int64). Slot s of that order holds query order[s], which is also key s, so its keys end
+    at slot s + 1 and start at max(first slot of its cluster, s + 1 - window)."""
+    B, H, T, _ = x.shape
+    C = centroids.shape[1]
+    small = torch.uint8 if C <= 256 else (torch.int16 if C <= 2**15 else torch.int32)
+    sorted_cluster, order = scores_mod.nearest_clusters(x, centroids).to(small).sort(dim=-1, stable=True)
+    ids = torch.arange(C, device=x.device, dtype=small).expand(B, H, C).contiguous()
+    cluster_first = torch.searchsorted(sorted_cluster, ids, out_int32=True)  # (B, H, C)
+    hi = torch.arange(1, T + 1, device=x.device, dtype=torch.int32)
+    lo = torch.maximum(cluster_first.gather(2, sorted_cluster.long()), hi - window)
+    order = flat(order)
+    return order, flat(lo), flat(hi.expand(B, H, T)), order
 
 
 def _inverse(pos: torch.Tensor, T: int):
