@@ -46,6 +46,8 @@ def load_rows(path: Path) -> tuple[list[dict], str]:
             fwd, fwdbwd, fwd_mib, fwdbwd_mib = (_number(v) for v in values)
             rows.append(dict(T=int(T), name=name.strip(), fwd_ms=fwd, fwdbwd_ms=fwdbwd, fwd_mib=fwd_mib,
                              fwdbwd_mib=fwdbwd_mib))
+        elif rows and not line.startswith("|"):
+            break  # the first table only: later tables (other runs) would add second points per T
     if not rows:
         raise ValueError(f"{path}: no '| T | variant | fwd ms | ...' table rows found")
     return rows, title
