@@ -355,3 +355,16 @@ def test_topk_shared_causal_ends_equal_searchsorted():
     qpos, lo, hi, kpos = TO._topk_indices(x, x, centroids, 20, causal=True)
     ends = torch.searchsorted(kpos.view(4, 4, 20), qpos.view(4, 4, 20), right=True, out_int32=True)
     assert torch.equal(hi, (lo.view(4, 4, 20) + ends).view_as(hi))
+
+
+@pytest.mark.parametrize("right", [False, True])
+def test_count_below_equals_searchsorted(right):
+    """The one-kernel boundary search equals torch.searchsorted for an arithmetic run of queries:
+    duplicates, empty and full counts, N not a power of two, queries past both ends, the clamp."""
+    g = torch.Generator().manual_seed(4)
+    for R, N, m, step, offset, limit in ((3, 1, 5, 1, 0, 3), (2, 37, 40, 1, 0, 36), (4, 100, 9, 13, 13, 100),
+                                         (2, 64, 7, 10, -5, 1000), (1, 257, 300, 1, 0, 299)):
+        x = torch.randint(-3, max(4, N // 2), (R, N), generator=g).sort(dim=-1).values.to(torch.int32)
+        v = torch.clamp(torch.arange(m) * step + offset, max=limit).to(torch.int32).expand(R, m).contiguous()
+        expected = torch.searchsorted(x, v, right=right, out_int32=True)
+        assert torch.equal(TO.count_below(x, m, step, offset, limit, right), expected), (N, m, step)

@@ -271,6 +271,37 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
+def _count_below_kernel(
+    X, OUT,
+    N, M, STEP, OFFSET, LIMIT,
+    RIGHT: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr,
+):
+    """OUT (R, M) int32: for each row of X (R, N) int32 sorted ascending and each query
+    v_i = min(i * STEP + OFFSET, LIMIT), the number of elements < v_i (<= v_i if RIGHT): exactly
+    torch.searchsorted(X, v, right=RIGHT), for an arithmetic run of queries made in the kernel.
+
+    One launch instead of arange, expand, contiguous and searchsorted: the launchers need such
+    boundaries three times per topk fwd+bwd (CSR row pointers, the dk/dv kernel's entry range per key
+    tile), and each torch op costs host time in an eager step. A vectorised binary search: STEPS >=
+    bit length of N halvings over [0, N].
+    """
+    row = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M
+    v = tl.minimum(offs * STEP + OFFSET, LIMIT)
+    lo = tl.zeros([BLOCK], dtype=tl.int32)  # invariant: the answer lies in [lo, hi]
+    hi = tl.zeros([BLOCK], dtype=tl.int32) + N
+    for _ in tl.static_range(STEPS):
+        mid = (lo + hi) // 2  # < hi <= N whenever lo < hi
+        x = tl.load(X + row * N + mid, mask=mask & (lo < hi), other=0)
+        below = (x <= v) if RIGHT else (x < v)
+        go = lo < hi
+        lo = tl.where(go & below, mid + 1, lo)
+        hi = tl.where(go & ~below, mid, hi)
+    tl.store(OUT + row * M + offs, lo, mask=mask)
+
+
+@triton.jit
 def _combine_kernel(
     X, PERM, ROWPTR, LO, HI, Y, INV_N,
     sxb, sxh, sxe, syb, syh, syt,

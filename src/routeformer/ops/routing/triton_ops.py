@@ -258,11 +258,21 @@ def _nearest_indices_shared(x, centroids, window, flat):
     return order, flat(lo), flat(hi.expand(B, H, T)), order
 
 
+def count_below(x: torch.Tensor, m: int, step: int, offset: int, limit: int, right: bool) -> torch.Tensor:
+    """x (R, N) int32 rows sorted ascending -> (R, m) int32 torch.searchsorted(x, v, right=right) for
+    v_i = min(i * step + offset, limit), i < m; one kernel (see _kernels._count_below_kernel)."""
+    R, N = x.shape
+    out = _new((R, m), torch.int32, x.device)
+    block = 256 if gpu_plan(x) else 16
+    K._count_below_kernel[(triton.cdiv(m, block), R)](x, out, N, m, step, offset, limit, RIGHT=right,
+                                                      BLOCK=block, STEPS=max(1, N.bit_length()), num_warps=4)
+    return out
+
+
 def _inverse(pos: torch.Tensor, T: int):
     """pos (BH, E) positions -> (perm, rowptr): entries sorted by position and CSR row pointers."""
     sorted_pos, perm = pos.sort(dim=-1, stable=True)
-    bound = torch.arange(T + 1, device=pos.device, dtype=pos.dtype).expand(pos.shape[0], T + 1).contiguous()
-    rowptr = torch.searchsorted(sorted_pos, bound, out_int32=True)
+    rowptr = count_below(sorted_pos, T + 1, 1, 0, T, right=False)  # entries at positions < t
     return perm.to(torch.int32).contiguous(), rowptr
 
 
@@ -379,10 +389,10 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
 
     bm, bn, warps, stages = _cfg(q, "dkdv")
     nt = triton.cdiv(S, bn)
-    s0 = torch.arange(nt, device=dev, dtype=torch.int32) * bn
-    s1 = torch.clamp(s0 + bn, max=S)
-    qlo = torch.searchsorted(hi, s0.expand(B * H, nt).contiguous(), right=True, out_int32=True)
-    qhi = torch.searchsorted(lo, s1.expand(B * H, nt).contiguous(), right=False, out_int32=True)
+    # Key tile i holds slots [i * bn, min(i * bn + bn, S)): the entries that can see one of them are
+    # those with HI > the first slot and LO < the end (both non-decreasing in the entry index).
+    qlo = count_below(hi, nt, bn, 0, S, right=True)
+    qhi = count_below(lo, nt, bn, bn, S, right=False)
     # Shared QK: entry e and slot e are the same (cluster, rank) or token, so the dk/dv kernel adds
     # dk into the dq buffer in place and one buffer holds the whole gradient of q.
     if direct:
