@@ -66,6 +66,12 @@ def test_assignment_ops_fake_matches_real():
     need = (top == kth[..., None]).sum(-1, dtype=torch.int32).contiguous()
     torch.library.opcheck(R._topk_compact.op, (s_t, kth, need, 5))
     torch.library.opcheck(R._select_rows.op, (s_t, 5))
+    rows = torch.randint(0, 9, (3, 20)).sort(-1).values.to(torch.int32)
+    torch.library.opcheck(R.count_below.op, (rows, 7, 3, 1, 19, True))
+    torch.library.opcheck(R.topk_slot_bounds.op, (x, 4, 30, 10, True))
+    sorted_cluster, order = torch.randint(0, 3, (4, 40)).to(torch.uint8).sort(dim=-1, stable=True)
+    first = R.count_below(sorted_cluster, 3, 1, 0, 3, False)
+    torch.library.opcheck(R.nearest_slot_bounds.op, (order, sorted_cluster, first, 8))
 
 
 @pytest.mark.parametrize("op", ["local", "routing"])

@@ -348,13 +348,18 @@ def test_nearest_shared_indices_equal_assign_nearest(C):
         assert torch.equal(e, flat(r)), name
 
 
-def test_topk_shared_causal_ends_equal_searchsorted():
+def test_topk_slot_bounds():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 2, 61, 8, generator=g)
     centroids = torch.randn(2, 4, 8, generator=g)
+    starts = (torch.arange(4, dtype=torch.int32) * 20).repeat_interleave(20).expand(4, 80)
     qpos, lo, hi, kpos = TO._topk_indices(x, x, centroids, 20, causal=True)
     ends = torch.searchsorted(kpos.view(4, 4, 20), qpos.view(4, 4, 20), right=True, out_int32=True)
+    assert torch.equal(lo, starts)
     assert torch.equal(hi, (lo.view(4, 4, 20) + ends).view_as(hi))
+    for keys in (x, torch.randn(2, 2, 61, 8, generator=g)):  # no causal mask: the whole cluster
+        qpos, lo, hi, kpos = TO._topk_indices(x, keys, centroids, 20, causal=False)
+        assert torch.equal(lo, starts) and torch.equal(hi, starts + 20)
 
 
 @pytest.mark.parametrize("right", [False, True])

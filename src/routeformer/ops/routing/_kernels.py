@@ -293,12 +293,43 @@ def _count_below_kernel(
     hi = tl.zeros([BLOCK], dtype=tl.int32) + N
     for _ in tl.static_range(STEPS):
         mid = (lo + hi) // 2  # < hi <= N whenever lo < hi
-        x = tl.load(X + row * N + mid, mask=mask & (lo < hi), other=0)
+        x = tl.load(X + row * N + mid, mask=mask & (lo < hi), other=0).to(tl.int32)
         below = (x <= v) if RIGHT else (x < v)
         go = lo < hi
         lo = tl.where(go & below, mid + 1, lo)
         hi = tl.where(go & ~below, mid, hi)
     tl.store(OUT + row * M + offs, lo, mask=mask)
+
+
+@triton.jit
+def _slot_bounds_kernel(
+    ORDER, GROUP, FIRST, QPOS, LO, HI,
+    N, C, W,
+    NEAREST: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Each entry's key-slot range [LO, HI) (and, for nearest, its query position QPOS) for shared QK,
+    rows of N entries; one launch instead of the 6-7 small torch ops that build them.
+
+    NEAREST: entries are tokens sorted by (cluster, position): ORDER (R, N) int64 the sort's indices,
+    GROUP (R, N) the sorted cluster ids, FIRST (R, C) int32 each cluster's first slot. Entry s is
+    query ORDER[s] and key s: HI = s + 1, LO = max(FIRST[GROUP[s]], s + 1 - W), QPOS = ORDER[s].
+    topk: entries are (cluster, rank) pairs, rank = s % W within cluster s // W: LO = the cluster's
+    first slot; HI = LO + rank + 1 if CAUSAL (distinct ascending positions) else LO + W.
+    """
+    row = tl.program_id(1).to(tl.int64)
+    s = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = s < N
+    if NEAREST:
+        g = tl.load(GROUP + row * N + s, mask=mask, other=0).to(tl.int32)
+        first = tl.load(FIRST + row * C + g, mask=mask, other=0)
+        hi = s + 1
+        lo = tl.maximum(first, hi - W)
+        tl.store(QPOS + row * N + s, tl.load(ORDER + row * N + s, mask=mask, other=0).to(tl.int32), mask=mask)
+    else:
+        lo = (s // W) * W
+        hi = lo + (s % W) + 1 if CAUSAL else lo + W
+    tl.store(LO + row * N + s, lo, mask=mask)
+    tl.store(HI + row * N + s, hi, mask=mask)
 
 
 @triton.jit

@@ -212,25 +212,23 @@ def _topk_indices(q, k, centroids, window, causal):
     qi = topk_index(q, centroids, window)
     ki = qi if k is q else topk_index(k, centroids, window)
     B, H, C, W = qi.shape
-    base = (torch.arange(C, device=q.device, dtype=torch.int32) * W)[:, None]
-    if causal and k is q:
-        # A cluster's positions are distinct and ascending: query rank r sees key ranks 0..r.
-        hi = (base + torch.arange(1, W + 1, device=q.device, dtype=torch.int32)).expand(B, H, C, W)
-    elif causal:
-        # Keys of a cluster are sorted by position: the ones a query may see are a prefix.
-        hi = base + torch.searchsorted(ki, qi, right=True, out_int32=True)
-    else:
-        hi = (base + W).expand(C, W).expand(B, H, C, W)
-    lo = base.expand(B, H, C, W)
     flat = lambda t: t.reshape(B * H, C * W).contiguous()  # noqa: E731
-    return flat(qi), flat(lo), flat(hi), flat(ki)
+    if k is q or not causal:
+        # Shared QK: a cluster's positions are distinct and ascending, so query rank r sees key ranks
+        # 0..r; no causal mask: the whole cluster.
+        lo, hi = topk_slot_bounds(qi, B * H, C * W, W, causal)
+        return flat(qi), lo, hi, flat(ki)
+    # Keys of a cluster are sorted by position: the ones a query may see are a prefix.
+    base = (torch.arange(C, device=q.device, dtype=torch.int32) * W)[:, None]
+    hi = base + torch.searchsorted(ki, qi, right=True, out_int32=True)
+    return flat(qi), flat(base.expand(B, H, C, W)), flat(hi), flat(ki)
 
 
 def _nearest_indices(q, k, centroids, window):
     B, H, T, _ = q.shape
-    flat = lambda t: t.reshape(B * H, T).to(torch.int32).contiguous()  # noqa: E731
     if k is q:
-        return _nearest_indices_shared(q, centroids, window, flat)
+        return _nearest_indices_shared(q, centroids, window)
+    flat = lambda t: t.reshape(B * H, T).to(torch.int32).contiguous()  # noqa: E731
     a = assign_nearest(q, k, centroids, window)
     pos = torch.arange(T, device=q.device)
     q_order = (a.query_cluster * T + pos).sort(dim=-1).indices
@@ -239,7 +237,7 @@ def _nearest_indices(q, k, centroids, window):
     return flat(q_order), flat(lo), flat(hi), flat(a.key_order)
 
 
-def _nearest_indices_shared(x, centroids, window, flat):
+def _nearest_indices_shared(x, centroids, window):
     """Shared QK: what assign_nearest gives, derived in slot order with fewer and cheaper kernels.
 
     A stable sort of the cluster ids alone orders tokens by (cluster, position), as assign_nearest's
@@ -250,29 +248,70 @@ def _nearest_indices_shared(x, centroids, window, flat):
     C = centroids.shape[1]
     small = torch.uint8 if C <= 256 else (torch.int16 if C <= 2**15 else torch.int32)
     sorted_cluster, order = scores_mod.nearest_clusters(x, centroids).to(small).sort(dim=-1, stable=True)
-    ids = torch.arange(C, device=x.device, dtype=small).expand(B, H, C).contiguous()
-    cluster_first = torch.searchsorted(sorted_cluster, ids, out_int32=True)  # (B, H, C)
-    hi = torch.arange(1, T + 1, device=x.device, dtype=torch.int32)
-    lo = torch.maximum(cluster_first.gather(2, sorted_cluster.long()), hi - window)
-    order = flat(order)
-    return order, flat(lo), flat(hi.expand(B, H, T)), order
+    sorted_cluster, order = sorted_cluster.reshape(B * H, T), order.reshape(B * H, T)
+    cluster_first = count_below(sorted_cluster, C, 1, 0, C, False)  # (BH, C) first slot of each
+    qpos, lo, hi = nearest_slot_bounds(order, sorted_cluster, cluster_first, window)
+    return qpos, lo, hi, qpos
 
 
+def _bounds(R: int, N: int, W: int, causal: bool, dev, block: int, order=None, group=None, first=None):
+    nearest = order is not None
+    lo, hi = _new((R, N), torch.int32, dev), _new((R, N), torch.int32, dev)
+    qpos = _new((R, N), torch.int32, dev) if nearest else lo
+    K._slot_bounds_kernel[(triton.cdiv(N, block), R)](
+        order if nearest else lo, group if nearest else lo, first if nearest else lo, qpos, lo, hi,
+        N, first.shape[1] if nearest else 1, W, NEAREST=nearest, CAUSAL=causal, BLOCK=block, num_warps=4)
+    return (qpos, lo, hi) if nearest else (lo, hi)
+
+
+@custom_op("routeformer::topk_slot_bounds")
+def topk_slot_bounds(like: torch.Tensor, R: int, N: int, W: int, causal: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi), each (R, N) int32 on like's device: the key-slot range of every (cluster, rank) entry
+    of clusters of W, shared QK (see _kernels._slot_bounds_kernel)."""
+    return _bounds(R, N, W, causal, like.device, 1024 if gpu_plan(like) else 16)
+
+
+@topk_slot_bounds.op.register_fake
+def _(like, R, N, W, causal):
+    return like.new_empty((R, N), dtype=torch.int32), like.new_empty((R, N), dtype=torch.int32)
+
+
+@custom_op("routeformer::nearest_slot_bounds")
+def nearest_slot_bounds(order: torch.Tensor, group: torch.Tensor, first: torch.Tensor, W: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(qpos, lo, hi), each (R, N) int32, shared QK nearest: order (R, N) int64 the sort of the cluster
+    ids, group (R, N) the sorted ids, first (R, C) int32 each cluster's first slot."""
+    R, N = order.shape
+    return _bounds(R, N, W, True, order.device, 1024 if gpu_plan(order) else 16, order, group, first)
+
+
+@nearest_slot_bounds.op.register_fake
+def _(order, group, first, W):
+    return tuple(order.new_empty(order.shape, dtype=torch.int32) for _ in range(3))
+
+
+@custom_op("routeformer::count_below")
 def count_below(x: torch.Tensor, m: int, step: int, offset: int, limit: int, right: bool) -> torch.Tensor:
-    """x (R, N) int32 rows sorted ascending -> (R, m) int32 torch.searchsorted(x, v, right=right) for
+    """x (R, N) integer rows sorted ascending -> (R, m) int32 torch.searchsorted(x, v, right=right) for
     v_i = min(i * step + offset, limit), i < m; one kernel (see _kernels._count_below_kernel)."""
     R, N = x.shape
     out = _new((R, m), torch.int32, x.device)
-    block = 256 if gpu_plan(x) else 16
+    block = 256  # also under the interpreter, where each program costs milliseconds (C = 40000 tested)
     K._count_below_kernel[(triton.cdiv(m, block), R)](x, out, N, m, step, offset, limit, RIGHT=right,
                                                       BLOCK=block, STEPS=max(1, N.bit_length()), num_warps=4)
     return out
 
 
+@count_below.op.register_fake
+def _(x, m, step, offset, limit, right):
+    return x.new_empty((x.shape[0], m), dtype=torch.int32)
+
+
 def _inverse(pos: torch.Tensor, T: int):
     """pos (BH, E) positions -> (perm, rowptr): entries sorted by position and CSR row pointers."""
     sorted_pos, perm = pos.sort(dim=-1, stable=True)
-    rowptr = count_below(sorted_pos, T + 1, 1, 0, T, right=False)  # entries at positions < t
+    rowptr = count_below(sorted_pos, T + 1, 1, 0, T, False)  # entries at positions < t
     return perm.to(torch.int32).contiguous(), rowptr
 
 
@@ -391,8 +430,8 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     nt = triton.cdiv(S, bn)
     # Key tile i holds slots [i * bn, min(i * bn + bn, S)): the entries that can see one of them are
     # those with HI > the first slot and LO < the end (both non-decreasing in the entry index).
-    qlo = count_below(hi, nt, bn, 0, S, right=True)
-    qhi = count_below(lo, nt, bn, bn, S, right=False)
+    qlo = count_below(hi, nt, bn, 0, S, True)
+    qhi = count_below(lo, nt, bn, bn, S, False)
     # Shared QK: entry e and slot e are the same (cluster, rank) or token, so the dk/dv kernel adds
     # dk into the dq buffer in place and one buffer holds the whole gradient of q.
     if direct:
