@@ -104,16 +104,20 @@ def test_compile_option_wraps_the_model_in_torch_compile(data, tmp_path, monkeyp
     compiled = []
     real_compile = torch.compile
 
-    def compile_(model, *args, **kwargs):
-        compiled.append(model)
+    def compile_(model, *args, mode=None, **kwargs):
+        compiled.append((model, mode))
         return real_compile(model, backend="eager")  # dynamo's tracing without inductor's C++ build
 
     monkeypatch.setattr(trainer.torch, "compile", compile_)
     eager = _quiet(tiny_config(data, 2), tmp_path / "eager")
     assert compiled == []
     result = _quiet(tiny_config(data, 2, ["train.compile=true"]), tmp_path / "compiled")
-    assert len(compiled) == 1 and isinstance(compiled[0], RoutingTransformerLM)
+    assert len(compiled) == 1 and isinstance(compiled[0][0], RoutingTransformerLM) and compiled[0][1] == "default"
     assert result.losses == pytest.approx(eager.losses, rel=1e-5)
+    _quiet(tiny_config(data, 1, ["train.compile=true", "train.compile_mode=reduce-overhead"]), tmp_path / "graphs")
+    assert compiled[-1][1] == "reduce-overhead"
+    with pytest.raises(ValueError, match="train.compile_mode must be one of"):
+        tiny_config(data, 1, ["train.compile_mode=fast"])
 
 
 def test_tensorboard_mirrors_the_metrics(data, tmp_path):

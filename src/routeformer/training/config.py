@@ -18,6 +18,7 @@ OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("rsqrt", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -40,6 +41,9 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16"
     compile: bool = False  # wrap the model in torch.compile
+    # torch.compile's mode when compile=true. "reduce-overhead" replays CUDA graphs: below ~32k tokens
+    # an eager step is mostly kernel-launch time on the host (benchmarks/RESULTS.md), which it removes.
+    compile_mode: str = "default"
     centroid_init: bool = True  # fresh runs: k-means-initialise routing centroids on one training batch
     log_every: int = 10  # steps between metrics lines / progress updates (1 logs every step)
     eval_every: int = 0  # steps between validation evaluations; 0: only at the end
@@ -52,7 +56,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("device", DEVICES),
-                              ("precision", PRECISIONS)):
+                              ("precision", PRECISIONS), ("compile_mode", COMPILE_MODES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"train.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("batch_size", "seq_len", "max_steps", "grad_accum", "log_every", "checkpoint_every",

@@ -182,7 +182,7 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overr
         log(f"{run_dir} holds a run that stopped before its first checkpoint: starting it afresh "
             "(its config.json and metrics.jsonl are replaced)")
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
-    forward = torch.compile(model) if cfg.compile else model
+    forward = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
     metrics = MetricsLog(run_dir, tensorboard=cfg.tensorboard, truncate_after=step if resume else None)
     dataset_state = {"name": data.meta.dataset, "path": str(data.path.resolve()), "vocab_size": data.meta.vocab_size,
                      "metric": data.meta.metric}
