@@ -373,3 +373,26 @@ def test_count_below_equals_searchsorted(right):
         v = torch.clamp(torch.arange(m) * step + offset, max=limit).to(torch.int32).expand(R, m).contiguous()
         expected = torch.searchsorted(x, v, right=right, out_int32=True)
         assert torch.equal(TO.count_below(x, m, step, offset, limit, right), expected), (N, m, step)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("C", [40, 300])  # uint8 and int16 cluster ids
+def test_index_structures_equal_the_specification_gpu(C):
+    """At real sizes on CUDA: shared-QK nearest slots/starts/ends equal assign_nearest's, topk's slot
+    bounds equal the searchsorted definition, and the row pointers equal torch.searchsorted."""
+    x = torch.randn(2, 4, 20000, 64, device="cuda", dtype=torch.bfloat16)
+    centroids = torch.nn.functional.normalize(torch.randn(4, C, 64, device="cuda"), dim=-1)
+    flat = lambda t: t.reshape(8, 20000).to(torch.int32)  # noqa: E731
+    a = assign_nearest(x, x, centroids, 500)
+    expected = (a.key_order, a.key_start.gather(2, a.key_order), a.key_end.gather(2, a.key_order), a.key_order)
+    for name, got, want in zip(("qpos", "lo", "hi", "kpos"), TO._nearest_indices(x, x, centroids, 500), expected):
+        assert torch.equal(got, flat(want)), name
+    qpos, lo, hi, kpos = TO._topk_indices(x, x, centroids[:, :39], 512, causal=True)
+    E = 39 * 512
+    ends = torch.searchsorted(kpos.view(8, 39, 512), qpos.view(8, 39, 512), right=True, out_int32=True)
+    starts = (torch.arange(39, device="cuda", dtype=torch.int32) * 512).repeat_interleave(512).expand(8, E)
+    assert torch.equal(lo, starts) and torch.equal(hi, (lo.view(8, 39, 512) + ends).view(8, E))
+    perm, rowptr = TO._inverse(qpos, 20000)
+    bound = torch.arange(20001, device="cuda", dtype=torch.int32).expand(8, 20001).contiguous()
+    assert torch.equal(rowptr, torch.searchsorted(qpos.sort(dim=-1).values, bound, out_int32=True))
