@@ -1,6 +1,7 @@
 """One run measures every attention claim: routing (ours, topk and nearest) against dense SDPA, the PyPI
 peer `routing-transformer` 1.6.1 KmeansAttention and a plain gather + SDPA baseline; local attention
-(ours) against FlexAttention with the same sliding-window block mask.
+(ours) against FlexAttention with the same sliding-window block mask, and ours with the Shaw
+relative-position tables the paper presets use (FlexAttention cannot express their value term).
 
 Setting (the issue's): bf16, B=1, H=8, D=64, window 512, causal, C = T / 512 clusters, shared QK (k is q,
 the model's default for causal LMs) for every routing row unless the row says "sep-k"; local attention
@@ -117,6 +118,21 @@ def _local_ours(T, centroids):
     return f
 
 
+def _local_ours_shaw(T, centroids):
+    """With the Shaw tables of the paper presets (max_relative_distance 513, random values)."""
+    from routeformer.ops import local_attention
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    # Trainable, as in the model: fwd+bwd includes the tables' gradient kernel.
+    rel_k, rel_v = ((torch.randn(2 * 513 + 1, D, device="cuda", dtype=DTYPE, generator=g) * 0.1).requires_grad_()
+                    for _ in range(2))
+
+    def f(q, k, v):
+        return local_attention(q, k, v, block=BLOCK, flange=FLANGE, causal=True, rel_k=rel_k, rel_v=rel_v,
+                               backend="triton")
+    return f
+
+
 _FLEX = {}
 
 
@@ -147,6 +163,7 @@ ROWS = [
     ("peer KmeansAttention", _peer),
     ("gather+SDPA", _gather_sdpa),
     ("local ours", _local_ours),
+    ("local ours (Shaw)", _local_ours_shaw),
     ("local FlexAttention", _local_flex),
 ]
 
