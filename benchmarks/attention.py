@@ -353,17 +353,42 @@ def sweep(T):
     return res
 
 
-AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through the dispatcher")
+AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through the dispatcher", "torch index ops")
+
+
+# "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
+# tests/benchmarks/test_attention_variants.py checks that), in place of the two small kernels.
+def _torch_count_below(x, m, step, offset, limit, right):
+    v = torch.clamp(torch.arange(m, device=x.device, dtype=torch.int32) * step + offset, max=limit)
+    return torch.searchsorted(x, v.to(x.dtype).expand(x.shape[0], m).contiguous(), right=right, out_int32=True)
+
+
+def _torch_topk_slot_bounds(like, R, N, W, causal):
+    base = (torch.arange(N // W, device=like.device, dtype=torch.int32) * W)[:, None]
+    hi = base + (torch.arange(1, W + 1, device=like.device, dtype=torch.int32) if causal else W)
+    return (base.expand(N // W, W).reshape(1, N).expand(R, N).contiguous(),
+            hi.expand(N // W, W).reshape(1, N).expand(R, N).contiguous())
+
+
+def _torch_nearest_slot_bounds(order, group, first, W):
+    R, N = order.shape
+    hi = torch.arange(1, N + 1, device=order.device, dtype=torch.int32)
+    lo = torch.maximum(first.gather(1, group.long()), hi - W)
+    return order.to(torch.int32), lo, hi.expand(R, N).contiguous()
 
 
 @contextlib.contextmanager
 def _variant(name):
-    """One change since the b39427a H100 run switched back, to measure it alone (NOTES_routing.md v5)."""
+    """One change switched back, to measure it alone (NOTES_routing.md v5 and v7)."""
     from routeformer.ops import _dispatch
     from routeformer.ops.routing import triton_ops as TO
 
     saved = (TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing)
-    if name == "one scoring pass":
+    index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
+    if name == "torch index ops":
+        TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = (
+            _torch_count_below, _torch_topk_slot_bounds, _torch_nearest_slot_bounds)
+    elif name == "one scoring pass":
         TO.CLUSTER_CHUNK = 1 << 30
     elif name == "torch.topk select":
         TO.SELECT_ROWS_MAX = 0
@@ -373,6 +398,7 @@ def _variant(name):
         yield
     finally:
         TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing = saved
+        TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = index_ops
 
 
 def ab(Ts):

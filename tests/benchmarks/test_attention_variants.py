@@ -1,0 +1,38 @@
+"""benchmarks/attention.py --ab switches changes back one at a time; a switched-back variant must compute
+the same thing, or its timing compares different work. Runs on CPU under the interpreter."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from routeformer.ops.routing import triton_ops as TO
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("attention_bench", ROOT / "benchmarks" / "attention.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+@pytest.mark.parametrize("assign,causal", [("topk", True), ("topk", False), ("nearest", True)])
+def test_torch_index_ops_variant_builds_the_same_indices(assign, causal):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 2, 300, 16, generator=g)
+    centroids = torch.randn(2, 6, 16, generator=g)
+    centroids[:, 3:] *= 0.01  # crowded clusters: the nearest window binds
+    with torch.no_grad():
+        want = TO.routing_indices(x, x, centroids, 40, causal, assign)
+        want_rowptr = TO._inverse(want[0], 300)[1]
+        rows = want[2][:, ::7].contiguous()  # sorted rows (hi is non-decreasing)
+        want_counts = [TO.count_below(rows, 9, 5, 3, 40, right) for right in (False, True)]
+        with bench._variant("torch index ops"):
+            assert TO.count_below is bench._torch_count_below
+            got = TO.routing_indices(x, x, centroids, 40, causal, assign)
+            got_rowptr = TO._inverse(want[0], 300)[1]
+            got_counts = [TO.count_below(rows, 9, 5, 3, 40, right) for right in (False, True)]
+    assert TO.count_below is not bench._torch_count_below  # restored
+    for name, a, b in zip(("qpos", "lo", "hi", "kpos", "rowptr", "count", "count right"),
+                          [*got, got_rowptr, *got_counts], [*want, want_rowptr, *want_counts]):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
