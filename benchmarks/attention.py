@@ -195,13 +195,13 @@ def _measure(name, make, T):
     return row
 
 
-def _graph_rows(T):
+def _graph_rows(T, assigns=("topk", "nearest")):
     """Ours replayed from CUDA graphs (what torch.compile(mode="reduce-overhead") gives a model): the GPU
     time without Python and launch overhead, which dominates the eager rows at small T."""
     from routeformer.ops import routing_attention
 
     out = []
-    for assign in ("topk", "nearest"):
+    for assign in assigns:
         q, k, v, dout, centroids = _inputs(T)
         row = {"name": f"ours {assign} (CUDA graph)", "T": T}
         try:
@@ -353,7 +353,8 @@ def sweep(T):
     return res
 
 
-AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through the dispatcher", "torch index ops")
+AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through the dispatcher", "torch index ops",
+               "masked tiles")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -379,11 +380,11 @@ def _torch_nearest_slot_bounds(order, group, first, W):
 
 @contextlib.contextmanager
 def _variant(name):
-    """One change switched back, to measure it alone (NOTES_routing.md v5 and v7)."""
+    """One change switched back, to measure it alone (NOTES_routing.md v5, v7 and v8)."""
     from routeformer.ops import _dispatch
     from routeformer.ops.routing import triton_ops as TO
 
-    saved = (TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing)
+    saved = (TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES)
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
         TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = (
@@ -392,12 +393,14 @@ def _variant(name):
         TO.CLUSTER_CHUNK = 1 << 30
     elif name == "torch.topk select":
         TO.SELECT_ROWS_MAX = 0
+    elif name == "masked tiles":  # every attention tile masked, as before NOTES_routing.md v8
+        TO.SPLIT_TILES = False
     elif name == "through the dispatcher":
         _dispatch.tracing = lambda: True  # eager calls take the custom ops, as before ops/_dispatch.py
     try:
         yield
     finally:
-        TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing = saved
+        TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES = saved
         TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = index_ops
 
 
@@ -411,12 +414,16 @@ def ab(Ts):
                     continue  # nearest has no top-k
                 with _variant(name):
                     r = _measure(f"ours {assign} / {name}", _ours(assign), T)
+                    # The GPU's own time (eager rows below 32k are host-bound noise)
+                    g = _graph_rows(T, (assign,))[0]
+                r["graph_fwd_ms"], r["graph_fwdbwd_ms"] = g.get("fwd_ms"), g.get("fwdbwd_ms")
                 print(json.dumps(r), flush=True)
                 rows.append(r)
-    print("| T | variant | fwd ms | fwd+bwd ms | fwd MiB | fwd+bwd MiB |")
-    print("|---:|---|---:|---:|---:|---:|")
+    print("| T | variant | fwd ms | fwd+bwd ms | graph fwd ms | graph fwd+bwd ms | fwd MiB | fwd+bwd MiB |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['T']} | {r['name']} | {_fmt(r.get('fwd_ms'), '.3f')} | {_fmt(r.get('fwdbwd_ms'), '.3f')} "
+              f"| {_fmt(r.get('graph_fwd_ms'), '.3f')} | {_fmt(r.get('graph_fwdbwd_ms'), '.3f')} "
               f"| {_fmt(r.get('fwd_mib'), '.0f')} | {_fmt(r.get('fwdbwd_mib'), '.0f')} |")
     return rows
 

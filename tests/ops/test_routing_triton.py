@@ -375,6 +375,51 @@ def test_count_below_equals_searchsorted(right):
         assert torch.equal(TO.count_below(x, m, step, offset, limit, right), expected), (N, m, step)
 
 
+def test_tile_entry_ranges_equal_their_definition():
+    """For each key tile: [qlo, qhi) are the entries that see one of its slots, [flo, fhi) those that
+    see all of them (checked pair by pair on random non-decreasing bounds, with empty ranges, a
+    partial last tile and entries no slot of a tile concerns)."""
+    g = torch.Generator().manual_seed(6)
+    for R, N, S, bn in ((2, 50, 50, 16), (3, 77, 61, 8), (1, 300, 300, 32)):
+        lo = torch.randint(0, S, (R, N), generator=g).sort(dim=-1).values
+        hi = torch.maximum(lo + torch.randint(-3, 40, (R, N), generator=g), lo).clamp(max=S)
+        hi = torch.cummax(hi, dim=-1).values  # non-decreasing, as the index builders give
+        lo, hi = lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
+        nt = -(-S // bn)
+        qlo, qhi, flo, fhi = TO.tile_entry_ranges(lo, hi, nt, bn, S)
+        s = torch.arange(S)
+        sees = (s[None, None, :] >= lo[..., None]) & (s[None, None, :] < hi[..., None])  # (R, N, S)
+        for i in range(nt):
+            tile = sees[..., i * bn:min(i * bn + bn, S)]
+            some, every = tile.any(-1), tile.all(-1)
+            e = torch.arange(N)
+            for r in range(R):
+                assert torch.equal(some[r], (e >= qlo[r, i]) & (e < qhi[r, i])), (R, N, i)
+                assert torch.equal(every[r], (e >= flo[r, i]) & (e < fhi[r, i])), (R, N, i)
+
+
+@pytest.mark.parametrize("assign", ["topk", "nearest"])
+def test_unmasked_tiles_give_what_masked_tiles_give(assign):
+    """The tiles every row sees whole run without masks (SPLIT_TILES); the same op with every tile
+    masked must give the same outputs and gradients. Window 56 over 16-wide tiles: most tiles are
+    whole, and rows of a cluster tail or a short cluster still need masked ones."""
+    q, _, v, centroids = _inputs(2, 2, 150, 24, 24, 3, True, torch.float32, "cpu", 8)
+    results = []
+    for split in (True, False):
+        TO.SPLIT_TILES = split
+        try:
+            out = routing_attention(q, q, v, centroids, window=56, causal=True, assign=assign, backend="triton")
+            results.append((out, *torch.autograd.grad(out, (q, v), torch.ones_like(out))))
+        finally:
+            TO.SPLIT_TILES = True
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():  # the case has whole tiles to run unmasked, else the test shows nothing
+        qpos, lo, hi, kpos = TO.routing_indices(q, q, centroids, 56, True, assign)
+        qlo, qhi, flo, fhi = TO.tile_entry_ranges(lo, hi, -(-kpos.shape[1] // 16), 16, kpos.shape[1])
+        assert ((fhi - flo) >= 32).any()
+
+
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("C", [40, 300])  # uint8 and int16 cluster ids

@@ -34,24 +34,38 @@ def _dot(a, b, PRECISION: tl.constexpr):
 @triton.jit
 def _fwd_step(q, kbase, vbase, kpos_ptr, s0, band_hi, lo, hi, m_i, l_i, acc,
               skt, svt, D, DV, sm_scale_log2,
-              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
-    """One slot tile of the online softmax: returns the updated (m_i, l_i, acc)."""
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+              MASKED: tl.constexpr):
+    """One slot tile of the online softmax: returns the updated (m_i, l_i, acc).
+
+    MASKED False: the caller knows every row may see every slot of the tile (and that the tile ends
+    inside the band), so no per-element mask is built and the scale folds into the exponent's FMA.
+    """
     offs_s = s0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    smask = offs_s < band_hi
-    kpos = tl.load(kpos_ptr + offs_s, mask=smask, other=0).to(tl.int64)
-    k = tl.load(kbase + kpos[:, None] * skt + offs_d[None, :],
-                mask=smask[:, None] & (offs_d[None, :] < D), other=0.0)
+    if MASKED:
+        smask = offs_s < band_hi
+        kpos = tl.load(kpos_ptr + offs_s, mask=smask, other=0).to(tl.int64)
+        k = tl.load(kbase + kpos[:, None] * skt + offs_d[None, :],
+                    mask=smask[:, None] & (offs_d[None, :] < D), other=0.0)
+        v = tl.load(vbase + kpos[:, None] * svt + offs_dv[None, :],
+                    mask=smask[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    else:  # s0 + BLOCK_N <= band_hi: no row mask
+        kpos = tl.load(kpos_ptr + offs_s).to(tl.int64)
+        k = tl.load(kbase + kpos[:, None] * skt + offs_d[None, :], mask=offs_d[None, :] < D, other=0.0)
+        v = tl.load(vbase + kpos[:, None] * svt + offs_dv[None, :], mask=offs_dv[None, :] < DV, other=0.0)
     qk = _dot(q, tl.trans(k), PRECISION)
-    valid = (offs_s[None, :] >= lo[:, None]) & (offs_s[None, :] < hi[:, None])
-    qk = tl.where(valid, qk * sm_scale_log2, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    if MASKED:
+        valid = (offs_s[None, :] >= lo[:, None]) & (offs_s[None, :] < hi[:, None])
+        qk = tl.where(valid, qk * sm_scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        p = tl.exp2(qk - m_new[:, None])
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * sm_scale_log2)
+        p = tl.exp2(qk * sm_scale_log2 - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(vbase + kpos[:, None] * svt + offs_dv[None, :],
-                mask=smask[:, None] & (offs_dv[None, :] < DV), other=0.0)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
     return m_new, l_i, acc
 
@@ -59,23 +73,79 @@ def _fwd_step(q, kbase, vbase, kpos_ptr, s0, band_hi, lo, hi, m_i, l_i, acc,
 @triton.jit
 def _dq_step(q, do, kbase, vbase, kpos_ptr, s0, band_hi, lo, hi, lse, delta, dq,
              skt, svt, D, DV, sm_scale_log2,
-             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
-    """One slot tile of dq (unscaled): returns dq + ds @ k."""
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+             MASKED: tl.constexpr):
+    """One slot tile of dq (unscaled): returns dq + ds @ k. MASKED as in _fwd_step."""
     offs_s = s0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    smask = offs_s < band_hi
-    kpos = tl.load(kpos_ptr + offs_s, mask=smask, other=0).to(tl.int64)
-    k = tl.load(kbase + kpos[:, None] * skt + offs_d[None, :],
-                mask=smask[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(vbase + kpos[:, None] * svt + offs_dv[None, :],
-                mask=smask[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    if MASKED:
+        smask = offs_s < band_hi
+        kpos = tl.load(kpos_ptr + offs_s, mask=smask, other=0).to(tl.int64)
+        k = tl.load(kbase + kpos[:, None] * skt + offs_d[None, :],
+                    mask=smask[:, None] & (offs_d[None, :] < D), other=0.0)
+        v = tl.load(vbase + kpos[:, None] * svt + offs_dv[None, :],
+                    mask=smask[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    else:
+        kpos = tl.load(kpos_ptr + offs_s).to(tl.int64)
+        k = tl.load(kbase + kpos[:, None] * skt + offs_d[None, :], mask=offs_d[None, :] < D, other=0.0)
+        v = tl.load(vbase + kpos[:, None] * svt + offs_dv[None, :], mask=offs_dv[None, :] < DV, other=0.0)
     qk = _dot(q, tl.trans(k), PRECISION)
-    valid = (offs_s[None, :] >= lo[:, None]) & (offs_s[None, :] < hi[:, None])
-    p = tl.where(valid, tl.exp2(qk * sm_scale_log2 - lse[:, None]), 0.0)
+    if MASKED:
+        valid = (offs_s[None, :] >= lo[:, None]) & (offs_s[None, :] < hi[:, None])
+        p = tl.where(valid, tl.exp2(qk * sm_scale_log2 - lse[:, None]), 0.0)
+    else:
+        p = tl.exp2(qk * sm_scale_log2 - lse[:, None])
     dp = _dot(do, tl.trans(v), PRECISION)
     ds = p * (dp - delta[:, None])
     return dq + _dot(ds.to(k.dtype), k, PRECISION)
+
+
+@triton.jit
+def _full_slot_tiles(lo, hi, emask, band_lo, band_hi, BLOCK_N: tl.constexpr):
+    """[full_lo, full_hi): the slot tiles (on the band_lo + i * BLOCK_N grid) that every valid row of
+    the tile sees whole, so they need no mask. LO and HI are non-decreasing in the entry, so that is
+    [max LO, min HI) of the valid rows, and the tiles before and after it are the masked ones."""
+    lo_max = tl.max(tl.where(emask, lo, band_lo), axis=0)
+    hi_min = tl.min(tl.where(emask, hi, band_hi), axis=0)
+    band_end = band_lo + tl.cdiv(tl.maximum(band_hi - band_lo, 0), BLOCK_N) * BLOCK_N
+    full_lo = tl.minimum(band_lo + tl.cdiv(tl.maximum(lo_max - band_lo, 0), BLOCK_N) * BLOCK_N, band_end)
+    full_hi = tl.maximum(band_lo + (tl.maximum(hi_min - band_lo, 0) // BLOCK_N) * BLOCK_N, full_lo)
+    return full_lo, full_hi
+
+
+@triton.jit
+def _fwd_masked_tiles(q, kbase, vbase, kpos_ptr, start, end, band_hi, lo, hi, m_i, l_i, acc,
+                      skt, svt, D, DV, sm_scale_log2,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+                      SKIP_EMPTY: tl.constexpr):
+    """The masked slot tiles [start, end); SKIP_EMPTY: tiles no row sees are skipped."""
+    for s0 in range(start, end, BLOCK_N):
+        if SKIP_EMPTY:
+            if tl.max(((lo < s0 + BLOCK_N) & (hi > s0)).to(tl.int32), axis=0) > 0:
+                m_i, l_i, acc = _fwd_step(q, kbase, vbase, kpos_ptr, s0, band_hi, lo, hi, m_i, l_i, acc,
+                                          skt, svt, D, DV, sm_scale_log2,
+                                          BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, True)
+        else:
+            m_i, l_i, acc = _fwd_step(q, kbase, vbase, kpos_ptr, s0, band_hi, lo, hi, m_i, l_i, acc,
+                                      skt, svt, D, DV, sm_scale_log2, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, True)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _dq_masked_tiles(q, do, kbase, vbase, kpos_ptr, start, end, band_hi, lo, hi, lse, delta, dq,
+                     skt, svt, D, DV, sm_scale_log2,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+                     SKIP_EMPTY: tl.constexpr):
+    for s0 in range(start, end, BLOCK_N):
+        if SKIP_EMPTY:
+            if tl.max(((lo < s0 + BLOCK_N) & (hi > s0)).to(tl.int32), axis=0) > 0:
+                dq = _dq_step(q, do, kbase, vbase, kpos_ptr, s0, band_hi, lo, hi, lse, delta, dq,
+                              skt, svt, D, DV, sm_scale_log2, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, True)
+        else:
+            dq = _dq_step(q, do, kbase, vbase, kpos_ptr, s0, band_hi, lo, hi, lse, delta, dq,
+                          skt, svt, D, DV, sm_scale_log2, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, True)
+    return dq
 
 
 @triton.jit
@@ -84,7 +154,7 @@ def _fwd_kernel(
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
     H, E, S, D, DV, sm_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DIRECT: tl.constexpr, SKIP_EMPTY: tl.constexpr, PRECISION: tl.constexpr,
+    DIRECT: tl.constexpr, SKIP_EMPTY: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -111,16 +181,19 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for s0 in range(band_lo, band_hi, BLOCK_N):
-        if SKIP_EMPTY:
-            if tl.max(((lo < s0 + BLOCK_N) & (hi > s0)).to(tl.int32), axis=0) > 0:
-                m_i, l_i, acc = _fwd_step(q, kbase, vbase, KPOS + sbase, s0, band_hi, lo, hi, m_i, l_i, acc,
-                                          skt, svt, D, DV, sm_scale_log2,
-                                          BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
-        else:
-            m_i, l_i, acc = _fwd_step(q, kbase, vbase, KPOS + sbase, s0, band_hi, lo, hi, m_i, l_i, acc,
-                                      skt, svt, D, DV, sm_scale_log2,
-                                      BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
+    if SPLIT:  # masked tiles before and after the ones every row sees whole
+        full_lo, full_hi = _full_slot_tiles(lo, hi, emask, band_lo, band_hi, BLOCK_N)
+    else:
+        full_lo, full_hi = band_lo, band_lo
+    m_i, l_i, acc = _fwd_masked_tiles(q, kbase, vbase, KPOS + sbase, band_lo, full_lo, band_hi, lo, hi,
+                                      m_i, l_i, acc, skt, svt, D, DV, sm_scale_log2,
+                                      BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, SKIP_EMPTY)
+    for s0 in range(full_lo, full_hi, BLOCK_N):
+        m_i, l_i, acc = _fwd_step(q, kbase, vbase, KPOS + sbase, s0, band_hi, lo, hi, m_i, l_i, acc,
+                                  skt, svt, D, DV, sm_scale_log2, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, False)
+    m_i, l_i, acc = _fwd_masked_tiles(q, kbase, vbase, KPOS + sbase, full_hi, band_hi, band_hi, lo, hi,
+                                      m_i, l_i, acc, skt, svt, D, DV, sm_scale_log2,
+                                      BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, SKIP_EMPTY)
     has_key = l_i > 0
     o = acc / tl.where(has_key, l_i, 1.0)[:, None]
     # +inf marks "no key": backward recomputes p = exp2(s - lse) = 0 for such rows.
@@ -140,7 +213,7 @@ def _bwd_dq_kernel(
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sob, soh, sot, sdqb, sdqh, sdqt,
     H, T, E, S, D, DV, sm_scale, sm_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DIRECT: tl.constexpr, SKIP_EMPTY: tl.constexpr, PRECISION: tl.constexpr,
+    DIRECT: tl.constexpr, SKIP_EMPTY: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """dq per query entry; also stores DELTA = rowsum(dO * O_entry) for the dk/dv kernel.
 
@@ -182,14 +255,17 @@ def _bwd_dq_kernel(
     vbase = V + b * svb + h * svh
     sbase = bh.to(tl.int64) * S
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for s0 in range(band_lo, band_hi, BLOCK_N):
-        if SKIP_EMPTY:
-            if tl.max(((lo < s0 + BLOCK_N) & (hi > s0)).to(tl.int32), axis=0) > 0:
-                dq = _dq_step(q, do, kbase, vbase, KPOS + sbase, s0, band_hi, lo, hi, lse, delta, dq,
-                              skt, svt, D, DV, sm_scale_log2, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
-        else:
-            dq = _dq_step(q, do, kbase, vbase, KPOS + sbase, s0, band_hi, lo, hi, lse, delta, dq,
-                          skt, svt, D, DV, sm_scale_log2, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION)
+    if SPLIT:
+        full_lo, full_hi = _full_slot_tiles(lo, hi, emask, band_lo, band_hi, BLOCK_N)
+    else:
+        full_lo, full_hi = band_lo, band_lo
+    dq = _dq_masked_tiles(q, do, kbase, vbase, KPOS + sbase, band_lo, full_lo, band_hi, lo, hi, lse, delta, dq,
+                          skt, svt, D, DV, sm_scale_log2, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, SKIP_EMPTY)
+    for s0 in range(full_lo, full_hi, BLOCK_N):
+        dq = _dq_step(q, do, kbase, vbase, KPOS + sbase, s0, band_hi, lo, hi, lse, delta, dq,
+                      skt, svt, D, DV, sm_scale_log2, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, False)
+    dq = _dq_masked_tiles(q, do, kbase, vbase, KPOS + sbase, full_hi, band_hi, band_hi, lo, hi, lse, delta, dq,
+                          skt, svt, D, DV, sm_scale_log2, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, SKIP_EMPTY)
     dq = dq * (sm_scale * inv_n)[:, None]
     if DIRECT:
         drow = qpos
@@ -200,15 +276,63 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
+def _dkdv_step(e0, end, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LSE, DELTA, INV_N, ibase, nbase,
+               sqt, sdot, S, D, DV, sm_scale_log2,
+               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+               DIRECT: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """One entry tile [e0, e0 + BLOCK_M) of the dk/dv loop: returns the updated (dk, dv).
+
+    MASKED False: the caller knows every entry of the tile (all < end) sees every valid slot of the
+    key tile, so neither entries nor slots are masked (the tile's slots past S only feed rows that
+    are never stored)."""
+    offs_e = e0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    if MASKED:
+        emask = offs_e < end
+        qpos = tl.load(QPOS + ibase + offs_e, mask=emask, other=0).to(tl.int64)
+        lo = tl.load(LO + ibase + offs_e, mask=emask, other=S)
+        hi = tl.load(HI + ibase + offs_e, mask=emask, other=0)
+        lse = tl.load(LSE + ibase + offs_e, mask=emask, other=float("inf"))
+        delta = tl.load(DELTA + ibase + offs_e, mask=emask, other=0.0)
+        q = tl.load(qbase + qpos[:, None] * sqt + offs_d[None, :],
+                    mask=emask[:, None] & (offs_d[None, :] < D), other=0.0)
+        do = tl.load(dobase + qpos[:, None] * sdot + offs_dv[None, :],
+                     mask=emask[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    else:
+        emask = offs_e >= 0
+        qpos = tl.load(QPOS + ibase + offs_e).to(tl.int64)
+        lse = tl.load(LSE + ibase + offs_e)
+        delta = tl.load(DELTA + ibase + offs_e)
+        q = tl.load(qbase + qpos[:, None] * sqt + offs_d[None, :], mask=offs_d[None, :] < D, other=0.0)
+        do = tl.load(dobase + qpos[:, None] * sdot + offs_dv[None, :], mask=offs_dv[None, :] < DV, other=0.0)
+    qkT = _dot(k, tl.trans(q), PRECISION)
+    if MASKED:
+        valid = (offs_s[:, None] >= lo[None, :]) & (offs_s[:, None] < hi[None, :])
+        pT = tl.where(valid, tl.exp2(qkT * sm_scale_log2 - lse[None, :]), 0.0)
+    else:
+        pT = tl.exp2(qkT * sm_scale_log2 - lse[None, :])
+    if not DIRECT:
+        pT = pT * tl.load(INV_N + nbase + qpos, mask=emask, other=0.0)[None, :]
+    dv = dv + _dot(pT.to(do.dtype), do, PRECISION)
+    dpT = _dot(v, tl.trans(do), PRECISION)
+    dsT = pT * (dpT - delta[None, :])
+    dk = dk + _dot(dsT.to(q.dtype), q, PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, INV_N, DELTA, QPOS, LO, HI, KPOS, QLO, QHI, DK, DV_OUT,
+    Q, K, V, DO, LSE, INV_N, DELTA, QPOS, LO, HI, KPOS, QLO, QHI, FLO, FHI, DK, DV_OUT,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
     H, T, E, S, NT, D, DV, sm_scale, sm_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DIRECT: tl.constexpr, ADD_DK: tl.constexpr, PRECISION: tl.constexpr,
+    DIRECT: tl.constexpr, ADD_DK: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """dk, dv per slot tile, looping over the contiguous entry range [QLO, QHI) that attends it.
 
+    SPLIT: the entries [FLO, FHI) see the whole tile (see tile_entry_ranges), so the entry tiles
+    inside that range run without masks; the ones before and after it are masked.
     ADD_DK (shared QK): DK is the dq buffer, which holds dq at these rows (token positions if DIRECT,
     else entries, which are the slots); add dk to it, so one rounding covers dq + dk.
     """
@@ -223,6 +347,7 @@ def _bwd_dkdv_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     sbase = bh.to(tl.int64) * S
     ibase = bh.to(tl.int64) * E
+    nbase = bh.to(tl.int64) * T
     kpos = tl.load(KPOS + sbase + offs_s, mask=smask, other=0).to(tl.int64)
     kdmask = smask[:, None] & (offs_d[None, :] < D)
     vdmask = smask[:, None] & (offs_dv[None, :] < DV)
@@ -230,33 +355,30 @@ def _bwd_dkdv_kernel(
     v = tl.load(V + b * svb + h * svh + kpos[:, None] * svt + offs_dv[None, :], mask=vdmask, other=0.0)
     qlo = tl.load(QLO + bh * NT + pid_n)
     qhi = tl.load(QHI + bh * NT + pid_n)
+    if SPLIT:
+        # [full_lo, full_hi): whole entry tiles on the qlo + i * BLOCK_M grid inside [FLO, FHI).
+        flo = tl.load(FLO + bh * NT + pid_n)
+        fhi = tl.load(FHI + bh * NT + pid_n)
+        full_lo = tl.minimum(qlo + tl.cdiv(tl.maximum(flo - qlo, 0), BLOCK_M) * BLOCK_M, qhi)
+        full_hi = tl.maximum(full_lo + (tl.maximum(fhi - full_lo, 0) // BLOCK_M) * BLOCK_M, full_lo)
+    else:
+        full_lo, full_hi = qlo, qlo
     qbase = Q + b * sqb + h * sqh
     dobase = DO + b * sdob + h * sdoh
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    for e0 in range(qlo, qhi, BLOCK_M):
-        offs_e = e0 + tl.arange(0, BLOCK_M)
-        emask = offs_e < qhi
-        qpos = tl.load(QPOS + ibase + offs_e, mask=emask, other=0).to(tl.int64)
-        lo = tl.load(LO + ibase + offs_e, mask=emask, other=S)
-        hi = tl.load(HI + ibase + offs_e, mask=emask, other=0)
-        lse = tl.load(LSE + ibase + offs_e, mask=emask, other=float("inf"))
-        delta = tl.load(DELTA + ibase + offs_e, mask=emask, other=0.0)
-        if DIRECT:
-            inv_n = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
-        else:
-            inv_n = tl.load(INV_N + bh.to(tl.int64) * T + qpos, mask=emask, other=0.0)
-        q = tl.load(qbase + qpos[:, None] * sqt + offs_d[None, :],
-                    mask=emask[:, None] & (offs_d[None, :] < D), other=0.0)
-        do = tl.load(dobase + qpos[:, None] * sdot + offs_dv[None, :],
-                     mask=emask[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        qkT = _dot(k, tl.trans(q), PRECISION)
-        valid = (offs_s[:, None] >= lo[None, :]) & (offs_s[:, None] < hi[None, :])
-        pT = tl.where(valid, tl.exp2(qkT * sm_scale_log2 - lse[None, :]), 0.0) * inv_n[None, :]
-        dv = dv + _dot(pT.to(do.dtype), do, PRECISION)
-        dpT = _dot(v, tl.trans(do), PRECISION)
-        dsT = pT * (dpT - delta[None, :])
-        dk = dk + _dot(dsT.to(q.dtype), q, PRECISION)
+    for e0 in range(qlo, full_lo, BLOCK_M):
+        dk, dv = _dkdv_step(e0, full_lo, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LSE, DELTA, INV_N,
+                            ibase, nbase, sqt, sdot, S, D, DV, sm_scale_log2,
+                            BLOCK_M, BLOCK_D, BLOCK_DV, DIRECT, PRECISION, True)
+    for e0 in range(full_lo, full_hi, BLOCK_M):
+        dk, dv = _dkdv_step(e0, full_hi, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LSE, DELTA, INV_N,
+                            ibase, nbase, sqt, sdot, S, D, DV, sm_scale_log2,
+                            BLOCK_M, BLOCK_D, BLOCK_DV, DIRECT, PRECISION, False)
+    for e0 in range(full_hi, qhi, BLOCK_M):
+        dk, dv = _dkdv_step(e0, qhi, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LSE, DELTA, INV_N,
+                            ibase, nbase, sqt, sdot, S, D, DV, sm_scale_log2,
+                            BLOCK_M, BLOCK_D, BLOCK_DV, DIRECT, PRECISION, True)
     dk = dk * sm_scale
     if DIRECT:
         row = kpos
@@ -268,6 +390,44 @@ def _bwd_dkdv_kernel(
     tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=kdmask)
     tl.store(DV_OUT + b * sdvb + h * sdvh + row[:, None] * sdvt + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty),
              mask=vdmask)
+
+
+@triton.jit
+def _tile_entry_ranges_kernel(
+    LO, HI, QLO, QHI, FLO, FHI,
+    N, M, BN, S,
+    BLOCK: tl.constexpr, STEPS: tl.constexpr,
+):
+    """For key tile i of each row (slots [i * BN, min(i * BN + BN, S)), first f and last l), the
+    entry ranges of the dk/dv kernel, from LO and HI (R, N) non-decreasing:
+    QLO = #(HI <= f), QHI = #(LO <= l): [QLO, QHI) are the entries that see a slot of the tile;
+    FLO = #(HI <= l), FHI = #(LO <= f): [FLO, FHI) are those that see all of it (empty if FLO >= FHI).
+    One launch for the four (vectorised binary searches of STEPS >= bit length of N halvings)."""
+    row = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M
+    first = offs * BN
+    last = tl.minimum(first + BN, S) - 1
+    out = row * M + offs
+    tl.store(QLO + out, _count_le(HI + row * N, N, first, mask, BLOCK, STEPS), mask=mask)
+    tl.store(QHI + out, _count_le(LO + row * N, N, last, mask, BLOCK, STEPS), mask=mask)
+    tl.store(FLO + out, _count_le(HI + row * N, N, last, mask, BLOCK, STEPS), mask=mask)
+    tl.store(FHI + out, _count_le(LO + row * N, N, first, mask, BLOCK, STEPS), mask=mask)
+
+
+@triton.jit
+def _count_le(X, N, v, mask, BLOCK: tl.constexpr, STEPS: tl.constexpr):
+    """#(X[j] <= v) per lane, X sorted ascending (N of them): torch.searchsorted(X, v, right=True)."""
+    lo = tl.zeros([BLOCK], dtype=tl.int32)  # invariant: the answer lies in [lo, hi]
+    hi = tl.zeros([BLOCK], dtype=tl.int32) + N
+    for _ in tl.static_range(STEPS):
+        mid = (lo + hi) // 2  # < hi <= N whenever lo < hi
+        go = lo < hi
+        x = tl.load(X + mid, mask=mask & go, other=0).to(tl.int32)
+        below = x <= v
+        lo = tl.where(go & below, mid + 1, lo)
+        hi = tl.where(go & ~below, mid, hi)
+    return lo
 
 
 @triton.jit

@@ -41,6 +41,10 @@ CONFIG = {
     "cpu": dict(fwd=(16, 16, 4, 1), dq=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), combine=(16, 4)),
 }
 
+# The attention kernels run the slot (or entry) tiles that every row sees whole without masks
+# (NOTES_routing.md v8); False runs every tile masked, as before, for benchmarks/attention.py --ab.
+SPLIT_TILES = True
+
 # Tests set this to fill fresh buffers with NaN (or -1 for integers), so that unwritten memory shows.
 POISON = False
 
@@ -308,6 +312,19 @@ def _(x, m, step, offset, limit, right):
     return x.new_empty((x.shape[0], m), dtype=torch.int32)
 
 
+def tile_entry_ranges(lo: torch.Tensor, hi: torch.Tensor, nt: int, bn: int, S: int):
+    """(qlo, qhi, flo, fhi), each (R, nt) int32: for key tile i (slots [i * bn, min(i * bn + bn, S))),
+    the entries [qlo, qhi) that see one of its slots and [flo, fhi) that see all of them; lo and hi
+    (R, N) are non-decreasing in the entry (see _kernels._tile_entry_ranges_kernel). Called inside
+    routing_bwd only, so a plain function rather than a custom op."""
+    R, N = lo.shape
+    out = _new((4, R, nt), torch.int32, lo.device)
+    block = 256
+    K._tile_entry_ranges_kernel[(triton.cdiv(nt, block), R)](lo, hi, out[0], out[1], out[2], out[3], N, nt, bn, S,
+                                                             BLOCK=block, STEPS=max(1, N.bit_length()), num_warps=4)
+    return out.unbind(0)
+
+
 def _inverse(pos: torch.Tensor, T: int):
     """pos (BH, E) positions -> (perm, rowptr): entries sorted by position and CSR row pointers."""
     sorted_pos, perm = pos.sort(dim=-1, stable=True)
@@ -355,7 +372,7 @@ def attention_fwd(q, k, v, qpos, lo, hi, kpos, scale: float, direct: bool):
                         H, E, S, D, Dv, scale * math.log2(math.e),
                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
                         DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=_precision(q),
-                        num_warps=warps, num_stages=stages)
+                        SPLIT=SPLIT_TILES, num_warps=warps, num_stages=stages)
     return o, lse
 
 
@@ -424,14 +441,12 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(o_rows), *_s4(dq),
         H, T, E, S, D, Dv, scale, sl2,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
-        DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=prec, num_warps=warps, num_stages=stages)
+        DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=prec, SPLIT=SPLIT_TILES,
+        num_warps=warps, num_stages=stages)
 
     bm, bn, warps, stages = _cfg(q, "dkdv")
     nt = triton.cdiv(S, bn)
-    # Key tile i holds slots [i * bn, min(i * bn + bn, S)): the entries that can see one of them are
-    # those with HI > the first slot and LO < the end (both non-decreasing in the entry index).
-    qlo = count_below(hi, nt, bn, 0, S, True)
-    qhi = count_below(lo, nt, bn, bn, S, False)
+    qlo, qhi, flo, fhi = tile_entry_ranges(lo, hi, nt, bn, S)
     # Shared QK: entry e and slot e are the same (cluster, rank) or token, so the dk/dv kernel adds
     # dk into the dq buffer in place and one buffer holds the whole gradient of q.
     if direct:
@@ -441,11 +456,11 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         dk = dq if shared else _new((B, H, S, D), part, dev)
         dv = _new((B, H, S, Dv), part, dev)
     K._bwd_dkdv_kernel[(nt, B * H)](
-        q, k, v, dout, lse, inv, delta, qpos, lo, hi, kpos, qlo, qhi, dk, dv,
+        q, k, v, dout, lse, inv, delta, qpos, lo, hi, kpos, qlo, qhi, flo, fhi, dk, dv,
         *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(dk), *_s4(dv),
         H, T, E, S, nt, D, Dv, scale, sl2,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
-        DIRECT=direct, ADD_DK=shared, PRECISION=prec, num_warps=warps, num_stages=stages)
+        DIRECT=direct, ADD_DK=shared, PRECISION=prec, SPLIT=SPLIT_TILES, num_warps=warps, num_stages=stages)
     empty = q.new_empty(0)
     if direct:
         return dq, (empty if shared else dk), dv
