@@ -354,7 +354,7 @@ def sweep(T):
 
 
 AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through the dispatcher", "torch index ops",
-               "masked tiles")
+               "masked tiles", "candidate gather ops")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -384,7 +384,7 @@ def _variant(name):
     from routeformer.ops import _dispatch
     from routeformer.ops.routing import triton_ops as TO
 
-    saved = (TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES)
+    saved = (TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES, TO.FUSED_CANDIDATES)
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
         TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = (
@@ -395,12 +395,14 @@ def _variant(name):
         TO.SELECT_ROWS_MAX = 0
     elif name == "masked tiles":  # every attention tile masked, as before NOTES_routing.md v8
         TO.SPLIT_TILES = False
+    elif name == "candidate gather ops":  # topk's second stage as before v8 (gather kernel + torch ops)
+        TO.FUSED_CANDIDATES = False
     elif name == "through the dispatcher":
         _dispatch.tracing = lambda: True  # eager calls take the custom ops, as before ops/_dispatch.py
     try:
         yield
     finally:
-        TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES = saved
+        TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES, TO.FUSED_CANDIDATES = saved
         TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = index_ops
 
 
@@ -410,7 +412,7 @@ def ab(Ts):
     for T in Ts:
         for assign in ("topk", "nearest"):
             for name in AB_VARIANTS:
-                if assign == "nearest" and name in ("one scoring pass", "torch.topk select"):
+                if assign == "nearest" and name in ("one scoring pass", "torch.topk select", "candidate gather ops"):
                     continue  # nearest has no top-k
                 with _variant(name):
                     r = _measure(f"ours {assign} / {name}", _ours(assign), T)

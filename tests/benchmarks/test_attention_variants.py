@@ -36,3 +36,23 @@ def test_torch_index_ops_variant_builds_the_same_indices(assign, causal):
     for name, a, b in zip(("qpos", "lo", "hi", "kpos", "rowptr", "count", "count right"),
                           [*got, got_rowptr, *got_counts], [*want, want_rowptr, *want_counts]):
         assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def test_candidate_gather_ops_variant_selects_the_same(monkeypatch):
+    """'candidate gather ops' (topk's second stage as a gather kernel plus torch ops) against the
+    one-launch select, on the fused score path (interpreter) with exact ties and several passes."""
+    from routeformer.ops.routing import scores
+
+    monkeypatch.setattr(scores, "use_fused", lambda x: True)
+    monkeypatch.setattr(scores, "GROUP", 4)
+    monkeypatch.setattr(TO, "CLUSTER_CHUNK", 16)  # three passes over 40 clusters
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 2, 150, 24, generator=g).to(torch.bfloat16)
+    x[:, :, 90:110] = x[:, :, 7:8]  # exact ties
+    centroids = torch.randn(2, 40, 24, generator=g)
+    want = TO.topk_index(x, centroids, 9)
+    with bench._variant("candidate gather ops"):
+        assert not TO.FUSED_CANDIDATES
+        got = TO.topk_index(x, centroids, 9)
+    assert TO.FUSED_CANDIDATES  # restored
+    assert got.dtype == want.dtype and torch.equal(got, want)

@@ -40,17 +40,20 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-# (torch ops, Triton launches) per fwd+bwd at T = 8k, shared QK, causal: the budget as of 87ca498.
-BUDGET = {"topk": (2, 12), "nearest": (2, 8)}
+# (torch ops, Triton launches) per fwd+bwd, shared QK, causal, window 512 (the benchmark setting).
+# 87ca498 at 8k: topk (2, 12), nearest (2, 8); at 64k topk (13, 17): two scoring passes, each with a
+# candidate gather and five torch ops mapping candidates to positions, and a concatenation. Now the
+# dk/dv kernel's entry ranges take one launch, not two, and each pass's second select gathers its
+# candidates and writes positions into the one output itself.
+BUDGET = {("topk", 8192): (2, 11), ("nearest", 8192): (2, 7), ("topk", 65536): (2, 15), ("nearest", 65536): (2, 7)}
 
 
-@pytest.mark.parametrize("assign", ["topk", "nearest"])
-def test_eager_fwd_bwd_op_and_launch_count(monkeypatch, assign):
+@pytest.mark.parametrize("assign,T", list(BUDGET))
+def test_eager_fwd_bwd_op_and_launch_count(monkeypatch, assign, T):
     monkeypatch.setitem(os.environ, "TRITON_INTERPRET", "1")  # lets backend="triton" take meta tensors
     # A dispatch mode counts as tracing, which would route every call through the custom ops; the
     # eager path is what is measured here.
     monkeypatch.setattr(_dispatch, "tracing", lambda: False)
-    T = 8192
     q = torch.empty(1, 8, T, 64, device="meta", dtype=torch.bfloat16, requires_grad=True)
     v = torch.empty(1, 8, T, 64, device="meta", dtype=torch.bfloat16, requires_grad=True)
     centroids = torch.empty(8, T // 512, 64, device="meta")
@@ -59,7 +62,7 @@ def test_eager_fwd_bwd_op_and_launch_count(monkeypatch, assign):
         out = routing_attention(q, q, v, centroids, window=512, assign=assign, backend="triton")
         torch.autograd.grad(out, (q, v), torch.empty_like(out))
     kernels = [fn.__name__ for fn, _, _ in launches]
-    max_ops, max_launches = BUDGET[assign]
+    max_ops, max_launches = BUDGET[assign, T]
     assert len(counter.ops) <= max_ops, counter.ops
     assert len(kernels) <= max_launches, kernels
     assert "_fwd_kernel" in kernels and "_bwd_dkdv_kernel" in kernels  # the count is of a real run

@@ -17,10 +17,10 @@ import math
 import os
 
 import torch
-import triton
 
 from .._checks import TRITON_DTYPES, gpu_plan
 from .._dispatch import custom_op, with_autograd
+from .._ints import cdiv, next_pow2
 from .triton_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_rel_kernel, _fwd_kernel
 
 __all__ = ["local_attention_triton", "TILE_OVERRIDES"]
@@ -38,7 +38,7 @@ def _interpreting() -> bool:
 
 def _pow2(n: int) -> int:
     # tl.dot needs every dimension >= 16; odd head dims (24, 60) are padded and masked.
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_pow2(n))
 
 
 def _tiles(kind: str, q: torch.Tensor, has_rel: bool) -> dict:
@@ -100,11 +100,11 @@ def local_attn_fwd(
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     c = _tiles("fwd", q, rel_k is not None)
     BM, BN = c["BM"], c["BN"]
-    _fwd_kernel[(triton.cdiv(T, BM), BH)](
+    _fwd_kernel[(cdiv(T, BM), BH)](
         q, k, v, rk, rv, out, lse,
         T, D, DV, block, flange, FR, M, scale * _LOG2E,
         CAUSAL=causal, HAS_REL=rel_k is not None, DOT=_dot_mode(q),
-        BM=BM, BN=BN, BD=_pow2(D), BDV=_pow2(DV), BAND=triton.next_power_of_2(BM + BN - 1),
+        BM=BM, BN=BN, BD=_pow2(D), BDV=_pow2(DV), BAND=next_pow2(BM + BN - 1),
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
     return out, lse
@@ -125,15 +125,15 @@ def local_attn_bwd(
                   BD=_pow2(D), BDV=_pow2(DV))
     scalars = (T, D, DV, block, flange, FR, M, scale * _LOG2E, scale)
     c = _tiles("dq", q, rel_k is not None)
-    _bwd_dq_kernel[(triton.cdiv(T, c["BM"]), BH)](
+    _bwd_dq_kernel[(cdiv(T, c["BM"]), BH)](
         q, k, v, rk, rv, dout, lse, delta, dq, *scalars, **common,
-        BM=c["BM"], BN=c["BN"], BAND=triton.next_power_of_2(c["BM"] + c["BN"] - 1),
+        BM=c["BM"], BN=c["BN"], BAND=next_pow2(c["BM"] + c["BN"] - 1),
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
     c = _tiles("dkdv", q, rel_k is not None)
-    _bwd_dkdv_kernel[(triton.cdiv(T, c["BN"]), BH)](
+    _bwd_dkdv_kernel[(cdiv(T, c["BN"]), BH)](
         q, k, v, rk, rv, dout, lse, delta, dk, dv, *scalars, **common,
-        BM=c["BM"], BN=c["BN"], BAND=triton.next_power_of_2(c["BM"] + c["BN"] - 1),
+        BM=c["BM"], BN=c["BN"], BAND=next_pow2(c["BM"] + c["BN"] - 1),
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
     return dq, dk, dv
@@ -154,18 +154,18 @@ def local_attn_rel_bwd(
     n_dist = dhi - dlo + 1
     c = _tiles("rel", q, True)
     BM, BT = c["BM"], c["BN"]
-    n_dchunks, n_tiles = triton.cdiv(n_dist, BT), triton.cdiv(T, BM)
+    n_dchunks, n_tiles = cdiv(n_dist, BT), cdiv(T, BM)
     # Enough programs to fill the GPU; each writes its own partial, so no atomics.
-    chunks = max(1, min(n_tiles, triton.cdiv(1024, BH * n_dchunks)))
-    tiles_per_chunk = triton.cdiv(n_tiles, chunks)
-    chunks = triton.cdiv(n_tiles, tiles_per_chunk)
+    chunks = max(1, min(n_tiles, cdiv(1024, BH * n_dchunks)))
+    tiles_per_chunk = cdiv(n_tiles, chunks)
+    chunks = cdiv(n_tiles, tiles_per_chunk)
     grk = torch.empty(BH, chunks, n_dist, D, device=q.device, dtype=torch.float32)
     grv = torch.empty(BH, chunks, n_dist, DV, device=q.device, dtype=torch.float32)
     _bwd_rel_kernel[(n_dchunks, chunks, BH)](
         q, k, v, rk, rv, dout, lse, delta, grk, grv,
         T, D, DV, block, flange, FR, M, scale * _LOG2E, dlo, n_dist, tiles_per_chunk,
         CAUSAL=causal, DOT=_dot_mode(q),
-        BM=BM, BT=BT, BD=_pow2(D), BDV=_pow2(DV), KB=triton.next_power_of_2(BM + BT - 1),
+        BM=BM, BT=BT, BD=_pow2(D), BDV=_pow2(DV), KB=next_pow2(BM + BT - 1),
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
     row = torch.arange(dlo, dhi + 1, device=q.device).clamp(-M, M) + M

@@ -599,12 +599,20 @@ def _gather_groups_kernel(
 
 @triton.jit
 def _select_rows_kernel(
-    ROWS, OUT,
-    L, W,
-    BLOCK_L: tl.constexpr,
+    ROWS, OUT, GROUPS,
+    L, W, T, CP, C_OUT, C0,
+    BLOCK_L: tl.constexpr, GATHER: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """OUT (R, W) int32: the indices of the W largest of each row of ROWS (R, L) float32, ascending,
-    ties to the lower index; one program holds one whole row in registers.
+    """The indices of the W largest of each row of L float32 values, ascending, ties to the lower
+    index; one program holds one whole row in registers. Row r (of R = B*H*CP) is stored at row
+    (r // CP) * C_OUT + C0 + r % CP of OUT (., W) int32, so a pass over CP of C_OUT clusters writes
+    its slice of the whole output in place.
+
+    GATHER False: ROWS (R, L) are the values, OUT gets their indices.
+    GATHER True (topk_index's second stage): the row is gathered from ROWS (R, T) scores at the
+    positions of the L // GROUP ascending groups in GROUPS (R, L // GROUP), GROUP positions each
+    (past T: -inf, never picked), and OUT gets positions: one launch instead of a gather kernel, a
+    candidate buffer and five torch ops mapping indices back to positions.
 
     Floats map to int32 keys with the same order (-0.0 first folded onto +0.0, so the two tie as in
     the reference's stable sort). A bisection finds the W-th largest key; one in-order scan then takes
@@ -614,7 +622,13 @@ def _select_rows_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_L)
     m = offs < L
-    s = tl.load(ROWS + row * L + offs, mask=m, other=float("-inf")) + 0.0
+    if GATHER:
+        g = tl.load(GROUPS + row * (L // GROUP) + offs // GROUP, mask=m, other=0)
+        idx = g * GROUP + offs % GROUP
+        s = tl.load(ROWS + row * T + idx, mask=m & (idx < T), other=float("-inf")) + 0.0
+    else:
+        idx = offs
+        s = tl.load(ROWS + row * L + offs, mask=m, other=float("-inf")) + 0.0
     bits = s.to(tl.int32, bitcast=True)
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
     # Padding gets the lowest int32 and sorts below every real key: -inf maps to -2**31 + 2**23 - 1,
@@ -637,4 +651,5 @@ def _select_rows_kernel(
     sel = (key > kth) | ((eq > 0) & (eq_rank < need))
     seli = sel.to(tl.int32)
     slot = tl.cumsum(seli, axis=0) - seli
-    tl.store(OUT + row * W + slot, offs, mask=sel & m)
+    out_row = (row // CP) * C_OUT + C0 + row % CP
+    tl.store(OUT + out_row * W + slot, idx, mask=sel & m)

@@ -10,6 +10,7 @@ import triton.language as tl
 
 from .._checks import gpu_plan
 from .._dispatch import custom_op
+from .._ints import cdiv, next_pow2
 from . import scores  # scores.GROUP is read at each call so tests can shrink it
 
 _EPS = 1e-5  # kmeans.normalize's LayerNorm epsilon
@@ -92,14 +93,14 @@ def _launch(x: torch.Tensor, centroids: torch.Tensor, write: bool, argmax: bool,
     if x.stride(-1) != 1:
         x = x.contiguous()
     cent = centroids.float().contiguous()
-    G = triton.cdiv(T, scores.GROUP)
+    G = cdiv(T, scores.GROUP)
     dev = x.device
     s_t = torch.empty((B, H, c_count, T) if write else (0,), dtype=torch.float32, device=dev)
     gmax = torch.empty((B, H, c_count, G) if write else (0,), dtype=torch.float32, device=dev)
     amax = torch.empty((B, H, T) if argmax else (0,), dtype=torch.int64, device=dev)
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_pow2(D))
     block_t, block_c, warps = tiles(x)
-    grid = (triton.cdiv(T, block_t), B * H)
+    grid = (cdiv(T, block_t), B * H)
     _scores_kernel[grid](x, cent, s_t, gmax, amax, x.stride(0), x.stride(1), x.stride(2), H, T, C, c_begin,
                          c_count, D, G, _EPS,
                          BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_D=block_d, GROUP_SIZE=scores.GROUP,

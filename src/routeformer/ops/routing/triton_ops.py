@@ -19,10 +19,10 @@ import os
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from .._checks import TRITON_DTYPES, TRITON_MAX_ROUTING_HEAD_DIM, gpu_plan
 from .._dispatch import custom_op, with_autograd
+from .._ints import cdiv, next_pow2
 from . import _kernels as K
 from . import scores as scores_mod
 from ._score_kernels import fused_scores
@@ -74,7 +74,7 @@ def _skip_empty(q, k, direct: bool) -> bool:
 
 
 def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_pow2(n))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,7 +86,7 @@ def _topk_compact(scores: torch.Tensor, kth: torch.Tensor, need: torch.Tensor, w
     B, H, C, T = scores.shape
     out = _new((B, H, C, window), torch.int32, scores.device)
     block_c = 4
-    grid = (B * H, triton.cdiv(C, block_c))
+    grid = (B * H, cdiv(C, block_c))
     K._topk_compact_kernel[grid](scores, kth, need, out, T, C, window,
                                  BLOCK_T=256 if gpu_plan(scores) else 16, BLOCK_C=block_c, num_warps=4)
     return out
@@ -104,7 +104,7 @@ def _gather_groups(scores: torch.Tensor, groups: torch.Tensor, group: int) -> to
     W = groups.shape[-1]
     cand = _new((B, H, C, W * group), torch.float32, scores.device)
     block_w = 64 if gpu_plan(scores) else 16
-    K._gather_groups_kernel[(triton.cdiv(W, block_w), B * H * C)](scores, groups, cand, T, W,
+    K._gather_groups_kernel[(cdiv(W, block_w), B * H * C)](scores, groups, cand, T, W,
                                                                    GROUP=group, BLOCK_W=block_w, num_warps=4)
     return cand
 
@@ -115,13 +115,24 @@ def _(scores, groups, group):
     return scores.new_empty((B, H, C, groups.shape[-1] * group))
 
 
+def _launch_select(rows: torch.Tensor, out: torch.Tensor, w: int, c0: int = 0, groups: torch.Tensor | None = None,
+                   group: int = 1) -> None:
+    """Top-w indices of each row of rows (B, H, C', L) into out[:, :, c0:c0 + C'] (out (B, H, C, w) int32,
+    contiguous); with groups (B, H, C', L // group), the row is gathered from rows (B, H, C', T) scores
+    at those groups' positions and out gets positions (see _kernels._select_rows_kernel)."""
+    B, H, Cp, n = rows.shape
+    L = n if groups is None else groups.shape[-1] * group
+    block = next_pow2(L)
+    K._select_rows_kernel[(B * H * Cp,)](rows, out, rows if groups is None else groups, L, w, n, Cp, out.shape[2], c0,
+                                         BLOCK_L=block, GATHER=groups is not None, GROUP=group,
+                                         num_warps=min(16, max(4, block // 512)) if gpu_plan(rows) else 4)
+
+
 @custom_op("routeformer::select_rows")
 def _select_rows(rows: torch.Tensor, w: int) -> torch.Tensor:
     B, H, C, L = rows.shape
     out = _new((B, H, C, w), torch.int32, rows.device)
-    block = triton.next_power_of_2(L)
-    K._select_rows_kernel[(B * H * C,)](rows, out, L, w, BLOCK_L=block,
-                                       num_warps=min(16, max(4, block // 512)) if gpu_plan(rows) else 4)
+    _launch_select(rows, out, w)
     return out
 
 
@@ -152,6 +163,10 @@ def select_top(rows: torch.Tensor, w: int) -> torch.Tensor:
 # rows of T scores (3.0 ms at T=64k), kept for comparison in benchmarks/attention.py --sweep.
 TOPK_SELECT = "groups"
 
+# False: each pass's second stage gathers candidates and maps them to positions with a separate kernel
+# and torch ops (before NOTES_routing.md v8), for benchmarks/attention.py --ab.
+FUSED_CANDIDATES = True
+
 # Clusters scored per pass of topk_index; None: as many as keep the float32 scores of one pass no
 # larger than twice x (see cluster_chunk). Tests set a small number to exercise several passes.
 CLUSTER_CHUNK: int | None = None
@@ -176,7 +191,7 @@ def _select_from_scores(s_t: torch.Tensor, gmax: torch.Tensor | None, w: int) ->
     int32 top-w positions; the two stages of topk_index."""
     group = scores_mod.GROUP
     T = s_t.shape[-1]
-    G = triton.cdiv(T, group)
+    G = cdiv(T, group)
     if TOPK_SELECT == "full" or G <= w:
         return select_top(s_t, w)
     if gmax is None:
@@ -184,6 +199,41 @@ def _select_from_scores(s_t: torch.Tensor, gmax: torch.Tensor | None, w: int) ->
     groups = select_top(gmax, w)
     pick = select_top(_gather_groups(s_t, groups, group), w)
     return groups.gather(-1, pick // group) * group + pick % group
+
+
+def _select_pass(s_t: torch.Tensor, gmax: torch.Tensor, w: int, out: torch.Tensor, c0: int) -> None:
+    """One scoring pass's top-w positions (scores s_t (B, H, C', T), group maxima gmax) written into
+    out[:, :, c0:c0 + C']: the top-w groups, then one kernel that gathers their positions' scores and
+    selects among them (rows too long for one kernel, and TOPK_SELECT "full", take _select_from_scores)."""
+    group = scores_mod.GROUP
+    T = s_t.shape[-1]
+    G = cdiv(T, group)
+    if TOPK_SELECT == "full" or not FUSED_CANDIDATES or (T if G <= w else w * group) > SELECT_ROWS_MAX:
+        out[:, :, c0:c0 + s_t.shape[2]] = _select_from_scores(s_t, gmax, w)
+    elif G <= w:  # every group would be kept: select from the whole row
+        _launch_select(s_t, out, w, c0)
+    else:
+        _launch_select(s_t, out, w, c0, groups=select_top(gmax, w), group=group)
+
+
+@custom_op("routeformer::topk_index")
+def _topk_index_fused(x: torch.Tensor, centroids: torch.Tensor, window: int) -> torch.Tensor:
+    """topk_index on the fused score kernel: one op for all scoring passes, each writing its clusters'
+    rows of the one output (no concatenation)."""
+    B, H, T, _ = x.shape
+    C = centroids.shape[1]
+    w = min(window, T)
+    out = _new((B, H, C, w), torch.int32, x.device)
+    chunk = cluster_chunk(x, C)
+    for c0 in range(0, C, chunk):
+        _select_pass(*fused_scores(x, centroids, c0, min(chunk, C - c0)), w, out, c0)
+    return out
+
+
+@_topk_index_fused.op.register_fake
+def _(x, centroids, window):
+    B, H, T, _ = x.shape
+    return x.new_empty((B, H, centroids.shape[1], min(window, T)), dtype=torch.int32)
 
 
 def topk_index(x: torch.Tensor, centroids: torch.Tensor, window: int) -> torch.Tensor:
@@ -196,16 +246,12 @@ def topk_index(x: torch.Tensor, centroids: torch.Tensor, window: int) -> torch.T
     takes the top W of those W*GROUP candidates, which sit in position order. On CUDA the clusters
     are scored in passes of `cluster_chunk`, so the scores alive at once never outgrow 2x the size of x.
     """
-    w = min(window, x.shape[2])
     if not scores_mod.use_fused(x):
         # The formula path (CPU, interpreter tests) scores all clusters in one matmul, as the
         # reference does: a matmul over fewer columns may round differently.
-        return _select_from_scores(scores_mod.assignment_scores(x, centroids, fused=False), None, w)
-    C = centroids.shape[1]
-    chunk = cluster_chunk(x, C)
-    parts = [_select_from_scores(*fused_scores(x, centroids, c0, min(chunk, C - c0)), w)
-             for c0 in range(0, C, chunk)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        return _select_from_scores(scores_mod.assignment_scores(x, centroids, fused=False), None,
+                                   min(window, x.shape[2]))
+    return _topk_index_fused(x, centroids, window)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +308,7 @@ def _bounds(R: int, N: int, W: int, causal: bool, dev, block: int, order=None, g
     nearest = order is not None
     lo, hi = _new((R, N), torch.int32, dev), _new((R, N), torch.int32, dev)
     qpos = _new((R, N), torch.int32, dev) if nearest else lo
-    K._slot_bounds_kernel[(triton.cdiv(N, block), R)](
+    K._slot_bounds_kernel[(cdiv(N, block), R)](
         order if nearest else lo, group if nearest else lo, first if nearest else lo, qpos, lo, hi,
         N, first.shape[1] if nearest else 1, W, NEAREST=nearest, CAUSAL=causal, BLOCK=block, num_warps=4)
     return (qpos, lo, hi) if nearest else (lo, hi)
@@ -302,7 +348,7 @@ def count_below(x: torch.Tensor, m: int, step: int, offset: int, limit: int, rig
     R, N = x.shape
     out = _new((R, m), torch.int32, x.device)
     block = 256  # also under the interpreter, where each program costs milliseconds (C = 40000 tested)
-    K._count_below_kernel[(triton.cdiv(m, block), R)](x, out, N, m, step, offset, limit, RIGHT=right,
+    K._count_below_kernel[(cdiv(m, block), R)](x, out, N, m, step, offset, limit, RIGHT=right,
                                                       BLOCK=block, STEPS=max(1, N.bit_length()), num_warps=4)
     return out
 
@@ -320,7 +366,7 @@ def tile_entry_ranges(lo: torch.Tensor, hi: torch.Tensor, nt: int, bn: int, S: i
     R, N = lo.shape
     out = _new((4, R, nt), torch.int32, lo.device)
     block = 256
-    K._tile_entry_ranges_kernel[(triton.cdiv(nt, block), R)](lo, hi, out[0], out[1], out[2], out[3], N, nt, bn, S,
+    K._tile_entry_ranges_kernel[(cdiv(nt, block), R)](lo, hi, out[0], out[1], out[2], out[3], N, nt, bn, S,
                                                              BLOCK=block, STEPS=max(1, N.bit_length()), num_warps=4)
     return out.unbind(0)
 
@@ -351,7 +397,7 @@ def _combine(x, perm, rowptr, lo, hi, T, mean, out_dtype):
     y = _new((B, H, T, Dx), out_dtype, x.device)
     inv_n = _new((B * H, T), torch.float32, x.device) if mean else y
     block_t, warps = _cfg(x, "combine")
-    grid = (triton.cdiv(T, block_t), B * H)
+    grid = (cdiv(T, block_t), B * H)
     K._combine_kernel[grid](x, perm, rowptr, lo, hi, y, inv_n,
                             *_s4(x), *_s4(y), H, T, E, Dx,
                             BLOCK_T=block_t, BLOCK_D=_pow2(Dx), MEAN=mean, num_warps=warps)
@@ -366,7 +412,7 @@ def attention_fwd(q, k, v, qpos, lo, hi, kpos, scale: float, direct: bool):
     lse = _new((B * H, E), torch.float32, q.device)
     o = _new((B, H, T if direct else E, Dv), q.dtype, q.device)
     bm, bn, warps, stages = _cfg(q, "fwd")
-    grid = (triton.cdiv(E, bm), B * H)
+    grid = (cdiv(E, bm), B * H)
     K._fwd_kernel[grid](q, k, v, qpos, lo, hi, kpos, o, lse,
                         *_s4(q), *_s4(k), *_s4(v), *_s4(o),
                         H, E, S, D, Dv, scale * math.log2(math.e),
@@ -436,7 +482,7 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     inv = lse if direct else inv_n  # placeholder pointer when unused
     dq = _new((B, H, T, D), q.dtype, dev) if direct else _new((B, H, E, D), part, dev)
     bm, bn, warps, stages = _cfg(q, "dq")
-    K._bwd_dq_kernel[(triton.cdiv(E, bm), B * H)](
+    K._bwd_dq_kernel[(cdiv(E, bm), B * H)](
         q, k, v, dout, o_rows, lse, inv, qpos, lo, hi, kpos, delta, dq,
         *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(o_rows), *_s4(dq),
         H, T, E, S, D, Dv, scale, sl2,
@@ -445,7 +491,7 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         num_warps=warps, num_stages=stages)
 
     bm, bn, warps, stages = _cfg(q, "dkdv")
-    nt = triton.cdiv(S, bn)
+    nt = cdiv(S, bn)
     qlo, qhi, flo, fhi = tile_entry_ranges(lo, hi, nt, bn, S)
     # Shared QK: entry e and slot e are the same (cluster, rank) or token, so the dk/dv kernel adds
     # dk into the dq buffer in place and one buffer holds the whole gradient of q.
