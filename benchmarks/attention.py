@@ -314,15 +314,21 @@ def sweep(T):
     from routeformer.ops.routing import _score_kernels as SK
 
     default_tiles = SK.TILES["cuda"]
-    for tiles in [default_tiles, (128, 64, 4), (128, 64, 8), (64, 32, 4), (128, 128, 8), (32, 64, 4), (64, 128, 4)]:
-        SK.TILES["cuda"] = tiles
-        try:
-            res.append(("topk", "fused scores", tiles, _bench(lambda: scores.assignment_scores(q, centroids)), math.nan))
-            res.append(("nearest", "fused argmax", tiles, _bench(lambda: scores.nearest_clusters(q, centroids)),
-                        math.nan))
-        except Exception as e:
-            res.append(("both", "fused kernel", tiles, math.nan, str(e)[:60]))
+    for split in (False, True):  # tf32x3 on normalised rows; the bf16-split candidate (NOTES_routing.md v8)
+        SK.BF16_SPLIT_SCORES = split
+        kind = " (bf16 split)" if split else ""
+        for tiles in [default_tiles, (128, 64, 4), (128, 64, 8), (64, 32, 4), (128, 128, 8), (32, 64, 4),
+                      (64, 128, 4)]:
+            SK.TILES["cuda"] = tiles
+            try:
+                res.append(("topk", "fused scores" + kind, tiles,
+                            _bench(lambda: scores.assignment_scores(q, centroids)), math.nan))
+                res.append(("nearest", "fused argmax" + kind, tiles,
+                            _bench(lambda: scores.nearest_clusters(q, centroids)), math.nan))
+            except Exception as e:
+                res.append(("both", "fused kernel" + kind, tiles, math.nan, str(e)[:60]))
     SK.TILES["cuda"] = default_tiles
+    SK.BF16_SPLIT_SCORES = False
     for assign in ("topk", "nearest"):
         direct = assign == "nearest"
         idx = TO.routing_indices(q, q, centroids, WINDOW, True, assign)
@@ -354,7 +360,7 @@ def sweep(T):
 
 
 AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through the dispatcher", "torch index ops",
-               "masked tiles", "candidate gather ops")
+               "masked tiles", "candidate gather ops", "sorted cluster ids", "bf16 split scores")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -380,11 +386,14 @@ def _torch_nearest_slot_bounds(order, group, first, W):
 
 @contextlib.contextmanager
 def _variant(name):
-    """One change switched back, to measure it alone (NOTES_routing.md v5, v7 and v8)."""
+    """One change switched back, to measure it alone (NOTES_routing.md v5, v7 and v8); "bf16 split
+    scores" instead switches a candidate on."""
     from routeformer.ops import _dispatch
+    from routeformer.ops.routing import _score_kernels as SK
     from routeformer.ops.routing import triton_ops as TO
 
-    saved = (TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES, TO.FUSED_CANDIDATES)
+    saved = (TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES, TO.FUSED_CANDIDATES,
+             TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES)
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
         TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = (
@@ -397,23 +406,31 @@ def _variant(name):
         TO.SPLIT_TILES = False
     elif name == "candidate gather ops":  # topk's second stage as before v8 (gather kernel + torch ops)
         TO.FUSED_CANDIDATES = False
+    elif name == "sorted cluster ids":  # nearest's slots from the radix sort, as before v8
+        TO.COUNTING_SORT = False
+    elif name == "bf16 split scores":  # a candidate, not a change: switched ON here (off by default)
+        SK.BF16_SPLIT_SCORES = True
     elif name == "through the dispatcher":
         _dispatch.tracing = lambda: True  # eager calls take the custom ops, as before ops/_dispatch.py
     try:
         yield
     finally:
-        TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES, TO.FUSED_CANDIDATES = saved
+        (TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES, TO.FUSED_CANDIDATES,
+         TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES) = saved
         TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = index_ops
 
 
 def ab(Ts):
-    """Each recent change alone: eager fwd and fwd+bwd times and peaks of ours with it switched back."""
+    """Each recent change alone: eager and CUDA-graph fwd and fwd+bwd times and eager peaks of ours with
+    it switched back (or, for a candidate, switched on)."""
     rows = []
     for T in Ts:
         for assign in ("topk", "nearest"):
             for name in AB_VARIANTS:
                 if assign == "nearest" and name in ("one scoring pass", "torch.topk select", "candidate gather ops"):
                     continue  # nearest has no top-k
+                if assign == "topk" and name == "sorted cluster ids":
+                    continue  # a nearest-only change
                 with _variant(name):
                     r = _measure(f"ours {assign} / {name}", _ours(assign), T)
                     # The GPU's own time (eager rows below 32k are host-bound noise)

@@ -56,3 +56,12 @@ def test_candidate_gather_ops_variant_selects_the_same(monkeypatch):
         got = TO.topk_index(x, centroids, 9)
     assert TO.FUSED_CANDIDATES  # restored
     assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_bf16_split_scores_variant_is_switched_on_and_restored():
+    from routeformer.ops.routing import _score_kernels as SK
+
+    assert not SK.BF16_SPLIT_SCORES
+    with bench._variant("bf16 split scores"):
+        assert SK.BF16_SPLIT_SCORES
+    assert not SK.BF16_SPLIT_SCORES

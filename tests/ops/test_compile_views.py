@@ -67,6 +67,8 @@ def test_assignment_ops_fake_matches_real():
     torch.library.opcheck(R._topk_compact.op, (s_t, kth, need, 5))
     torch.library.opcheck(R._select_rows.op, (s_t, 5))
     torch.library.opcheck(R._topk_index_fused.op, (x, centroids, 5))
+    torch.library.opcheck(S.fused_argmax_counts.op, (x, centroids))
+    torch.library.opcheck(R._nearest_slots_counting.op, (x, centroids, 8))
     rows = torch.randint(0, 9, (3, 20)).sort(-1).values.to(torch.int32)
     torch.library.opcheck(R.count_below.op, (rows, 7, 3, 1, 19, True))
     torch.library.opcheck(R.topk_slot_bounds.op, (x, 4, 30, 10, True))

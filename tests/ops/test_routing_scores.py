@@ -53,6 +53,23 @@ def test_fused_scores_match_formula(monkeypatch, T, D, C, dtype):
     _check(x, centroids, 4)
 
 
+@pytest.mark.parametrize("offset", [1.0, 8.0])
+def test_bf16_split_scores_match_formula(monkeypatch, offset):
+    """The bf16-split scores (LayerNorm folded out of three bf16 products) equal the formula within
+    fp32 rounding, also with rows whose mean is several times their spread (the subtraction's
+    cancellation grows with |mean| / std), and keep the group maxima and argmax exact."""
+    from routeformer.ops.routing import _score_kernels as SK
+
+    monkeypatch.setattr(SK, "BF16_SPLIT_SCORES", True)
+    monkeypatch.setattr(scores, "GROUP", 4)
+    g = torch.Generator().manual_seed(4)
+    for T, D, C in ((100, 24, 20), (37, 64, 5)):
+        x = (torch.randn(2, 2, T, D, generator=g) + offset).to(torch.bfloat16)
+        centroids = torch.nn.functional.normalize(torch.randn(2, C, D, generator=g), dim=-1) * 3
+        assert SK._precision(x) == "bf16x3-upcast"
+        _check(x, centroids, 4)
+
+
 def test_argmax_ties_go_to_the_lower_cluster():
     x, centroids = _inputs(1, 2, 40, 16, 20, torch.float32, "cpu", seed=1)
     centroids[:, 17] = centroids[:, 3]  # identical centroids in different C tiles (16 per tile on CPU)
@@ -82,4 +99,17 @@ def test_paths_agree_off_cuda():
                                          (3001, 256, 7, torch.float32), (1000, 40, 3, torch.bfloat16)])
 def test_fused_scores_match_formula_gpu(T, D, C, dtype):
     x, centroids = _inputs(2, 3, T, D, C, dtype, "cuda")
+    _check(x, centroids, scores.GROUP)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("T,D,C", [(5000, 64, 10), (4097, 128, 130), (1000, 40, 3), (65536, 64, 128)])
+def test_bf16_split_scores_match_formula_gpu(monkeypatch, T, D, C):
+    """The bf16-split candidate (three bf16 tensor-core products, NOTES_routing.md v8) at real sizes."""
+    from routeformer.ops.routing import _score_kernels as SK
+
+    monkeypatch.setattr(SK, "BF16_SPLIT_SCORES", True)
+    x, centroids = _inputs(1, 2, T, D, C, torch.bfloat16, "cuda")
+    assert SK._precision(x) == "bf16x3"
     _check(x, centroids, scores.GROUP)

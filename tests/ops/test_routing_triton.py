@@ -398,6 +398,27 @@ def test_tile_entry_ranges_equal_their_definition():
                 assert torch.equal(every[r], (e >= flo[r, i]) & (e < fhi[r, i])), (R, N, i)
 
 
+def test_counting_sort_slots_equal_the_sorted_slots(monkeypatch):
+    """Shared-QK nearest slots from the counting sort (per-tile cluster counts from the score kernel, a
+    cumsum, one kernel) equal those of the stable sort of the cluster ids: several tiles and a partial
+    last one, a cluster count that is not a power of two, crowded clusters (the window binds), C = 1
+    and C = 256 (the largest the counting sort takes; 257 takes the sort)."""
+    from routeformer.ops.routing import scores
+
+    monkeypatch.setattr(scores, "use_fused", lambda x: True)
+    g = torch.Generator().manual_seed(12)
+    for T, C, W in ((150, 6, 20), (300, 40, 32), (64, 1, 16), (65, 256, 5), (70, 257, 8)):
+        x = torch.randn(2, 2, T, 24, generator=g).to(torch.bfloat16)
+        centroids = torch.randn(2, C, 24, generator=g)
+        centroids[:, C // 2:] *= 0.05
+        got = TO._nearest_indices_shared(x, centroids, W)
+        monkeypatch.setattr(TO, "COUNTING_SORT", False)
+        want = TO._nearest_indices_shared(x, centroids, W)
+        monkeypatch.setattr(TO, "COUNTING_SORT", True)
+        for name, a, b in zip(("qpos", "lo", "hi", "kpos"), got, want):
+            assert a.dtype == b.dtype and torch.equal(a, b), (T, C, name)
+
+
 @pytest.mark.parametrize("assign", ["topk", "nearest"])
 def test_unmasked_tiles_give_what_masked_tiles_give(assign):
     """The tiles every row sees whole run without masks (SPLIT_TILES); the same op with every tile

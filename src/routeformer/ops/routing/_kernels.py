@@ -493,6 +493,43 @@ def _slot_bounds_kernel(
 
 
 @triton.jit
+def _nearest_slots_kernel(
+    CLUSTER, CUM, QPOS, LO, HI,
+    T, NB, W,
+    BLOCK_T: tl.constexpr, C_BINS: tl.constexpr,
+):
+    """Shared-QK nearest slots by a counting sort, equal to a stable sort of the cluster ids: for the
+    BLOCK_T positions of tile b, slot = first slot of the cluster + its positions in earlier tiles +
+    the earlier positions of this tile in the cluster; then QPOS[slot] = position, HI = slot + 1,
+    LO = max(first slot of the cluster, slot + 1 - W) (as _slot_bounds_kernel NEAREST).
+
+    CLUSTER (R, T) int64 the cluster ids; CUM (R, NB, C_BINS) int32 the per-tile cluster counts summed
+    over tiles 0..b (inclusive), so its last row holds each cluster's size.
+    """
+    b = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    offs = b * BLOCK_T + tl.arange(0, BLOCK_T)
+    m = offs < T
+    c = tl.load(CLUSTER + row * T + offs, mask=m, other=0).to(tl.int32)
+    bins = tl.arange(0, C_BINS)
+    cbase = CUM + row * NB * C_BINS
+    size = tl.load(cbase + (NB - 1) * C_BINS + bins)
+    first = tl.cumsum(size, axis=0) - size
+    before = tl.load(cbase + tl.maximum(b - 1, 0) * C_BINS + bins)  # clusters in tiles 0 .. b - 1
+    before = tl.where(b > 0, before, 0)
+    hit = c[:, None] == bins[None, :]
+    start = tl.sum(tl.where(hit, (first + before)[None, :], 0), axis=1)
+    cluster_first = tl.sum(tl.where(hit, first[None, :], 0), axis=1)
+    i = tl.arange(0, BLOCK_T)
+    earlier = (c[:, None] == c[None, :]) & (i[None, :] < i[:, None])
+    slot = start + tl.sum(earlier.to(tl.int32), axis=1)
+    hi = slot + 1
+    tl.store(QPOS + row * T + slot, offs, mask=m)
+    tl.store(HI + row * T + slot, hi, mask=m)
+    tl.store(LO + row * T + slot, tl.maximum(cluster_first, hi - W), mask=m)
+
+
+@triton.jit
 def _combine_kernel(
     X, PERM, ROWPTR, LO, HI, Y, INV_N,
     sxb, sxh, sxe, syb, syh, syt,

@@ -18,22 +18,56 @@ _EPS = 1e-5  # kmeans.normalize's LayerNorm epsilon
 # of scores.GROUP. The interpreter runs each program as numpy: small C tiles exercise the C loop.
 TILES = {"cuda": (64, 32, 4), "cpu": (64, 16, 4)}
 
+# bf16 inputs: score with three bf16 products on x as it is (see _split_centroid_scores) instead of
+# tf32x3 on the normalised rows. A candidate of NOTES_routing.md v8, off until measured on a GPU
+# (benchmarks/attention.py --ab variant "bf16 split scores" switches it on).
+BF16_SPLIT_SCORES = False
+
+
+@triton.jit
+def _split_centroid_scores(x, cent, mean, rstd, PRECISION: tl.constexpr):
+    """(BLOCK_T, BLOCK_C) scores of bf16 rows x against float32 centroids, as
+    rstd * (x . c - mean * sum(c)): the LayerNorm folded out of the product, so the tensor cores take x
+    as it is. c = c1 + c2 + c3 in bf16 pieces (each rounding leaves a residual exact in float32; the
+    three hold c to ~2**-27), and a bf16 x bf16 product is exact in float32, so the three bf16 products
+    carry float32's rounding -- at the price of the cancellation in the subtraction, which costs
+    ~|mean| / std of extra relative error (benchmarks/NOTES_routing.md v8). "bf16x3-upcast": the same
+    products in fp32 (the CPU interpreter of triton 3.9 mis-multiplies bf16 tiles)."""
+    c1 = cent.to(tl.bfloat16)
+    r1 = cent - c1.to(tl.float32)
+    c2 = r1.to(tl.bfloat16)
+    c3 = (r1 - c2.to(tl.float32)).to(tl.bfloat16)
+    if PRECISION == "bf16x3-upcast":
+        xf = x.to(tl.float32)
+        acc = tl.dot(xf, tl.trans(c3.to(tl.float32)), input_precision="ieee")
+        acc = tl.dot(xf, tl.trans(c2.to(tl.float32)), acc, input_precision="ieee")
+        acc = tl.dot(xf, tl.trans(c1.to(tl.float32)), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(x, tl.trans(c3))  # smallest pieces first
+        acc = tl.dot(x, tl.trans(c2), acc)
+        acc = tl.dot(x, tl.trans(c1), acc)
+    csum = tl.sum(cent, axis=1)
+    return rstd[:, None] * (acc - mean[:, None] * csum[None, :])
+
 
 @triton.jit
 def _scores_kernel(
-    X, CENT, S_T, GMAX, AMAX,
+    X, CENT, S_T, GMAX, AMAX, COUNTS,
     sxb, sxh, sxt, H, T, C, C_BEGIN, C_COUNT, D, G, eps,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_SIZE: tl.constexpr,
-    WRITE: tl.constexpr, ARGMAX: tl.constexpr, PRECISION: tl.constexpr,
+    WRITE: tl.constexpr, ARGMAX: tl.constexpr, PRECISION: tl.constexpr, COUNT_BINS: tl.constexpr,
 ):
     """One tile of BLOCK_T positions of one (batch, head) against centroids C_BEGIN .. C_BEGIN+C_COUNT-1.
 
     WRITE: S_T (BH, C_COUNT, T) float32 scores and GMAX (BH, C_COUNT, G) the max over each GROUP_SIZE
     positions. A chunk that starts at a multiple of BLOCK_C runs exactly the tiles of the whole-C
     launch, so its scores are the same bits (triton_ops.topk_index relies on it).
-    ARGMAX: AMAX (BH, T) int64, the first cluster of highest score (torch.argmax's tie rule).
+    ARGMAX: AMAX (BH, T) int64, the first cluster of highest score (torch.argmax's tie rule); with
+    COUNT_BINS (a power of two >= C) also COUNTS (BH, cdiv(T, BLOCK_T), COUNT_BINS) int32, how many of
+    this tile's positions chose each cluster (the counting sort of triton_ops._nearest_indices_shared).
     PRECISION "tf32x3" on GPU: three tf32 tensor-core products, ~1e-7 relative error like fp32, while
     "ieee" fp32 dots ran at 12 TFLOP/s (0.74 ms at T=64k, H100), slower than the formula's matmul.
+    "bf16x3" (bf16 x, BF16_SPLIT_SCORES): see _split_centroid_scores.
     """
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -43,12 +77,14 @@ def _scores_kernel(
     tmask = offs_t < T
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    x = tl.load(X + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + offs_t[:, None].to(tl.int64) * sxt
-                + offs_d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    x_in = tl.load(X + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + offs_t[:, None].to(tl.int64) * sxt
+                   + offs_d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
+    x = x_in.to(tl.float32)
     mean = tl.sum(x, axis=1) / D
     xc = tl.where(dmask[None, :], x - mean[:, None], 0.0)
     var = tl.sum(xc * xc, axis=1) / D
-    xn = xc * (1.0 / tl.sqrt(var + eps))[:, None]
+    rstd = 1.0 / tl.sqrt(var + eps)
+    xn = xc * rstd[:, None]
     best = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
     best_c = tl.zeros([BLOCK_T], dtype=tl.int32)
     row0 = bh.to(tl.int64) * C_COUNT - C_BEGIN
@@ -58,7 +94,10 @@ def _scores_kernel(
         cmask = offs_c < c_end
         cent = tl.load(CENT + (h * C + offs_c[:, None]).to(tl.int64) * D + offs_d[None, :],
                        mask=cmask[:, None] & dmask[None, :], other=0.0)
-        s = tl.dot(xn, tl.trans(cent), input_precision=PRECISION)
+        if PRECISION == "bf16x3" or PRECISION == "bf16x3-upcast":
+            s = _split_centroid_scores(x_in, cent, mean, rstd, PRECISION)
+        else:
+            s = tl.dot(xn, tl.trans(cent), input_precision=PRECISION)
         if WRITE:
             rows = (row0 + offs_c)[None, :]
             tl.store(S_T + rows * T + offs_t[:, None], s, mask=tmask[:, None] & cmask[None, :])
@@ -75,6 +114,11 @@ def _scores_kernel(
             best = tl.where(better, tile_best, best)
     if ARGMAX:
         tl.store(AMAX + bh.to(tl.int64) * T + offs_t, best_c.to(tl.int64), mask=tmask)
+        if COUNT_BINS > 0:
+            bins = tl.arange(0, COUNT_BINS)
+            hit = (best_c[:, None] == bins[None, :]) & tmask[:, None]
+            tl.store(COUNTS + (bh.to(tl.int64) * tl.num_programs(0) + pid) * COUNT_BINS + bins,
+                     tl.sum(hit.to(tl.int32), axis=0))
 
 
 def tiles(x: torch.Tensor) -> tuple[int, int, int]:
@@ -85,8 +129,14 @@ def tiles(x: torch.Tensor) -> tuple[int, int, int]:
     return block_t, block_c, warps
 
 
+def _precision(x: torch.Tensor) -> str:
+    if BF16_SPLIT_SCORES and x.dtype == torch.bfloat16:
+        return "bf16x3" if gpu_plan(x) else "bf16x3-upcast"
+    return "tf32x3" if gpu_plan(x) else "ieee"
+
+
 def _launch(x: torch.Tensor, centroids: torch.Tensor, write: bool, argmax: bool, c_begin: int = 0,
-            c_count: int | None = None):
+            c_count: int | None = None, count_bins: int = 0):
     B, H, T, D = x.shape
     C = centroids.shape[1]
     c_count = C - c_begin if c_count is None else c_count
@@ -101,11 +151,13 @@ def _launch(x: torch.Tensor, centroids: torch.Tensor, write: bool, argmax: bool,
     block_d = max(16, next_pow2(D))
     block_t, block_c, warps = tiles(x)
     grid = (cdiv(T, block_t), B * H)
-    _scores_kernel[grid](x, cent, s_t, gmax, amax, x.stride(0), x.stride(1), x.stride(2), H, T, C, c_begin,
+    counts = torch.empty((B * H, grid[0], count_bins) if count_bins else (0,), dtype=torch.int32, device=dev)
+    _scores_kernel[grid](x, cent, s_t, gmax, amax, counts, x.stride(0), x.stride(1), x.stride(2), H, T, C, c_begin,
                          c_count, D, G, _EPS,
                          BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_D=block_d, GROUP_SIZE=scores.GROUP,
-                         WRITE=write, ARGMAX=argmax, PRECISION="tf32x3" if gpu_plan(x) else "ieee", num_warps=warps)
-    return s_t, gmax, amax
+                         WRITE=write, ARGMAX=argmax, PRECISION=_precision(x), COUNT_BINS=count_bins,
+                         num_warps=warps)
+    return s_t, gmax, amax, counts
 
 
 @custom_op("routeformer::fused_scores")
@@ -117,8 +169,8 @@ def fused_scores(x: torch.Tensor, centroids: torch.Tensor, c_begin: int = 0, c_c
     C = centroids.shape[1]
     if not (0 <= c_begin < C and (c_count == -1 or 1 <= c_count <= C - c_begin)):
         raise ValueError(f"fused_scores: clusters [{c_begin}, {c_begin} + {c_count}) are not inside [0, {C})")
-    s_t, gmax, _ = _launch(x, centroids, write=True, argmax=False, c_begin=c_begin,
-                           c_count=None if c_count == -1 else c_count)
+    s_t, gmax, _, _ = _launch(x, centroids, write=True, argmax=False, c_begin=c_begin,
+                              c_count=None if c_count == -1 else c_count)
     return s_t, gmax
 
 
@@ -139,3 +191,20 @@ def fused_argmax(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 @fused_argmax.op.register_fake
 def _(x, centroids):
     return x.new_empty(x.shape[:3], dtype=torch.int64)
+
+
+@custom_op("routeformer::fused_argmax_counts")
+def fused_argmax_counts(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fused_argmax and, per tile of tiles(x)[0] positions, how many chose each cluster:
+    (B, H, T) int64 and (B*H, cdiv(T, BLOCK_T), next_pow2(C)) int32."""
+    _, _, amax, counts = _launch(x, centroids, write=False, argmax=True, count_bins=next_pow2(centroids.shape[1]))
+    return amax, counts
+
+
+@fused_argmax_counts.op.register_fake
+def _(x, centroids):
+    B, H, T, _ = x.shape
+    n = (T + tiles(x)[0] - 1) // tiles(x)[0]
+    return (x.new_empty(x.shape[:3], dtype=torch.int64),
+            x.new_empty((B * H, n, next_pow2(centroids.shape[1])), dtype=torch.int32))
+

@@ -296,12 +296,48 @@ def _nearest_indices_shared(x, centroids, window):
     at slot s + 1 and start at max(first slot of its cluster, s + 1 - window)."""
     B, H, T, _ = x.shape
     C = centroids.shape[1]
+    if COUNTING_SORT and C <= COUNTING_SORT_MAX_C and scores_mod.use_fused(x):
+        qpos, lo, hi = _nearest_slots_counting(x, centroids, window)
+        return qpos, lo, hi, qpos
     small = torch.uint8 if C <= 256 else (torch.int16 if C <= 2**15 else torch.int32)
     sorted_cluster, order = scores_mod.nearest_clusters(x, centroids).to(small).sort(dim=-1, stable=True)
     sorted_cluster, order = sorted_cluster.reshape(B * H, T), order.reshape(B * H, T)
     cluster_first = count_below(sorted_cluster, C, 1, 0, C, False)  # (BH, C) first slot of each
     qpos, lo, hi = nearest_slot_bounds(order, sorted_cluster, cluster_first, window)
     return qpos, lo, hi, qpos
+
+
+# Shared-QK nearest slots by a counting sort in two small kernels (the score kernel counts each tile's
+# clusters; NOTES_routing.md v8) instead of a radix sort of the cluster ids, a boundary search and the
+# bounds kernel; the per-tile counts are (B*H, T / 64, C) int32, so only for C up to this many. False:
+# the sort, for benchmarks/attention.py --ab.
+COUNTING_SORT = True
+COUNTING_SORT_MAX_C = 256
+
+
+@custom_op("routeformer::nearest_slots_counting")
+def _nearest_slots_counting(x: torch.Tensor, centroids: torch.Tensor, window: int
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(qpos, lo, hi), each (B*H, T) int32: the shared-QK nearest slots, equal to those of the stable
+    sort of the cluster ids (see _kernels._nearest_slots_kernel), on the fused score kernel."""
+    from ._score_kernels import fused_argmax_counts, tiles
+
+    B, H, T, _ = x.shape
+    cluster, counts = fused_argmax_counts(x, centroids)
+    cum = torch.cumsum(counts, dim=1, dtype=torch.int32)
+    del counts
+    qpos, lo, hi = (_new((B * H, T), torch.int32, x.device) for _ in range(3))
+    block_t = tiles(x)[0]
+    nb = cum.shape[1]
+    K._nearest_slots_kernel[(nb, B * H)](cluster, cum, qpos, lo, hi, T, nb, window,
+                                          BLOCK_T=block_t, C_BINS=cum.shape[2], num_warps=4)
+    return qpos, lo, hi
+
+
+@_nearest_slots_counting.op.register_fake
+def _(x, centroids, window):
+    B, H, T, _ = x.shape
+    return tuple(x.new_empty((B * H, T), dtype=torch.int32) for _ in range(3))
 
 
 def _bounds(R: int, N: int, W: int, causal: bool, dev, block: int, order=None, group=None, first=None):
