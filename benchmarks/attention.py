@@ -360,7 +360,8 @@ def sweep(T):
 
 
 AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through the dispatcher", "torch index ops",
-               "masked tiles", "candidate gather ops", "sorted cluster ids", "bf16 split scores")
+               "masked tiles", "candidate gather ops", "sorted cluster ids", "bf16 split scores",
+               "one-hot combine")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -387,13 +388,13 @@ def _torch_nearest_slot_bounds(order, group, first, W):
 @contextlib.contextmanager
 def _variant(name):
     """One change switched back, to measure it alone (NOTES_routing.md v5, v7 and v8); "bf16 split
-    scores" instead switches a candidate on."""
+    scores" and "one-hot combine" instead switch a candidate on."""
     from routeformer.ops import _dispatch
     from routeformer.ops.routing import _score_kernels as SK
     from routeformer.ops.routing import triton_ops as TO
 
     saved = (TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES, TO.FUSED_CANDIDATES,
-             TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES)
+             TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, TO.COMBINE_ONEHOT)
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
         TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = (
@@ -410,13 +411,15 @@ def _variant(name):
         TO.COUNTING_SORT = False
     elif name == "bf16 split scores":  # a candidate, not a change: switched ON here (off by default)
         SK.BF16_SPLIT_SCORES = True
+    elif name == "one-hot combine":  # a candidate: switched ON here (off by default)
+        TO.COMBINE_ONEHOT = True
     elif name == "through the dispatcher":
         _dispatch.tracing = lambda: True  # eager calls take the custom ops, as before ops/_dispatch.py
     try:
         yield
     finally:
         (TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES, TO.FUSED_CANDIDATES,
-         TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES) = saved
+         TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, TO.COMBINE_ONEHOT) = saved
         TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = index_ops
 
 
@@ -427,7 +430,8 @@ def ab(Ts):
     for T in Ts:
         for assign in ("topk", "nearest"):
             for name in AB_VARIANTS:
-                if assign == "nearest" and name in ("one scoring pass", "torch.topk select", "candidate gather ops"):
+                if assign == "nearest" and name in ("one scoring pass", "torch.topk select", "candidate gather ops",
+                                                    "one-hot combine"):
                     continue  # nearest has no top-k
                 if assign == "topk" and name == "sorted cluster ids":
                     continue  # a nearest-only change

@@ -55,7 +55,7 @@ def _kernel_slots():
     routing = [(K, n) for n in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_combine_kernel",
                                 "_topk_compact_kernel", "_gather_groups_kernel", "_select_rows_kernel",
                                 "_count_below_kernel", "_slot_bounds_kernel", "_tile_entry_ranges_kernel",
-                                "_nearest_slots_kernel")]
+                                "_nearest_slots_kernel", "_combine_onehot_kernel")]
     local = [(L, n) for n in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_rel_kernel")]
     return routing + [(S, "_scores_kernel")] + local
 
@@ -108,6 +108,14 @@ def record_launches(T: int) -> list:
                 TO.routing_indices(q, q, centroids, WINDOW, True, assign)
         finally:
             SK.BF16_SPLIT_SCORES = False
+        TO.COMBINE_ONEHOT = True  # the candidate one-hot combine, also off by default
+        try:
+            idx = TO.routing_indices(q, q, centroids, WINDOW, True, "topk")
+            saved = TO._routing_fwd.impl(q, q, v, *idx, scale, False, True)
+            TO._routing_bwd.impl(dout, q, q, v, saved[0], saved[1], saved[2], saved[3], *idx,
+                                 saved[4], saved[5], scale, False, True)
+        finally:
+            TO.COMBINE_ONEHOT = False
         rel = mk(2 * 513 + 1, D)
         for rk, rv in ((None, None), (rel, rel)):
             out, lse = L.local_attn_fwd.impl(q, k, v, rk, rv, BLOCK, FLANGE, True, scale)

@@ -58,10 +58,15 @@ def test_candidate_gather_ops_variant_selects_the_same(monkeypatch):
     assert got.dtype == want.dtype and torch.equal(got, want)
 
 
-def test_bf16_split_scores_variant_is_switched_on_and_restored():
+def test_candidate_variants_are_switched_on_and_restored():
     from routeformer.ops.routing import _score_kernels as SK
 
-    assert not SK.BF16_SPLIT_SCORES
-    with bench._variant("bf16 split scores"):
-        assert SK.BF16_SPLIT_SCORES
-    assert not SK.BF16_SPLIT_SCORES
+    for name, flag in (("bf16 split scores", lambda: SK.BF16_SPLIT_SCORES),
+                       ("one-hot combine", lambda: TO.COMBINE_ONEHOT)):
+        assert not flag(), name
+        with bench._variant(name):
+            assert flag(), name
+        assert not flag(), name
+    with bench._variant("sorted cluster ids"):
+        assert not TO.COUNTING_SORT
+    assert TO.COUNTING_SORT

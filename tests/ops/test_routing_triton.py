@@ -132,6 +132,15 @@ def test_matches_reference_bf16(assign, shared):
     _check(1, 2, 100, 24, 24, 4, 32, assign, True, shared, torch.bfloat16, "cpu", seed=1)
 
 
+@pytest.mark.parametrize("case", [c for c in CPU_CASES if c[5] == "topk"])
+def test_onehot_combine_matches_reference(monkeypatch, case):
+    """The candidate one-hot combine (per-token sums as 0/1 matmuls, off by default) in the topk cases."""
+    monkeypatch.setattr(TO, "COMBINE_ONEHOT", True)
+    T, D, Dv, C, window, assign, causal, shared = case
+    _check(2, 2, T, D, Dv, C, window, assign, causal, shared, torch.float32, "cpu")
+    _check(1, 2, T, D, Dv, C, window, assign, causal, shared, torch.bfloat16, "cpu", seed=2)
+
+
 def test_topk_index_exact_with_ties():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 2, 97, 24, generator=g)

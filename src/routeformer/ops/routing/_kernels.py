@@ -9,7 +9,8 @@ non-decreasing in e, so a tile of consecutive entries needs one band of slots, a
 attend a tile of slots form one contiguous range (QLO/QHI per slot tile). Causality is folded into HI
 by the launcher (topk: keys of a cluster are sorted by position, so the allowed keys are a prefix),
 so the kernels never compare positions. Rows are read in place through the index lists: no gathered
-copies of q, k or v.
+copies of q, k or v. With SPLIT, the tiles that every row sees whole (between the tile's largest LO
+and smallest HI) run without the per-element mask; only the tiles at the band's edges are masked.
 
 DIRECT: every query and key sits in exactly one entry/slot (nearest), so outputs and gradients are
 written at their token positions. Otherwise (topk) they go to per-entry buffers that
@@ -567,6 +568,57 @@ def _combine_kernel(
             lo = tl.load(LO + ibase + e, mask=has, other=0)
             hi = tl.load(HI + ibase + e, mask=has, other=0)
             nk += (hi > lo).to(tl.float32)
+    if MEAN:
+        inv = 1.0 / tl.maximum(nk, 1.0)
+        acc = acc * inv[:, None]
+        tl.store(INV_N + bh.to(tl.int64) * T + offs_t, inv, mask=tmask)
+    tl.store(Y + b * syb + h * syh + offs_t[:, None] * syt + offs_d[None, :], acc.to(Y.dtype.element_ty),
+             mask=tmask[:, None] & dmask)
+
+
+@triton.jit
+def _combine_onehot_kernel(
+    X, PERM, ROWPTR, LO, HI, Y, INV_N,
+    sxb, sxh, sxe, syb, syh, syt,
+    H, T, E, D,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, MEAN: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """_combine_kernel's sums as a matmul: the entries of a tile of BLOCK_T tokens are one contiguous
+    run [ROWPTR[t0], ROWPTR[t0 + BLOCK_T]) of PERM, taken BLOCK_E at a time, and Y += A @ X[PERM] with
+    A[t, i] = 1 where entry i belongs to token t (ROWPTR[t] <= i < ROWPTR[t + 1]). The tensor cores do
+    the segmented sum, and a tile needs ~1 round of dependent loads instead of one per entry of its
+    most-covered token. A 0/1 matrix is exact in any dtype and the products accumulate in float32;
+    the order of the additions differs from _combine_kernel's (so may the last bit)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    # int64: b * stride overflows int32 once a tensor passes 2**31 elements.
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = offs_t < T
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d[None, :] < D
+    rbase = bh.to(tl.int64) * (T + 1)
+    ibase = bh.to(tl.int64) * E
+    start = tl.load(ROWPTR + rbase + offs_t, mask=tmask, other=0)
+    end = tl.load(ROWPTR + rbase + offs_t + 1, mask=tmask, other=0)
+    first = tl.load(ROWPTR + rbase + pid * BLOCK_T)  # the tile's run of entries: [first, last)
+    last = tl.max(end, axis=0)
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    nk = tl.zeros([BLOCK_T], dtype=tl.float32)
+    xbase = X + b * sxb + h * sxh
+    for i0 in range(first, last, BLOCK_E):
+        offs_i = i0 + tl.arange(0, BLOCK_E)
+        imask = offs_i < last
+        e = tl.load(PERM + ibase + offs_i, mask=imask, other=0).to(tl.int64)
+        x = tl.load(xbase + e[:, None] * sxe + offs_d[None, :], mask=imask[:, None] & dmask, other=0.0)
+        owner = (offs_i[None, :] >= start[:, None]) & (offs_i[None, :] < end[:, None])  # (BLOCK_T, BLOCK_E)
+        acc += _dot(tl.where(owner, 1.0, 0.0).to(x.dtype), x, PRECISION)
+        if MEAN:
+            lo = tl.load(LO + ibase + e, mask=imask, other=0)
+            hi = tl.load(HI + ibase + e, mask=imask, other=0)
+            nk += tl.sum((owner & (hi > lo)[None, :]).to(tl.float32), axis=1)
     if MEAN:
         inv = 1.0 / tl.maximum(nk, 1.0)
         acc = acc * inv[:, None]

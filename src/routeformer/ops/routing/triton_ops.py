@@ -105,7 +105,7 @@ def _gather_groups(scores: torch.Tensor, groups: torch.Tensor, group: int) -> to
     cand = _new((B, H, C, W * group), torch.float32, scores.device)
     block_w = 64 if gpu_plan(scores) else 16
     K._gather_groups_kernel[(cdiv(W, block_w), B * H * C)](scores, groups, cand, T, W,
-                                                                   GROUP=group, BLOCK_W=block_w, num_warps=4)
+                                                            GROUP=group, BLOCK_W=block_w, num_warps=4)
     return cand
 
 
@@ -385,7 +385,7 @@ def count_below(x: torch.Tensor, m: int, step: int, offset: int, limit: int, rig
     out = _new((R, m), torch.int32, x.device)
     block = 256  # also under the interpreter, where each program costs milliseconds (C = 40000 tested)
     K._count_below_kernel[(cdiv(m, block), R)](x, out, N, m, step, offset, limit, RIGHT=right,
-                                                      BLOCK=block, STEPS=max(1, N.bit_length()), num_warps=4)
+                                               BLOCK=block, STEPS=max(1, N.bit_length()), num_warps=4)
     return out
 
 
@@ -403,7 +403,7 @@ def tile_entry_ranges(lo: torch.Tensor, hi: torch.Tensor, nt: int, bn: int, S: i
     out = _new((4, R, nt), torch.int32, lo.device)
     block = 256
     K._tile_entry_ranges_kernel[(cdiv(nt, block), R)](lo, hi, out[0], out[1], out[2], out[3], N, nt, bn, S,
-                                                             BLOCK=block, STEPS=max(1, N.bit_length()), num_warps=4)
+                                                      BLOCK=block, STEPS=max(1, N.bit_length()), num_warps=4)
     return out.unbind(0)
 
 
@@ -428,10 +428,22 @@ def _s4(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+# A candidate of NOTES_routing.md v8, off until measured: the per-token sums as 0/1 matmuls over each
+# token tile's run of entries (_kernels._combine_onehot_kernel); --ab variant "one-hot combine".
+COMBINE_ONEHOT = False
+
+
 def _combine(x, perm, rowptr, lo, hi, T, mean, out_dtype):
     B, H, E, Dx = x.shape
     y = _new((B, H, T, Dx), out_dtype, x.device)
     inv_n = _new((B * H, T), torch.float32, x.device) if mean else y
+    if COMBINE_ONEHOT:
+        block_t, block_e, warps = (32, 64, 4) if gpu_plan(x) else (16, 16, 4)
+        K._combine_onehot_kernel[(cdiv(T, block_t), B * H)](
+            x, perm, rowptr, lo, hi, y, inv_n, *_s4(x), *_s4(y), H, T, E, Dx,
+            BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=_pow2(Dx), MEAN=mean, PRECISION=_precision(x),
+            num_warps=warps)
+        return y, (inv_n if mean else None)
     block_t, warps = _cfg(x, "combine")
     grid = (cdiv(T, block_t), B * H)
     K._combine_kernel[grid](x, perm, rowptr, lo, hi, y, inv_n,
