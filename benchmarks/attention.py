@@ -361,7 +361,7 @@ def sweep(T):
 
 AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through the dispatcher", "torch index ops",
                "masked tiles", "candidate gather ops", "sorted cluster ids", "bf16 split scores",
-               "one-hot combine")
+               "one-hot combine", "all candidates")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -388,7 +388,7 @@ def _torch_nearest_slot_bounds(order, group, first, W):
 @contextlib.contextmanager
 def _variant(name):
     """One change switched back, to measure it alone (NOTES_routing.md v5, v7 and v8); "bf16 split
-    scores" and "one-hot combine" instead switch a candidate on."""
+    scores" and "one-hot combine" instead switch a candidate on, "all candidates" both."""
     from routeformer.ops import _dispatch
     from routeformer.ops.routing import _score_kernels as SK
     from routeformer.ops.routing import triton_ops as TO
@@ -413,6 +413,8 @@ def _variant(name):
         SK.BF16_SPLIT_SCORES = True
     elif name == "one-hot combine":  # a candidate: switched ON here (off by default)
         TO.COMBINE_ONEHOT = True
+    elif name == "all candidates":  # every candidate on at once
+        SK.BF16_SPLIT_SCORES = TO.COMBINE_ONEHOT = True
     elif name == "through the dispatcher":
         _dispatch.tracing = lambda: True  # eager calls take the custom ops, as before ops/_dispatch.py
     try:

@@ -67,6 +67,9 @@ def test_candidate_variants_are_switched_on_and_restored():
         with bench._variant(name):
             assert flag(), name
         assert not flag(), name
+    with bench._variant("all candidates"):
+        assert SK.BF16_SPLIT_SCORES and TO.COMBINE_ONEHOT
+    assert not SK.BF16_SPLIT_SCORES and not TO.COMBINE_ONEHOT
     with bench._variant("sorted cluster ids"):
         assert not TO.COUNTING_SORT
     assert TO.COUNTING_SORT
