@@ -204,6 +204,15 @@ def test_matches_reference_gpu(T, D, C, window, assign, causal, shared, dtype):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("T,D,C,window,assign,causal,shared,dtype", [c for c in GPU_CASES if c[4] == "topk"])
+def test_onehot_combine_matches_reference_gpu(monkeypatch, T, D, C, window, assign, causal, shared, dtype):
+    """The candidate one-hot combine (off by default) at real sizes."""
+    monkeypatch.setattr(TO, "COMBINE_ONEHOT", True)
+    _check(1, 2, T, D, D, C, window, assign, causal, shared, dtype, "cuda")
+
+
+@gpu
+@needs_cuda
 def test_compiles_with_inductor_gpu():
     q, k, v, centroids = _inputs(1, 4, 2048, 64, 64, 4, True, torch.bfloat16, "cuda", 7)
 
