@@ -37,6 +37,20 @@ def _bench(fn, grads=()):
     return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=list(grads), return_mode="median")
 
 
+def _bench_graph(fn):
+    """fn's GPU time alone: captured once in a CUDA graph (after a warm-up that compiles its kernels)
+    and timed as replays, so a slow host launching many small kernels does not show."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return _bench(graph.replay)
+
+
 def _peak_mib(fn):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -307,6 +321,15 @@ def sweep(T):
         except Exception as e:
             res.append(("topk", "assignment", mode, float("nan"), str(e)[:60]))
     TO.TOPK_SELECT = chosen
+    for warps in (None, 4, 8, 16):  # the one-row select kernel's warps (None: the default rule)
+        TO.SELECT_WARPS = warps
+        try:
+            with torch.no_grad():
+                t = _bench_graph(lambda: TO.routing_indices(q, q, centroids, WINDOW, True, "topk"))
+            res.append(("topk", "assignment (graph), select warps", warps, t, float("nan")))
+        except Exception as e:
+            res.append(("topk", "assignment (graph), select warps", warps, float("nan"), str(e)[:60]))
+    TO.SELECT_WARPS = None
     from routeformer.ops.kmeans import routing_scores
     from routeformer.ops.routing import scores
 
@@ -321,10 +344,11 @@ def sweep(T):
                       (64, 128, 4)]:
             SK.TILES["cuda"] = tiles
             try:
-                res.append(("topk", "fused scores" + kind, tiles,
-                            _bench(lambda: scores.assignment_scores(q, centroids)), math.nan))
-                res.append(("nearest", "fused argmax" + kind, tiles,
-                            _bench(lambda: scores.nearest_clusters(q, centroids)), math.nan))
+                with torch.no_grad():  # graph replays: one kernel each, whose launch the host could outlast
+                    res.append(("topk", "fused scores" + kind, tiles,
+                                _bench_graph(lambda: scores.assignment_scores(q, centroids)), math.nan))
+                    res.append(("nearest", "fused argmax" + kind, tiles,
+                                _bench_graph(lambda: scores.nearest_clusters(q, centroids)), math.nan))
             except Exception as e:
                 res.append(("both", "fused kernel" + kind, tiles, math.nan, str(e)[:60]))
     SK.TILES["cuda"] = default_tiles

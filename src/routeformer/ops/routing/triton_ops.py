@@ -123,9 +123,14 @@ def _launch_select(rows: torch.Tensor, out: torch.Tensor, w: int, c0: int = 0, g
     B, H, Cp, n = rows.shape
     L = n if groups is None else groups.shape[-1] * group
     block = next_pow2(L)
+    warps = (SELECT_WARPS or min(16, max(4, block // 512))) if gpu_plan(rows) else 4
     K._select_rows_kernel[(B * H * Cp,)](rows, out, rows if groups is None else groups, L, w, n, Cp, out.shape[2], c0,
-                                         BLOCK_L=block, GATHER=groups is not None, GROUP=group,
-                                         num_warps=min(16, max(4, block // 512)) if gpu_plan(rows) else 4)
+                                         BLOCK_L=block, GATHER=groups is not None, GROUP=group, num_warps=warps)
+
+
+# Warps of the one-row select kernel; None: one per 512 of the row (4 to 16). benchmarks/attention.py
+# --sweep times others: fewer warps per row let two rows' programs share an SM.
+SELECT_WARPS: int | None = None
 
 
 @custom_op("routeformer::select_rows")
