@@ -73,3 +73,16 @@ def test_candidate_variants_are_switched_on_and_restored():
     with bench._variant("sorted cluster ids"):
         assert not TO.COUNTING_SORT
     assert TO.COUNTING_SORT
+
+
+def test_table_shares_the_assignment_of_the_graph_forward():
+    """The kernel table's 'assign % of fwd' divides GPU time by GPU time: the graph row's forward when
+    the table has one, the eager row's otherwise."""
+    rows = [{"name": "ours topk", "T": 8, "fwd_ms": 4.0, "fwdbwd_ms": 8.0, "fwd_mib": 1, "fwdbwd_mib": 2},
+            {"name": "ours topk (CUDA graph)", "T": 8, "fwd_ms": 2.0, "fwdbwd_ms": 3.0},
+            {"name": "ours nearest", "T": 8, "fwd_ms": 4.0, "fwdbwd_ms": 8.0, "fwd_mib": 1, "fwdbwd_mib": 2}]
+    kernels = [{"name": "kernel topk", "T": 8, "assign_ms": 1.0, "kernel_ms": 0.5, "tflops": 100.0},
+               {"name": "kernel nearest", "T": 8, "assign_ms": 1.0, "kernel_ms": 0.5, "tflops": 100.0}]
+    md = bench.table(rows, kernels)
+    assert "| 8 | topk | 0.500 | 100 | 1.000 | 50 |" in md  # 1.0 of the graph's 2.0
+    assert "| 8 | nearest | 0.500 | 100 | 1.000 | 25 |" in md  # no graph row: the eager 4.0
