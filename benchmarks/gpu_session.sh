@@ -6,6 +6,7 @@
 #   ab       each recent change alone (attention.py --ab, NOTES_routing.md v5)
 #   host     the host-time profile of our eager forward+backward at 8k
 #   kernels  the kernel profile at 64k
+#   local    local attention against FlexAttention, eager and CUDA-graph clocks (benchmarks/local_kernel.py)
 #   sweep    the tile sweep at 64k
 # Each step's output lands in $OUT/gpu_session.tgz (one archive, rewritten atomically after every
 # step: the device returns at most 8 files, and a call stopped at its time limit keeps what finished).
@@ -29,11 +30,11 @@ steps=()
 for a in "$@"; do
     case "$a" in
         --quick) quick=1 ;;
-        tests|bench|ab|host|kernels|sweep) steps+=("$a") ;;
-        *) echo "gpu_session.sh: unknown step '$a' (steps: tests bench ab host kernels sweep; flag: --quick)" >&2; exit 2 ;;
+        tests|bench|ab|host|kernels|local|sweep) steps+=("$a") ;;
+        *) echo "gpu_session.sh: unknown step '$a' (steps: tests bench ab host kernels local sweep; flag: --quick)" >&2; exit 2 ;;
     esac
 done
-[[ ${#steps[@]} -eq 0 ]] && steps=(tests bench ab host kernels sweep)
+[[ ${#steps[@]} -eq 0 ]] && steps=(tests bench ab host kernels local sweep)
 
 save() {  # archive everything so far; the rename makes a half-written archive impossible
     tar czf "$out/.gpu_session.tgz.tmp" -C "$work" . && mv "$out/.gpu_session.tgz.tmp" "$out/gpu_session.tgz"
@@ -92,6 +93,9 @@ for s in "${steps[@]}"; do
         kernels)
             run_step kernels kernel_profile.txt python3 benchmarks/attention.py --profile 65536
             tail -30 "$work/kernel_profile.txt" ;;
+        local)
+            run_step local local.txt python3 benchmarks/local_kernel.py --out "$work"
+            tail -30 "$work/local.txt" ;;
         sweep)
             run_step sweep sweep.txt python3 benchmarks/attention.py --sweep 65536
             tail -15 "$work/sweep.txt" ;;
