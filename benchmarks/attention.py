@@ -338,8 +338,8 @@ def sweep(T):
     res.append(("both", "routing_scores (formula)", "-", _bench(lambda: routing_scores(q, centroids)), float("nan")))
     from routeformer.ops.routing import _score_kernels as SK
 
-    default_tiles = SK.TILES["cuda"]
-    for split in (False, True):  # tf32x3 on normalised rows; the bf16-split candidate (NOTES_routing.md v8)
+    default_tiles, default_split = SK.TILES["cuda"], SK.BF16_SPLIT_SCORES
+    for split in (False, True):  # tf32x3 on normalised rows; bf16 split (NOTES_routing.md v8)
         SK.BF16_SPLIT_SCORES = split
         kind = " (bf16 split)" if split else ""
         for tiles in [default_tiles, (128, 64, 4), (128, 64, 8), (64, 32, 4), (128, 128, 8), (32, 64, 4),
@@ -354,7 +354,7 @@ def sweep(T):
             except Exception as e:
                 res.append(("both", "fused kernel" + kind, tiles, math.nan, str(e)[:60]))
     SK.TILES["cuda"] = default_tiles
-    SK.BF16_SPLIT_SCORES = False
+    SK.BF16_SPLIT_SCORES = default_split
     for assign in ("topk", "nearest"):
         direct = assign == "nearest"
         idx = TO.routing_indices(q, q, centroids, WINDOW, True, assign)
@@ -386,8 +386,8 @@ def sweep(T):
 
 
 AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through the dispatcher", "torch index ops",
-               "masked tiles", "candidate gather ops", "sorted cluster ids", "bf16 split scores",
-               "one-hot combine", "all candidates")
+               "masked tiles", "unmasked tiles everywhere", "candidate gather ops", "sorted cluster ids",
+               "tf32x3 scores")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -413,14 +413,14 @@ def _torch_nearest_slot_bounds(order, group, first, W):
 
 @contextlib.contextmanager
 def _variant(name):
-    """One change switched back, to measure it alone (NOTES_routing.md v5, v7 and v8); "bf16 split
-    scores" and "one-hot combine" instead switch a candidate on, "all candidates" both."""
+    """One change switched back, to measure it alone (NOTES_routing.md v5, v7 and v8); "unmasked tiles
+    everywhere" instead switches the forward's and dq's unmasked tiles on (measured slower in v8)."""
     from routeformer.ops import _dispatch
     from routeformer.ops.routing import _score_kernels as SK
     from routeformer.ops.routing import triton_ops as TO
 
     saved = (TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES, TO.FUSED_CANDIDATES,
-             TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, TO.COMBINE_ONEHOT)
+             TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES)
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
         TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = (
@@ -430,36 +430,33 @@ def _variant(name):
     elif name == "torch.topk select":
         TO.SELECT_ROWS_MAX = 0
     elif name == "masked tiles":  # every attention tile masked, as before NOTES_routing.md v8
-        TO.SPLIT_TILES = False
+        TO.SPLIT_TILES = dict.fromkeys(TO.SPLIT_TILES, False)
+    elif name == "unmasked tiles everywhere":  # also the forward's and dq's, measured slower in v8
+        TO.SPLIT_TILES = dict.fromkeys(TO.SPLIT_TILES, True)
     elif name == "candidate gather ops":  # topk's second stage as before v8 (gather kernel + torch ops)
         TO.FUSED_CANDIDATES = False
     elif name == "sorted cluster ids":  # nearest's slots from the radix sort, as before v8
         TO.COUNTING_SORT = False
-    elif name == "bf16 split scores":  # a candidate, not a change: switched ON here (off by default)
-        SK.BF16_SPLIT_SCORES = True
-    elif name == "one-hot combine":  # a candidate: switched ON here (off by default)
-        TO.COMBINE_ONEHOT = True
-    elif name == "all candidates":  # every candidate on at once
-        SK.BF16_SPLIT_SCORES = TO.COMBINE_ONEHOT = True
+    elif name == "tf32x3 scores":  # bf16 inputs scored with tf32x3 on the normalised rows, as before v8
+        SK.BF16_SPLIT_SCORES = False
     elif name == "through the dispatcher":
         _dispatch.tracing = lambda: True  # eager calls take the custom ops, as before ops/_dispatch.py
     try:
         yield
     finally:
         (TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES, TO.FUSED_CANDIDATES,
-         TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, TO.COMBINE_ONEHOT) = saved
+         TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES) = saved
         TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = index_ops
 
 
 def ab(Ts):
     """Each recent change alone: eager and CUDA-graph fwd and fwd+bwd times and eager peaks of ours with
-    it switched back (or, for a candidate, switched on)."""
+    it switched back (see _variant)."""
     rows = []
     for T in Ts:
         for assign in ("topk", "nearest"):
             for name in AB_VARIANTS:
-                if assign == "nearest" and name in ("one scoring pass", "torch.topk select", "candidate gather ops",
-                                                    "one-hot combine"):
+                if assign == "nearest" and name in ("one scoring pass", "torch.topk select", "candidate gather ops"):
                     continue  # nearest has no top-k
                 if assign == "topk" and name == "sorted cluster ids":
                     continue  # a nearest-only change

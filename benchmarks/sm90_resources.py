@@ -55,7 +55,7 @@ def _kernel_slots():
     routing = [(K, n) for n in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_combine_kernel",
                                 "_topk_compact_kernel", "_gather_groups_kernel", "_select_rows_kernel",
                                 "_count_below_kernel", "_slot_bounds_kernel", "_tile_entry_ranges_kernel",
-                                "_nearest_slots_kernel", "_combine_onehot_kernel")]
+                                "_nearest_slots_kernel")]
     local = [(L, n) for n in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_rel_kernel")]
     return routing + [(S, "_scores_kernel")] + local
 
@@ -99,23 +99,15 @@ def record_launches(T: int) -> list:
                 saved = TO._routing_fwd.impl(q, keys, v, *idx, scale, direct, shared)
                 TO._routing_bwd.impl(dout, q, keys, v, saved[0], saved[1], saved[2], saved[3], *idx,
                                      saved[4], saved[5], scale, direct, shared)
-        # The candidate bf16-split score kernel (off by default, NOTES_routing.md v8) compiles too.
+        # The tf32x3 score kernel (bf16 inputs take the bf16-split one by default) compiles too.
         from routeformer.ops.routing import _score_kernels as SK
 
-        SK.BF16_SPLIT_SCORES = True
+        SK.BF16_SPLIT_SCORES = False
         try:
             for assign in ("topk", "nearest"):
                 TO.routing_indices(q, q, centroids, WINDOW, True, assign)
         finally:
-            SK.BF16_SPLIT_SCORES = False
-        TO.COMBINE_ONEHOT = True  # the candidate one-hot combine, also off by default
-        try:
-            idx = TO.routing_indices(q, q, centroids, WINDOW, True, "topk")
-            saved = TO._routing_fwd.impl(q, q, v, *idx, scale, False, True)
-            TO._routing_bwd.impl(dout, q, q, v, saved[0], saved[1], saved[2], saved[3], *idx,
-                                 saved[4], saved[5], scale, False, True)
-        finally:
-            TO.COMBINE_ONEHOT = False
+            SK.BF16_SPLIT_SCORES = True
         rel = mk(2 * 513 + 1, D)
         for rk, rv in ((None, None), (rel, rel)):
             out, lse = L.local_attn_fwd.impl(q, k, v, rk, rv, BLOCK, FLANGE, True, scale)

@@ -58,21 +58,18 @@ def test_candidate_gather_ops_variant_selects_the_same(monkeypatch):
     assert got.dtype == want.dtype and torch.equal(got, want)
 
 
-def test_candidate_variants_are_switched_on_and_restored():
+def test_switch_variants_flip_their_switch_and_restore_it():
     from routeformer.ops.routing import _score_kernels as SK
 
-    for name, flag in (("bf16 split scores", lambda: SK.BF16_SPLIT_SCORES),
-                       ("one-hot combine", lambda: TO.COMBINE_ONEHOT)):
-        assert not flag(), name
+    default_split = dict(TO.SPLIT_TILES)
+    assert SK.BF16_SPLIT_SCORES and TO.COUNTING_SORT
+    for name, check in (("tf32x3 scores", lambda: not SK.BF16_SPLIT_SCORES),
+                        ("sorted cluster ids", lambda: not TO.COUNTING_SORT),
+                        ("masked tiles", lambda: not any(TO.SPLIT_TILES.values())),
+                        ("unmasked tiles everywhere", lambda: all(TO.SPLIT_TILES.values()))):
         with bench._variant(name):
-            assert flag(), name
-        assert not flag(), name
-    with bench._variant("all candidates"):
-        assert SK.BF16_SPLIT_SCORES and TO.COMBINE_ONEHOT
-    assert not SK.BF16_SPLIT_SCORES and not TO.COMBINE_ONEHOT
-    with bench._variant("sorted cluster ids"):
-        assert not TO.COUNTING_SORT
-    assert TO.COUNTING_SORT
+            assert check(), name
+        assert SK.BF16_SPLIT_SCORES and TO.COUNTING_SORT and TO.SPLIT_TILES == default_split, name
 
 
 def test_table_shares_the_assignment_of_the_graph_forward():

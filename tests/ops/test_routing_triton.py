@@ -132,15 +132,6 @@ def test_matches_reference_bf16(assign, shared):
     _check(1, 2, 100, 24, 24, 4, 32, assign, True, shared, torch.bfloat16, "cpu", seed=1)
 
 
-@pytest.mark.parametrize("case", [c for c in CPU_CASES if c[5] == "topk"])
-def test_onehot_combine_matches_reference(monkeypatch, case):
-    """The candidate one-hot combine (per-token sums as 0/1 matmuls, off by default) in the topk cases."""
-    monkeypatch.setattr(TO, "COMBINE_ONEHOT", True)
-    T, D, Dv, C, window, assign, causal, shared = case
-    _check(2, 2, T, D, Dv, C, window, assign, causal, shared, torch.float32, "cpu")
-    _check(1, 2, T, D, Dv, C, window, assign, causal, shared, torch.bfloat16, "cpu", seed=2)
-
-
 def test_topk_index_exact_with_ties():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 2, 97, 24, generator=g)
@@ -199,15 +190,6 @@ GPU_CASES = [
 @needs_cuda
 @pytest.mark.parametrize("T,D,C,window,assign,causal,shared,dtype", GPU_CASES)
 def test_matches_reference_gpu(T, D, C, window, assign, causal, shared, dtype):
-    _check(1, 2, T, D, D, C, window, assign, causal, shared, dtype, "cuda")
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("T,D,C,window,assign,causal,shared,dtype", [c for c in GPU_CASES if c[4] == "topk"])
-def test_onehot_combine_matches_reference_gpu(monkeypatch, T, D, C, window, assign, causal, shared, dtype):
-    """The candidate one-hot combine (off by default) at real sizes."""
-    monkeypatch.setattr(TO, "COMBINE_ONEHOT", True)
     _check(1, 2, T, D, D, C, window, assign, causal, shared, dtype, "cuda")
 
 
@@ -444,13 +426,14 @@ def test_unmasked_tiles_give_what_masked_tiles_give(assign):
     whole, and rows of a cluster tail or a short cluster still need masked ones."""
     q, _, v, centroids = _inputs(2, 2, 150, 24, 24, 3, True, torch.float32, "cpu", 8)
     results = []
+    default = dict(TO.SPLIT_TILES)
     for split in (True, False):
-        TO.SPLIT_TILES = split
+        TO.SPLIT_TILES = dict.fromkeys(default, split)
         try:
             out = routing_attention(q, q, v, centroids, window=56, causal=True, assign=assign, backend="triton")
             results.append((out, *torch.autograd.grad(out, (q, v), torch.ones_like(out))))
         finally:
-            TO.SPLIT_TILES = True
+            TO.SPLIT_TILES = default
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     with torch.no_grad():  # the case has whole tiles to run unmasked, else the test shows nothing

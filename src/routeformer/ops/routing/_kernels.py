@@ -495,39 +495,36 @@ def _slot_bounds_kernel(
 
 @triton.jit
 def _nearest_slots_kernel(
-    CLUSTER, CUM, QPOS, LO, HI,
+    CLUSTER, COUNTS, CUM, QPOS, LO, HI,
     T, NB, W,
     BLOCK_T: tl.constexpr, C_BINS: tl.constexpr,
 ):
-    """Shared-QK nearest slots by a counting sort, equal to a stable sort of the cluster ids: for the
-    BLOCK_T positions of tile b, slot = first slot of the cluster + its positions in earlier tiles +
-    the earlier positions of this tile in the cluster; then QPOS[slot] = position, HI = slot + 1,
+    """Shared-QK nearest slots by a counting sort, equal to a stable sort of the cluster ids. For the
+    BLOCK_T positions of tile b: slot = the first slot of (its cluster, tile b) + the earlier positions
+    of this tile in the cluster; then QPOS[slot] = position, HI = slot + 1 and
     LO = max(first slot of the cluster, slot + 1 - W) (as _slot_bounds_kernel NEAREST).
 
-    CLUSTER (R, T) int64 the cluster ids; CUM (R, NB, C_BINS) int32 the per-tile cluster counts summed
-    over tiles 0..b (inclusive), so its last row holds each cluster's size.
+    CLUSTER (R, T) int64 the cluster ids; COUNTS (R, C_BINS, NB) the per-tile cluster counts and CUM
+    their inclusive cumsum over the whole flat tensor. Flat order is (row, cluster, tile) and each row
+    holds T positions, so CUM - COUNTS - row * T at (row, c, b) is the number of positions of the row
+    that sort before tile b's positions of cluster c: their first slot.
     """
     b = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     offs = b * BLOCK_T + tl.arange(0, BLOCK_T)
     m = offs < T
-    c = tl.load(CLUSTER + row * T + offs, mask=m, other=0).to(tl.int32)
-    bins = tl.arange(0, C_BINS)
-    cbase = CUM + row * NB * C_BINS
-    size = tl.load(cbase + (NB - 1) * C_BINS + bins)
-    first = tl.cumsum(size, axis=0) - size
-    before = tl.load(cbase + tl.maximum(b - 1, 0) * C_BINS + bins)  # clusters in tiles 0 .. b - 1
-    before = tl.where(b > 0, before, 0)
-    hit = c[:, None] == bins[None, :]
-    start = tl.sum(tl.where(hit, (first + before)[None, :], 0), axis=1)
-    cluster_first = tl.sum(tl.where(hit, first[None, :], 0), axis=1)
+    c = tl.load(CLUSTER + row * T + offs, mask=m, other=0)
+    at_tile0 = (row * C_BINS + c) * NB
+    start = tl.load(CUM + at_tile0 + b, mask=m, other=0) - tl.load(COUNTS + at_tile0 + b, mask=m, other=0)
+    first = tl.load(CUM + at_tile0, mask=m, other=0) - tl.load(COUNTS + at_tile0, mask=m, other=0)
     i = tl.arange(0, BLOCK_T)
+    # Positions past T sit after every valid one in the tile, so they never count as earlier.
     earlier = (c[:, None] == c[None, :]) & (i[None, :] < i[:, None])
-    slot = start + tl.sum(earlier.to(tl.int32), axis=1)
+    slot = (start - row * T + tl.sum(earlier.to(tl.int32), axis=1)).to(tl.int32)
     hi = slot + 1
     tl.store(QPOS + row * T + slot, offs, mask=m)
     tl.store(HI + row * T + slot, hi, mask=m)
-    tl.store(LO + row * T + slot, tl.maximum(cluster_first, hi - W), mask=m)
+    tl.store(LO + row * T + slot, tl.maximum((first - row * T).to(tl.int32), hi - W), mask=m)
 
 
 @triton.jit
@@ -568,57 +565,6 @@ def _combine_kernel(
             lo = tl.load(LO + ibase + e, mask=has, other=0)
             hi = tl.load(HI + ibase + e, mask=has, other=0)
             nk += (hi > lo).to(tl.float32)
-    if MEAN:
-        inv = 1.0 / tl.maximum(nk, 1.0)
-        acc = acc * inv[:, None]
-        tl.store(INV_N + bh.to(tl.int64) * T + offs_t, inv, mask=tmask)
-    tl.store(Y + b * syb + h * syh + offs_t[:, None] * syt + offs_d[None, :], acc.to(Y.dtype.element_ty),
-             mask=tmask[:, None] & dmask)
-
-
-@triton.jit
-def _combine_onehot_kernel(
-    X, PERM, ROWPTR, LO, HI, Y, INV_N,
-    sxb, sxh, sxe, syb, syh, syt,
-    H, T, E, D,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, MEAN: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """_combine_kernel's sums as a matmul: the entries of a tile of BLOCK_T tokens are one contiguous
-    run [ROWPTR[t0], ROWPTR[t0 + BLOCK_T]) of PERM, taken BLOCK_E at a time, and Y += A @ X[PERM] with
-    A[t, i] = 1 where entry i belongs to token t (ROWPTR[t] <= i < ROWPTR[t + 1]). The tensor cores do
-    the segmented sum, and a tile needs ~1 round of dependent loads instead of one per entry of its
-    most-covered token. A 0/1 matrix is exact in any dtype and the products accumulate in float32;
-    the order of the additions differs from _combine_kernel's (so may the last bit)."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    # int64: b * stride overflows int32 once a tensor passes 2**31 elements.
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = offs_t < T
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d[None, :] < D
-    rbase = bh.to(tl.int64) * (T + 1)
-    ibase = bh.to(tl.int64) * E
-    start = tl.load(ROWPTR + rbase + offs_t, mask=tmask, other=0)
-    end = tl.load(ROWPTR + rbase + offs_t + 1, mask=tmask, other=0)
-    first = tl.load(ROWPTR + rbase + pid * BLOCK_T)  # the tile's run of entries: [first, last)
-    last = tl.max(end, axis=0)
-    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    nk = tl.zeros([BLOCK_T], dtype=tl.float32)
-    xbase = X + b * sxb + h * sxh
-    for i0 in range(first, last, BLOCK_E):
-        offs_i = i0 + tl.arange(0, BLOCK_E)
-        imask = offs_i < last
-        e = tl.load(PERM + ibase + offs_i, mask=imask, other=0).to(tl.int64)
-        x = tl.load(xbase + e[:, None] * sxe + offs_d[None, :], mask=imask[:, None] & dmask, other=0.0)
-        owner = (offs_i[None, :] >= start[:, None]) & (offs_i[None, :] < end[:, None])  # (BLOCK_T, BLOCK_E)
-        acc += _dot(tl.where(owner, 1.0, 0.0).to(x.dtype), x, PRECISION)
-        if MEAN:
-            lo = tl.load(LO + ibase + e, mask=imask, other=0)
-            hi = tl.load(HI + ibase + e, mask=imask, other=0)
-            nk += tl.sum((owner & (hi > lo)[None, :]).to(tl.float32), axis=1)
     if MEAN:
         inv = 1.0 / tl.maximum(nk, 1.0)
         acc = acc * inv[:, None]

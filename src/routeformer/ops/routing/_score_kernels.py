@@ -19,9 +19,10 @@ _EPS = 1e-5  # kmeans.normalize's LayerNorm epsilon
 TILES = {"cuda": (64, 32, 4), "cpu": (64, 16, 4)}
 
 # bf16 inputs: score with three bf16 products on x as it is (see _split_centroid_scores) instead of
-# tf32x3 on the normalised rows. A candidate of NOTES_routing.md v8, off until measured on a GPU
-# (benchmarks/attention.py --ab variant "bf16 split scores" switches it on).
-BF16_SPLIT_SCORES = False
+# tf32x3 on the normalised rows (NOTES_routing.md v8). On an H200 at T = 64k (run D) it took topk's
+# graph fwd+bwd 1.735 -> 1.649 ms and nearest's 1.810 -> 1.734; benchmarks/attention.py --ab variant
+# "tf32x3 scores" switches it off.
+BF16_SPLIT_SCORES = True
 
 
 @triton.jit
@@ -63,7 +64,7 @@ def _scores_kernel(
     positions. A chunk that starts at a multiple of BLOCK_C runs exactly the tiles of the whole-C
     launch, so its scores are the same bits (triton_ops.topk_index relies on it).
     ARGMAX: AMAX (BH, T) int64, the first cluster of highest score (torch.argmax's tie rule); with
-    COUNT_BINS (a power of two >= C) also COUNTS (BH, cdiv(T, BLOCK_T), COUNT_BINS) int32, how many of
+    COUNT_BINS (a power of two >= C) also COUNTS (BH, COUNT_BINS, cdiv(T, BLOCK_T)) int32, how many of
     this tile's positions chose each cluster (the counting sort of triton_ops._nearest_indices_shared).
     PRECISION "tf32x3" on GPU: three tf32 tensor-core products, ~1e-7 relative error like fp32, while
     "ieee" fp32 dots ran at 12 TFLOP/s (0.74 ms at T=64k, H100), slower than the formula's matmul.
@@ -115,10 +116,16 @@ def _scores_kernel(
     if ARGMAX:
         tl.store(AMAX + bh.to(tl.int64) * T + offs_t, best_c.to(tl.int64), mask=tmask)
         if COUNT_BINS > 0:
+            # tl.histogram without its mask argument (not in every Triton we run on): the positions
+            # past T count as cluster 0 and are taken back out of bin 0.
             bins = tl.arange(0, COUNT_BINS)
-            hit = (best_c[:, None] == bins[None, :]) & tmask[:, None]
-            tl.store(COUNTS + (bh.to(tl.int64) * tl.num_programs(0) + pid) * COUNT_BINS + bins,
-                     tl.sum(hit.to(tl.int32), axis=0))
+            hist = tl.histogram(tl.where(tmask, best_c, 0), COUNT_BINS)
+            n_pad = BLOCK_T - tl.minimum(T - pid * BLOCK_T, BLOCK_T)
+            hist = hist - tl.where(bins == 0, n_pad, 0)
+            # (BH, COUNT_BINS, tiles): cluster-major, so one flat cumsum gives each (cluster, tile) its
+            # first slot (triton_ops._nearest_slots_counting).
+            nt = tl.num_programs(0)
+            tl.store(COUNTS + (bh.to(tl.int64) * COUNT_BINS + bins) * nt + pid, hist)
 
 
 def tiles(x: torch.Tensor) -> tuple[int, int, int]:
@@ -151,7 +158,7 @@ def _launch(x: torch.Tensor, centroids: torch.Tensor, write: bool, argmax: bool,
     block_d = max(16, next_pow2(D))
     block_t, block_c, warps = tiles(x)
     grid = (cdiv(T, block_t), B * H)
-    counts = torch.empty((B * H, grid[0], count_bins) if count_bins else (0,), dtype=torch.int32, device=dev)
+    counts = torch.empty((B * H, count_bins, grid[0]) if count_bins else (0,), dtype=torch.int32, device=dev)
     _scores_kernel[grid](x, cent, s_t, gmax, amax, counts, x.stride(0), x.stride(1), x.stride(2), H, T, C, c_begin,
                          c_count, D, G, _EPS,
                          BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_D=block_d, GROUP_SIZE=scores.GROUP,
@@ -196,7 +203,7 @@ def _(x, centroids):
 @custom_op("routeformer::fused_argmax_counts")
 def fused_argmax_counts(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fused_argmax and, per tile of tiles(x)[0] positions, how many chose each cluster:
-    (B, H, T) int64 and (B*H, cdiv(T, BLOCK_T), next_pow2(C)) int32."""
+    (B, H, T) int64 and (B*H, next_pow2(C), cdiv(T, BLOCK_T)) int32."""
     _, _, amax, counts = _launch(x, centroids, write=False, argmax=True, count_bins=next_pow2(centroids.shape[1]))
     return amax, counts
 
@@ -206,5 +213,5 @@ def _(x, centroids):
     B, H, T, _ = x.shape
     n = (T + tiles(x)[0] - 1) // tiles(x)[0]
     return (x.new_empty(x.shape[:3], dtype=torch.int64),
-            x.new_empty((B * H, n, next_pow2(centroids.shape[1])), dtype=torch.int32))
+            x.new_empty((B * H, next_pow2(centroids.shape[1]), n), dtype=torch.int32))
 

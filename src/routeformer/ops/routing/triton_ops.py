@@ -41,9 +41,11 @@ CONFIG = {
     "cpu": dict(fwd=(16, 16, 4, 1), dq=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), combine=(16, 4)),
 }
 
-# The attention kernels run the slot (or entry) tiles that every row sees whole without masks
-# (NOTES_routing.md v8); False runs every tile masked, as before, for benchmarks/attention.py --ab.
-SPLIT_TILES = True
+# Per kernel: run the slot (or entry) tiles that every row sees whole without masks (NOTES_routing.md
+# v8). Measured on an H200 at T = 64k (run D): it took dk/dv 479 -> 435 us for topk but made the forward
+# (+25..30 us) and dq (+0..38 us) slower, so only dk/dv splits. benchmarks/attention.py --ab switches
+# all three (variants "masked tiles" and "unmasked tiles everywhere").
+SPLIT_TILES = {"fwd": False, "dq": False, "dkdv": True}
 
 # Tests set this to fill fresh buffers with NaN (or -1 for integers), so that unwritten memory shows.
 POISON = False
@@ -329,13 +331,14 @@ def _nearest_slots_counting(x: torch.Tensor, centroids: torch.Tensor, window: in
 
     B, H, T, _ = x.shape
     cluster, counts = fused_argmax_counts(x, centroids)
-    cum = torch.cumsum(counts, dim=1, dtype=torch.int32)
-    del counts
+    # One flat scan (a single cub pass; a scan along a middle dim ran ~0.37 ms at T = 64k on an H200).
+    # Its totals reach B*H*T, so int64 past int32's range.
+    cum = torch.cumsum(counts.view(-1), dim=0, dtype=torch.int32 if B * H * T < 2**31 else torch.int64)
     qpos, lo, hi = (_new((B * H, T), torch.int32, x.device) for _ in range(3))
     block_t = tiles(x)[0]
-    nb = cum.shape[1]
-    K._nearest_slots_kernel[(nb, B * H)](cluster, cum, qpos, lo, hi, T, nb, window,
-                                          BLOCK_T=block_t, C_BINS=cum.shape[2], num_warps=4)
+    c_bins, nb = counts.shape[1], counts.shape[2]
+    K._nearest_slots_kernel[(nb, B * H)](cluster, counts, cum, qpos, lo, hi, T, nb, window,
+                                          BLOCK_T=block_t, C_BINS=c_bins, num_warps=4)
     return qpos, lo, hi
 
 
@@ -433,22 +436,10 @@ def _s4(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-# A candidate of NOTES_routing.md v8, off until measured: the per-token sums as 0/1 matmuls over each
-# token tile's run of entries (_kernels._combine_onehot_kernel); --ab variant "one-hot combine".
-COMBINE_ONEHOT = False
-
-
 def _combine(x, perm, rowptr, lo, hi, T, mean, out_dtype):
     B, H, E, Dx = x.shape
     y = _new((B, H, T, Dx), out_dtype, x.device)
     inv_n = _new((B * H, T), torch.float32, x.device) if mean else y
-    if COMBINE_ONEHOT:
-        block_t, block_e, warps = (32, 64, 4) if gpu_plan(x) else (16, 16, 4)
-        K._combine_onehot_kernel[(cdiv(T, block_t), B * H)](
-            x, perm, rowptr, lo, hi, y, inv_n, *_s4(x), *_s4(y), H, T, E, Dx,
-            BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=_pow2(Dx), MEAN=mean, PRECISION=_precision(x),
-            num_warps=warps)
-        return y, (inv_n if mean else None)
     block_t, warps = _cfg(x, "combine")
     grid = (cdiv(T, block_t), B * H)
     K._combine_kernel[grid](x, perm, rowptr, lo, hi, y, inv_n,
@@ -471,7 +462,7 @@ def attention_fwd(q, k, v, qpos, lo, hi, kpos, scale: float, direct: bool):
                         H, E, S, D, Dv, scale * math.log2(math.e),
                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
                         DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=_precision(q),
-                        SPLIT=SPLIT_TILES, num_warps=warps, num_stages=stages)
+                        SPLIT=SPLIT_TILES["fwd"], num_warps=warps, num_stages=stages)
     return o, lse
 
 
@@ -540,7 +531,7 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(o_rows), *_s4(dq),
         H, T, E, S, D, Dv, scale, sl2,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
-        DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=prec, SPLIT=SPLIT_TILES,
+        DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=prec, SPLIT=SPLIT_TILES["dq"],
         num_warps=warps, num_stages=stages)
 
     bm, bn, warps, stages = _cfg(q, "dkdv")
@@ -559,7 +550,7 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(dk), *_s4(dv),
         H, T, E, S, nt, D, Dv, scale, sl2,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
-        DIRECT=direct, ADD_DK=shared, PRECISION=prec, SPLIT=SPLIT_TILES, num_warps=warps, num_stages=stages)
+        DIRECT=direct, ADD_DK=shared, PRECISION=prec, SPLIT=SPLIT_TILES["dkdv"], num_warps=warps, num_stages=stages)
     empty = q.new_empty(0)
     if direct:
         return dq, (empty if shared else dk), dv
