@@ -147,26 +147,10 @@ def _local_ours_shaw(T, centroids):
     return f
 
 
-_FLEX = {}
-
-
 def _local_flex(T, centroids):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from flex_window import sliding_window_flex
 
-    if "fn" not in _FLEX:
-        # One compiled graph per (T, grad mode): above the default limit of 8 dynamo would silently
-        # fall back to the unfused flex_attention that materialises T x T scores.
-        torch._dynamo.config.cache_size_limit = 64
-        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
-
-    def mask_mod(b, h, qi, kj):
-        return (kj <= qi) & (kj >= (qi // BLOCK) * BLOCK - FLANGE)
-
-    bm = create_block_mask(mask_mod, None, None, T, T, device="cuda", _compile=True)  # no T x T mask
-
-    def f(q, k, v):
-        return _FLEX["fn"](q, k, v, block_mask=bm)
-    return f
+    return sliding_window_flex(T, BLOCK, FLANGE)
 
 
 ROWS = [
@@ -338,13 +322,12 @@ def sweep(T):
     res.append(("both", "routing_scores (formula)", "-", _bench(lambda: routing_scores(q, centroids)), float("nan")))
     from routeformer.ops.routing import _score_kernels as SK
 
-    default_tiles, default_split = SK.TILES["cuda"], SK.BF16_SPLIT_SCORES
+    default_tiles, default_split = dict(SK.TILES), SK.BF16_SPLIT_SCORES
     for split in (False, True):  # tf32x3 on normalised rows; bf16 split (NOTES_routing.md v8)
         SK.BF16_SPLIT_SCORES = split
         kind = " (bf16 split)" if split else ""
-        for tiles in [default_tiles, (128, 64, 4), (128, 64, 8), (64, 32, 4), (128, 128, 8), (32, 64, 4),
-                      (64, 128, 4)]:
-            SK.TILES["cuda"] = tiles
+        for tiles in [(128, 64, 4), (128, 64, 8), (64, 32, 4), (128, 128, 8), (32, 64, 4), (64, 128, 4)]:
+            SK.TILES["cuda"] = SK.TILES["cuda-bf16x3"] = tiles
             try:
                 with torch.no_grad():  # graph replays: one kernel each, whose launch the host could outlast
                     res.append(("topk", "fused scores" + kind, tiles,
@@ -353,7 +336,7 @@ def sweep(T):
                                 _bench_graph(lambda: scores.nearest_clusters(q, centroids)), math.nan))
             except Exception as e:
                 res.append(("both", "fused kernel" + kind, tiles, math.nan, str(e)[:60]))
-    SK.TILES["cuda"] = default_tiles
+    SK.TILES.update(default_tiles)
     SK.BF16_SPLIT_SCORES = default_split
     for assign in ("topk", "nearest"):
         direct = assign == "nearest"
@@ -387,7 +370,7 @@ def sweep(T):
 
 AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through the dispatcher", "torch index ops",
                "masked tiles", "unmasked tiles everywhere", "candidate gather ops", "sorted cluster ids",
-               "tf32x3 scores")
+               "tf32x3 scores", "score tiles 64x32")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -420,7 +403,7 @@ def _variant(name):
     from routeformer.ops.routing import triton_ops as TO
 
     saved = (TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES, TO.FUSED_CANDIDATES,
-             TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES)
+             TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, dict(SK.TILES))
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
         TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = (
@@ -439,13 +422,17 @@ def _variant(name):
         TO.COUNTING_SORT = False
     elif name == "tf32x3 scores":  # bf16 inputs scored with tf32x3 on the normalised rows, as before v8
         SK.BF16_SPLIT_SCORES = False
+    elif name == "score tiles 64x32":  # the bf16-split score kernel on the tf32x3 kernel's tiles
+        SK.TILES["cuda-bf16x3"] = SK.TILES["cuda"]
     elif name == "through the dispatcher":
         _dispatch.tracing = lambda: True  # eager calls take the custom ops, as before ops/_dispatch.py
     try:
         yield
     finally:
         (TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES, TO.FUSED_CANDIDATES,
-         TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES) = saved
+         TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, tiles) = saved
+        SK.TILES.clear()
+        SK.TILES.update(tiles)
         TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = index_ops
 
 

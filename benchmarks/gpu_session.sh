@@ -11,7 +11,8 @@
 # Each step's output lands in $OUT/gpu_session.tgz (one archive, rewritten atomically after every
 # step: the device returns at most 8 files, and a call stopped at its time limit keeps what finished).
 # Each step also has its own time limit (STEP_LIMIT_S, default 300 s); PYTEST_ARGS replaces the tests
-# step's default selection (tests/), e.g. one test id or `tests/ --deselect ID`.
+# step's default selection (tests/), e.g. one test id or `tests/ --deselect ID`; LOCAL_ARGS is added to
+# the local step's command (e.g. "--sweep --sweep-T 65536").
 # The PyPI peer is installed from .whl/ when present (carry .whl):
 #   python3 -m pip download --no-deps -d .whl routing-transformer==1.6.1 local-attention==1.4.4 \
 #       product-key-memory==0.1.11 mixture-of-experts==0.2.3
@@ -94,7 +95,8 @@ for s in "${steps[@]}"; do
             run_step kernels kernel_profile.txt python3 benchmarks/attention.py --profile 65536
             tail -30 "$work/kernel_profile.txt" ;;
         local)
-            run_step local local.txt python3 benchmarks/local_kernel.py --out "$work"
+            # shellcheck disable=SC2086
+            run_step local local.txt python3 benchmarks/local_kernel.py --out "$work" ${LOCAL_ARGS:-}
             tail -30 "$work/local.txt" ;;
         sweep)
             run_step sweep sweep.txt python3 benchmarks/attention.py --sweep 65536

@@ -3,13 +3,13 @@
     PYTHONPATH=src python benchmarks/local_kernel.py [--out DIR] [--sweep] [--smoke]
 
 Shape: B=1, H=8, D=64, bf16, block 256, flange 256, causal, T in {4k .. 64k}. Variants: ours
-without and with Shaw tables (M = 513, the model's default), FlexAttention (torch.compile'd
-flex_attention with a sliding-window block mask built once, outside the timing), and dense causal
+without and with Shaw tables (M = 513, the model's default), FlexAttention (flex_window.py:
+compiled per length, with a sliding-window block mask built once, outside the timing), and dense causal
 SDPA (flash) for scale. Correctness first: each variant against the reference at T = 4096.
 Times are medians in ms; 'fwd+bwd' includes the forward. Two clocks: triton.testing.do_bench
 (eager calls, so Python and launch overhead count where the GPU work is short) and
 do_bench_cudagraph (GPU time of a replayed CUDA graph).
---sweep times a few tile settings for our kernels at T = 16384 before the main table.
+--sweep times a few tile settings for our kernels at T = 16384 (--sweep-T) before the main table.
 --smoke runs tiny sizes on the CPU interpreter to check the script itself.
 """
 from __future__ import annotations
@@ -34,6 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-T", type=int, default=16384, help="the length --sweep times at (GPU)")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.smoke:
@@ -70,18 +71,13 @@ def main() -> None:
     rel_of = {"ours": False, "ours+shaw": True, "ref+shaw": True, "flex": False, "sdpa-dense": False}
     flex_mask = {}
     if dev == "cuda":
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        flex = torch.compile(flex_attention)
-
-        def window(b, h, q_idx, kv_idx):
-            first = (q_idx // L) * L - F
-            return (kv_idx >= first) & (kv_idx <= q_idx)
+        from flex_window import sliding_window_flex
 
         def flex_fn(q, k, v):
             T = q.shape[2]
             if T not in flex_mask:
-                flex_mask[T] = create_block_mask(window, None, None, T, T, device=dev)
-            return flex(q, k, v, block_mask=flex_mask[T])
+                flex_mask[T] = sliding_window_flex(T, L, F)
+            return flex_mask[T](q, k, v)
 
         variants["flex"] = flex_fn
         variants["sdpa-dense"] = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -131,7 +127,7 @@ def main() -> None:
     if args.sweep:
         # Each setting is checked against the default tiles (themselves checked above) before timing;
         # the fastest valid one per (rel, kernel) is kept for the table below.
-        T = 16384 if dev == "cuda" else 64
+        T = args.sweep_T if dev == "cuda" else 64
         fwd_cfgs = [dict(BM=128, BN=64, num_warps=4, num_stages=3), dict(BM=128, BN=128, num_warps=8, num_stages=3),
                     dict(BM=64, BN=64, num_warps=4, num_stages=3), dict(BM=128, BN=64, num_warps=8, num_stages=2),
                     dict(BM=32, BN=32, num_warps=4, num_stages=2)]

@@ -398,16 +398,22 @@ def test_tile_entry_ranges_equal_their_definition():
                 assert torch.equal(every[r], (e >= flo[r, i]) & (e < fhi[r, i])), (R, N, i)
 
 
-def test_counting_sort_slots_equal_the_sorted_slots(monkeypatch):
+@pytest.mark.parametrize("block_t", [64, 128])
+def test_counting_sort_slots_equal_the_sorted_slots(monkeypatch, block_t):
     """Shared-QK nearest slots from the counting sort (per-tile cluster counts from the score kernel, a
     cumsum, one kernel) equal those of the stable sort of the cluster ids: several tiles and a partial
     last one, a cluster count that is not a power of two, crowded clusters (the window binds), C = 1
     and C = 256 (the largest the counting sort takes; 257 takes the sort)."""
     from routeformer.ops.routing import scores
 
+    from routeformer.ops.routing import _score_kernels as SK
+
     monkeypatch.setattr(scores, "use_fused", lambda x: True)
+    # The GPU's bf16-split score tile is 128 positions (its slots kernel ranks a 128-wide tile):
+    # both widths, each over several tiles.
+    monkeypatch.setitem(SK.TILES, "cpu", (block_t, 16, 4))
     g = torch.Generator().manual_seed(12)
-    for T, C, W in ((150, 6, 20), (300, 40, 32), (64, 1, 16), (65, 256, 5), (70, 257, 8)):
+    for T, C, W in ((150, 6, 20), (300, 40, 32), (64, 1, 16), (65, 256, 5), (70, 257, 8), (400, 7, 64)):
         x = torch.randn(2, 2, T, 24, generator=g).to(torch.bfloat16)
         centroids = torch.randn(2, C, 24, generator=g)
         centroids[:, C // 2:] *= 0.05

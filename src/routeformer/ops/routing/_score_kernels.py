@@ -15,8 +15,11 @@ from . import scores  # scores.GROUP is read at each call so tests can shrink it
 
 _EPS = 1e-5  # kmeans.normalize's LayerNorm epsilon
 # (BLOCK_T, BLOCK_C, warps); benchmarks/attention.py --sweep times alternatives. BLOCK_T is a multiple
-# of scores.GROUP. The interpreter runs each program as numpy: small C tiles exercise the C loop.
-TILES = {"cuda": (64, 32, 4), "cpu": (64, 16, 4)}
+# of scores.GROUP. "cuda-bf16x3": the bf16-split kernel, whose fastest tiles differ: on an H200 at
+# T = 64k (run D) nearest's argmax took 0.113 ms with (128, 64, 4) against 0.143 with (64, 32, 4), topk's
+# scores 0.171 against 0.190; tf32x3 was fastest at (64, 32, 4). The interpreter runs each program as
+# numpy: small C tiles exercise the C loop.
+TILES = {"cuda": (64, 32, 4), "cuda-bf16x3": (128, 64, 4), "cpu": (64, 16, 4)}
 
 # bf16 inputs: score with three bf16 products on x as it is (see _split_centroid_scores) instead of
 # tf32x3 on the normalised rows (NOTES_routing.md v8). On an H200 at T = 64k (run D) it took topk's
@@ -130,7 +133,8 @@ def _scores_kernel(
 
 def tiles(x: torch.Tensor) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_C, warps) the kernel runs with for x."""
-    block_t, block_c, warps = TILES["cuda" if gpu_plan(x) else "cpu"]
+    kind = ("cuda-bf16x3" if _precision(x) == "bf16x3" else "cuda") if gpu_plan(x) else "cpu"
+    block_t, block_c, warps = TILES[kind]
     if x.shape[-1] > 128:  # keep the (BLOCK_T x D) and (BLOCK_C x D) fp32 tiles in registers
         block_t, block_c = min(block_t, 32), min(block_c, 32)
     return block_t, block_c, warps

@@ -338,7 +338,7 @@ def _nearest_slots_counting(x: torch.Tensor, centroids: torch.Tensor, window: in
     block_t = tiles(x)[0]
     c_bins, nb = counts.shape[1], counts.shape[2]
     K._nearest_slots_kernel[(nb, B * H)](cluster, counts, cum, qpos, lo, hi, T, nb, window,
-                                          BLOCK_T=block_t, C_BINS=c_bins, num_warps=4)
+                                          BLOCK_T=block_t, C_BINS=c_bins, num_warps=4 if block_t <= 64 else 8)
     return qpos, lo, hi
 
 
