@@ -327,7 +327,7 @@ def sweep(T):
         SK.BF16_SPLIT_SCORES = split
         kind = " (bf16 split)" if split else ""
         for tiles in [(128, 64, 4), (128, 64, 8), (64, 32, 4), (128, 128, 8), (32, 64, 4), (64, 128, 4)]:
-            SK.TILES["cuda"] = SK.TILES["cuda-bf16x3"] = tiles
+            SK.TILES["cuda"] = tiles
             try:
                 with torch.no_grad():  # graph replays: one kernel each, whose launch the host could outlast
                     res.append(("topk", "fused scores" + kind, tiles,
@@ -370,7 +370,7 @@ def sweep(T):
 
 AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through the dispatcher", "torch index ops",
                "masked tiles", "unmasked tiles everywhere", "candidate gather ops", "sorted cluster ids",
-               "tf32x3 scores", "score tiles 64x32")
+               "tf32x3 scores")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -422,8 +422,6 @@ def _variant(name):
         TO.COUNTING_SORT = False
     elif name == "tf32x3 scores":  # bf16 inputs scored with tf32x3 on the normalised rows, as before v8
         SK.BF16_SPLIT_SCORES = False
-    elif name == "score tiles 64x32":  # the bf16-split score kernel on the tf32x3 kernel's tiles
-        SK.TILES["cuda-bf16x3"] = SK.TILES["cuda"]
     elif name == "through the dispatcher":
         _dispatch.tracing = lambda: True  # eager calls take the custom ops, as before ops/_dispatch.py
     try:

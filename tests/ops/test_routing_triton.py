@@ -409,8 +409,8 @@ def test_counting_sort_slots_equal_the_sorted_slots(monkeypatch, block_t):
     from routeformer.ops.routing import _score_kernels as SK
 
     monkeypatch.setattr(scores, "use_fused", lambda x: True)
-    # The GPU's bf16-split score tile is 128 positions (its slots kernel ranks a 128-wide tile):
-    # both widths, each over several tiles.
+    # The slots kernel ranks within one score tile: the GPU's 64 positions and a wider 128 (the
+    # benchmark's sweep tries it), each over several tiles.
     monkeypatch.setitem(SK.TILES, "cpu", (block_t, 16, 4))
     g = torch.Generator().manual_seed(12)
     for T, C, W in ((150, 6, 20), (300, 40, 32), (64, 1, 16), (65, 256, 5), (70, 257, 8), (400, 7, 64)):

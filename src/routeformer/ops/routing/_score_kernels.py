@@ -15,11 +15,13 @@ from . import scores  # scores.GROUP is read at each call so tests can shrink it
 
 _EPS = 1e-5  # kmeans.normalize's LayerNorm epsilon
 # (BLOCK_T, BLOCK_C, warps); benchmarks/attention.py --sweep times alternatives. BLOCK_T is a multiple
-# of scores.GROUP. "cuda-bf16x3": the bf16-split kernel, whose fastest tiles differ: on an H200 at
-# T = 64k (run D) nearest's argmax took 0.113 ms with (128, 64, 4) against 0.143 with (64, 32, 4), topk's
-# scores 0.171 against 0.190; tf32x3 was fastest at (64, 32, 4). The interpreter runs each program as
-# numpy: small C tiles exercise the C loop.
-TILES = {"cuda": (64, 32, 4), "cuda-bf16x3": (128, 64, 4), "cpu": (64, 16, 4)}
+# of scores.GROUP. The same tiles serve tf32x3 and bf16 split: on an H200 at T = 64k (run D) the
+# bf16-split kernel alone was faster at (128, 64, 4) (nearest's argmax 0.113 against 0.143 ms), but the
+# counting sort's slot kernel ranks a score tile, and at 128 positions it took 80 us against 47, so
+# whole fwd+bwd times did not move (--ab "score tiles 64x32": 1.192 ms both, topk 1.612 vs 1.616) and
+# 8k got slower (nearest 0.209 vs 0.202). The interpreter runs each program as numpy: small C tiles
+# exercise the C loop.
+TILES = {"cuda": (64, 32, 4), "cpu": (64, 16, 4)}
 
 # bf16 inputs: score with three bf16 products on x as it is (see _split_centroid_scores) instead of
 # tf32x3 on the normalised rows (NOTES_routing.md v8). On an H200 at T = 64k (run D) it took topk's
@@ -133,8 +135,7 @@ def _scores_kernel(
 
 def tiles(x: torch.Tensor) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_C, warps) the kernel runs with for x."""
-    kind = ("cuda-bf16x3" if _precision(x) == "bf16x3" else "cuda") if gpu_plan(x) else "cpu"
-    block_t, block_c, warps = TILES[kind]
+    block_t, block_c, warps = TILES["cuda" if gpu_plan(x) else "cpu"]
     if x.shape[-1] > 128:  # keep the (BLOCK_T x D) and (BLOCK_C x D) fp32 tiles in registers
         block_t, block_c = min(block_t, 32), min(block_c, 32)
     return block_t, block_c, warps
