@@ -117,16 +117,16 @@ def local_attn_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dq, dk, dv for q, k, v (the table grads come from local_attn_rel_bwd)."""
     BH, T, D, DV, M, FR = _geometry(q, v, rel_k, flange, causal)
-    q, k, v, dout = q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous()
+    q, k, v, dout, out = q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous(), out.contiguous()
     rk, rv = _rel_args(rel_k, rel_v, q)
-    delta = (out.float() * dout.float()).sum(-1)
+    delta = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)  # written by the dq kernel
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = dict(CAUSAL=causal, HAS_REL=rel_k is not None, DOT=_dot_mode(q),
                   BD=_pow2(D), BDV=_pow2(DV))
     scalars = (T, D, DV, block, flange, FR, M, scale * _LOG2E, scale)
     c = _tiles("dq", q, rel_k is not None)
     _bwd_dq_kernel[(cdiv(T, c["BM"]), BH)](
-        q, k, v, rk, rv, dout, lse, delta, dq, *scalars, **common,
+        q, k, v, rk, rv, dout, out, lse, delta, dq, *scalars, **common,
         BM=c["BM"], BN=c["BN"], BAND=next_pow2(c["BM"] + c["BN"] - 1),
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
