@@ -24,9 +24,9 @@ _EPS = 1e-5  # kmeans.normalize's LayerNorm epsilon
 TILES = {"cuda": (64, 32, 4), "cpu": (64, 16, 4)}
 
 # bf16 inputs: score with three bf16 products on x as it is (see _split_centroid_scores) instead of
-# tf32x3 on the normalised rows (NOTES_routing.md v8). On an H200 at T = 64k (run D) it took topk's
-# graph fwd+bwd 1.735 -> 1.649 ms and nearest's 1.810 -> 1.734; benchmarks/attention.py --ab variant
-# "tf32x3 scores" switches it off.
+# tf32x3 on the normalised rows (NOTES_routing.md v8). On an H200 at T = 64k (run D's A/B) graph
+# fwd+bwd took topk 1.617 ms with it against 1.703 without, nearest 1.192 against 1.261;
+# benchmarks/attention.py --ab variant "tf32x3 scores" switches it off.
 BF16_SPLIT_SCORES = True
 
 
