@@ -204,6 +204,7 @@ def main() -> None:
             del t
         flex_mask.clear()
 
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "local_bench.json"), "w") as fh:
         json.dump(results, fh, indent=1)
     print("\n| T | variant | fwd ms | fwd+bwd ms | graph fwd ms | graph fwd+bwd ms | graph fwd TFLOP/s |")
