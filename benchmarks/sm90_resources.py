@@ -102,12 +102,12 @@ def record_launches(T: int) -> list:
         # The tf32x3 score kernel (bf16 inputs take the bf16-split one by default) compiles too.
         from routeformer.ops.routing import _score_kernels as SK
 
-        SK.BF16_SPLIT_SCORES = False
+        split, SK.BF16_SPLIT_SCORES = SK.BF16_SPLIT_SCORES, False
         try:
             for assign in ("topk", "nearest"):
                 TO.routing_indices(q, q, centroids, WINDOW, True, assign)
         finally:
-            SK.BF16_SPLIT_SCORES = True
+            SK.BF16_SPLIT_SCORES = split
         rel = mk(2 * 513 + 1, D)
         for rk, rv in ((None, None), (rel, rel)):
             out, lse = L.local_attn_fwd.impl(q, k, v, rk, rv, BLOCK, FLANGE, True, scale)
