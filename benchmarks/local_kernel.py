@@ -136,6 +136,13 @@ def main() -> None:
                     (dict(BM=128, BN=32, num_warps=4, num_stages=3), dict(BM=32, BN=128, num_warps=4, num_stages=3)),
                     (dict(BM=64, BN=64, num_warps=4, num_stages=3), dict(BM=64, BN=64, num_warps=4, num_stages=3)),
                     (dict(BM=128, BN=64, num_warps=8, num_stages=3), dict(BM=64, BN=128, num_warps=8, num_stages=3))]
+        # With Shaw tables the default backward tiles (64 x 64, 4 warps) spill heavily on sm_90 (dq: ~630
+        # spill stores, 1.4 KB of stack per thread; benchmarks/sm90_resources.py). These compile with no
+        # spills: dq 32 x 32 on 8 warps, dk/dv 32 x 64 on 8 warps or 32 x 32 on 4.
+        shaw_bwd_cfgs = [(dict(BM=32, BN=32, num_warps=8, num_stages=2), dict(BM=32, BN=64, num_warps=8, num_stages=2)),
+                         (dict(BM=32, BN=32, num_warps=8, num_stages=2), dict(BM=32, BN=32, num_warps=4, num_stages=2)),
+                         (dict(BM=64, BN=64, num_warps=8, num_stages=2), dict(BM=64, BN=64, num_warps=8, num_stages=2))]
+        shaw_fwd_cfgs = [dict(BM=32, BN=32, num_warps=8, num_stages=2), dict(BM=32, BN=32, num_warps=4, num_stages=1)]
         chosen = {}
         for rel in (False, True):
             t = inputs(T, rel)
@@ -145,7 +152,8 @@ def main() -> None:
             out0 = fn(*t)
             grads0 = torch.autograd.grad(out0, t, g)
             best = {}
-            for kind, cfgs in (("fwd", fwd_cfgs), ("bwd", bwd_cfgs)):
+            kinds = (("fwd", fwd_cfgs + (shaw_fwd_cfgs if rel else [])), ("bwd", bwd_cfgs + (shaw_bwd_cfgs if rel else [])))
+            for kind, cfgs in kinds:
                 # The backward's time is fwd+bwd less the forward, both on the chosen forward tiles (the
                 # forward loop above leaves its last setting in TILE_OVERRIDES: a base taken there was
                 # 0.38 ms too high at 64k on the H200, so the first 64k sweep's bwd column reads low).

@@ -1,5 +1,6 @@
 """Compile every Triton kernel of the benchmark setting for sm_90 (H100 / H200) on this machine, no GPU
-needed, and report each one's registers, local memory (spills) and shared memory.
+needed, and report each one's registers, stack frame and spill instructions (STL / LDL in the SASS:
+ptxas spills to the stack, and LOCAL stays 0) and shared memory.
 
     TRITON_INTERPRET=0 PYTHONPATH=src python benchmarks/sm90_resources.py [--T 65536] [--json FILE]
 
@@ -146,6 +147,8 @@ def _signature(fn, args, kwargs):
         else:
             raise TypeError(f"{fn.__name__}.{name}: cannot type {type(value).__name__}")
     options = {"num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3)}
+    if kwargs.get("maxnreg") is not None:  # a register budget per thread (ptx .maxnreg)
+        options["maxnreg"] = kwargs["maxnreg"]
     return signature, constexprs, attrs, options
 
 
@@ -174,11 +177,13 @@ def compile_launch(fn, args, kwargs) -> dict:
     res = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     # Hopper's warpgroup MMA (HGMMA) vs the older per-warp mma.sync (HMMA): HOPPER.md's first check.
     mma = {op: len(re.findall(rf"\b{op}\.", sass)) for op in ("HGMMA", "HMMA")}
+    # Register spills go to the per-thread stack frame (STACK; LOCAL stays 0): count its stores and loads.
+    spills = {"STL": len(re.findall(r"\bSTL(?:\.|\s)", sass)), "LDL": len(re.findall(r"\bLDL(?:\.|\s)", sass))}
     flags = {k: v for k, v in constexprs.items() if not k.startswith("BLOCK") and k not in ("BM", "BN", "BD", "BDV")}
     tiles = {k: v for k, v in constexprs.items() if k not in flags}
     return {"kernel": fn.__name__, "module": fn.fn.__module__.rsplit(".", 2)[-2], "flags": flags, "tiles": tiles,
             **options, "regs": int(res.get("REG", -1)), "local_bytes": int(res.get("LOCAL", 0)),
-            "stack_bytes": int(res.get("STACK", 0)), "shared_bytes": kernel.metadata.shared, **mma,
+            "stack_bytes": int(res.get("STACK", 0)), "shared_bytes": kernel.metadata.shared, **mma, **spills,
             "compile_s": round(seconds, 2)}
 
 
@@ -210,11 +215,13 @@ def main(argv=None) -> int:
     import triton
 
     print(f"sm_90 resources, triton {triton.__version__}, T={args.T}, bf16 H={H} D={D} W={WINDOW}")
-    print("| module | kernel | flags | tiles | warps | stages | regs | local B | shared KiB | HGMMA / HMMA |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| module | kernel | flags | tiles | warps | stages | regs | stack B | spill st / ld | shared KiB "
+          "| HGMMA / HMMA |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['module']} | {r['kernel']} | {r['flags']} | {r['tiles']} | {r['num_warps']} | {r['num_stages']} "
-              f"| {r['regs']} | {r['local_bytes']} | {r['shared_bytes'] / 1024:.1f} | {r['HGMMA']} / {r['HMMA']} |")
+              f"| {r['regs']} | {r['stack_bytes']} | {r['STL']} / {r['LDL']} | {r['shared_bytes'] / 1024:.1f} "
+              f"| {r['HGMMA']} / {r['HMMA']} |")
     for f in failures:
         print("FAILED", f)
     if args.json:
