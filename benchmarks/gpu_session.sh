@@ -7,6 +7,7 @@
 #   host     the host-time profile of our eager forward+backward at 8k
 #   kernels  the kernel profile at 64k
 #   local    local attention against FlexAttention, eager and CUDA-graph clocks (benchmarks/local_kernel.py)
+#   lprofile the local kernels' GPU time per kernel at 64k, without and with Shaw tables
 #   sweep    the tile sweep at 64k
 # Each step's output lands in $OUT/gpu_session.tgz (one archive, rewritten atomically after every
 # step: the device returns at most 8 files, and a call stopped at its time limit keeps what finished).
@@ -31,8 +32,8 @@ steps=()
 for a in "$@"; do
     case "$a" in
         --quick) quick=1 ;;
-        tests|bench|ab|host|kernels|local|sweep) steps+=("$a") ;;
-        *) echo "gpu_session.sh: unknown step '$a' (steps: tests bench ab host kernels local sweep; flag: --quick)" >&2; exit 2 ;;
+        tests|bench|ab|host|kernels|local|lprofile|sweep) steps+=("$a") ;;
+        *) echo "gpu_session.sh: unknown step '$a' (steps: tests bench ab host kernels local lprofile sweep; flag: --quick)" >&2; exit 2 ;;
     esac
 done
 [[ ${#steps[@]} -eq 0 ]] && steps=(tests bench ab host kernels local sweep)
@@ -98,6 +99,9 @@ for s in "${steps[@]}"; do
             # shellcheck disable=SC2086
             run_step local local.txt python3 benchmarks/local_kernel.py --out "$work" ${LOCAL_ARGS:-}
             tail -30 "$work/local.txt" ;;
+        lprofile)
+            run_step lprofile local_profile.txt python3 benchmarks/local_kernel.py --profile 65536
+            grep -E "==|_kernel|Self CUDA|aten::(zeros|mm|index_add)" "$work/local_profile.txt" | head -40 ;;
         sweep)
             run_step sweep sweep.txt python3 benchmarks/attention.py --sweep 65536
             tail -15 "$work/sweep.txt" ;;

@@ -1,6 +1,6 @@
 """Local attention on one GPU: the Triton kernels against FlexAttention and dense SDPA.
 
-    PYTHONPATH=src python benchmarks/local_kernel.py [--out DIR] [--sweep] [--smoke]
+    PYTHONPATH=src python benchmarks/local_kernel.py [--out DIR] [--sweep] [--smoke] [--profile T]
 
 Shape: B=1, H=8, D=64, bf16, block 256, flange 256, causal, T in {4k .. 64k}. Variants: ours
 without and with Shaw tables (M = 513, the model's default), FlexAttention (flex_window.py:
@@ -11,6 +11,7 @@ Times are medians in ms; 'fwd+bwd' includes the forward. Two clocks: triton.test
 do_bench_cudagraph (GPU time of a replayed CUDA graph).
 --sweep times a few tile settings for our kernels at T = 16384 (--sweep-T) before the main table.
 --smoke runs tiny sizes on the CPU interpreter to check the script itself.
+--profile T prints the GPU time per kernel of our forward+backward at T, without and with Shaw tables.
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-T", type=int, default=16384, help="the length --sweep times at (GPU)")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--profile", type=int, default=0,
+                    help="only the GPU kernels of our fwd+bwd (without and with Shaw tables) at this T")
     args = ap.parse_args()
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -102,6 +105,10 @@ def main() -> None:
                 print(f"cudagraph timing failed ({type(exc).__name__}: {exc}); no graph number", flush=True)
                 return float("nan")
         return triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median", grad_to_none=t)
+
+    if args.profile:
+        profile_kernels(args.profile, variants, inputs, dev)
+        return
 
     results = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "checks": {}, "sweep": [], "table": []}
 
@@ -220,6 +227,31 @@ def main() -> None:
     for r in results["table"]:
         print(f"| {r['T']} | {r['variant']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
               f"{r['graph_fwd_ms']:.3f} | {r['graph_fwd_bwd_ms']:.3f} | {r['graph_fwd_tflops']:.0f} |")
+
+
+def profile_kernels(T, variants, inputs, dev) -> None:
+    """GPU time per kernel of 5 forward+backward passes (torch.profiler), ours without and with Shaw."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, rel in (("ours", False), ("ours+shaw", True)):
+        t = inputs(T, rel)
+        g = torch.randn_like(t[0])
+
+        def run(n):
+            for _ in range(n):
+                for x in t:
+                    x.grad = None
+                variants[name](*t).backward(g)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+
+        run(3)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+        with profile(activities=acts) as p:
+            run(5)
+        print(f"== kernel profile {name} T={T} (5 fwd+bwd; times are totals over the 5)", flush=True)
+        sort = "cuda_time_total" if dev == "cuda" else "cpu_time_total"
+        print(p.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=60), flush=True)
 
 
 if __name__ == "__main__":

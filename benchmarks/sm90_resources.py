@@ -57,7 +57,7 @@ def _kernel_slots():
                                 "_topk_compact_kernel", "_gather_groups_kernel", "_select_rows_kernel",
                                 "_count_below_kernel", "_slot_bounds_kernel", "_tile_entry_ranges_kernel",
                                 "_nearest_slots_kernel")]
-    local = [(L, n) for n in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_rel_kernel")]
+    local = [(L, n) for n in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")]
     return routing + [(S, "_scores_kernel")] + local
 
 
@@ -112,9 +112,8 @@ def record_launches(T: int) -> list:
         rel = mk(2 * 513 + 1, D)
         for rk, rv in ((None, None), (rel, rel)):
             out, lse = L.local_attn_fwd.impl(q, k, v, rk, rv, BLOCK, FLANGE, True, scale)
-            L.local_attn_bwd.impl(dout, q, k, v, out, lse, rk, rv, BLOCK, FLANGE, True, scale)
-            if rk is not None:
-                L.local_attn_rel_bwd.impl(dout, q, k, v, out, lse, rk, rv, BLOCK, FLANGE, True, scale)
+            # With tables: the dq kernel that also stores P and dS by distance (the table grads).
+            L.local_attn_bwd.impl(dout, q, k, v, out, lse, rk, rv, BLOCK, FLANGE, True, scale, rk is not None)
     return log
 
 

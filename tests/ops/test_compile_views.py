@@ -33,9 +33,8 @@ def test_local_ops_fake_matches_real():
         torch.library.opcheck(L.local_attn_fwd.op, args)
         out, lse = L.local_attn_fwd(*args)
         dout = torch.randn(1, 24, 2, 16).transpose(1, 2)
-        torch.library.opcheck(L.local_attn_bwd.op, (dout, q, k, v, out, lse, rk, rv, 8, 8, True, 0.25))
-        if rk is not None:
-            torch.library.opcheck(L.local_attn_rel_bwd.op, (dout, q, k, v, out, lse, rk, rv, 8, 8, True, 0.25))
+        for rel_grads in (False, True):
+            torch.library.opcheck(L.local_attn_bwd.op, (dout, q, k, v, out, lse, rk, rv, 8, 8, True, 0.25, rel_grads))
 
 
 @pytest.mark.parametrize("assign,shared", [("topk", False), ("topk", True), ("nearest", True), ("nearest", False)])

@@ -131,6 +131,21 @@ def test_low_precision_within_twice_plain_error(poisoned, dtype, M):
     check_case(1, 2, 37, 24, 24, M, 8, 10, True, dtype, seed=1)
 
 
+def test_frozen_tables_skip_their_grads(poisoned):
+    """Tables that need no grad: q, k, v grads still match, and the tables get none (the backward then
+    skips the by-distance buffers that their grads are reduced from)."""
+    q, k, v, rk, rv = make_inputs(1, 2, 37, 16, 16, 6, torch.float32, 3)
+    rk, rv = rk.detach(), rv.detach()
+    kw = dict(block=8, flange=10, causal=True, scale=0.25, rel_k=rk, rel_v=rv)
+    out = local_attention(q, k, v, backend="triton", **kw)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [q, k, v], g)
+    want = torch.autograd.grad(local_attention_reference(q, k, v, **kw), [q, k, v], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    assert rk.grad is None and rv.grad is None
+
+
 def test_rejects_float64():
     q, k, v = make_inputs(1, 1, 8, 16, 16, None, torch.float64, 0)
     with pytest.raises(TypeError, match="backend='reference'"):

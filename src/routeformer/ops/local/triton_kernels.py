@@ -1,4 +1,4 @@
-"""Triton kernels for blocked local attention (forward, backward, Shaw relative-position grads).
+"""Triton kernels for blocked local attention (forward, backward; Shaw relative positions inside both).
 
 Legend: B batch, H heads, T tokens, D head dim (DV for values), L block length, F flange,
 FR right flange (F non-causal, 0 causal), M max relative distance, BM x BN a (query x key) tile,
@@ -12,6 +12,8 @@ Shaw terms: for a tile at (m0, n0) the distances are d = dmin + t, dmin = n0 - m
 t in [0, BAND). q @ rel_k[band]^T is a (BM, BAND) product in distance coordinates; `_skew` moves it
 to key coordinates (column j - i + BM - 1) and `_unskew` moves a (BM, BN) tile back, so both rel
 terms are tensor-core products plus a register gather, never a (T, 2M + 1) tensor in memory.
+The table grads are the one exception: the dq kernel stores P and dS by distance, (T, n_dist) per
+head with n_dist = L + F (causal), and two matmuls reduce them (triton_ops.local_attn_bwd).
 """
 from __future__ import annotations
 
@@ -185,10 +187,10 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse, delta, K, V, RK, RV, m0, n0, offs_m, offs_d, offs_dv, offs_t,
-             T, D, DV, L, F, FR, M, qk_scale,
+def _dq_tile(dq, q, do, lse, delta, K, V, RK, RV, PD, DSD, m0, n0, offs_m, offs_d, offs_dv, offs_t,
+             T, D, DV, L, F, FR, M, qk_scale, dlo, n_dist,
              MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_REL: tl.constexpr, DOT: tl.constexpr,
-             BM: tl.constexpr, BN: tl.constexpr, BAND: tl.constexpr):
+             BM: tl.constexpr, BN: tl.constexpr, BAND: tl.constexpr, STORE_DIST: tl.constexpr):
     offs_n = n0 + tl.arange(0, BN)
     kt = tl.load(K + offs_n[None, :] * D + offs_d[:, None],
                  mask=(offs_n[None, :] < T) & (offs_d[:, None] < D), other=0.0)
@@ -206,6 +208,15 @@ def _dq_tile(dq, q, do, lse, delta, K, V, RK, RV, m0, n0, offs_m, offs_d, offs_d
     if MASK:
         p = tl.where(_allowed(offs_m, offs_n, T, L, F, FR, CAUSAL), p, 0.0)
     ds = p * (dp - delta[:, None])
+    if STORE_DIST:
+        # P and dS in distance coordinates, row i column (j - i) - dlo: the table grads are then two
+        # matmuls (P_D^T @ dO, dS_D^T @ q) instead of a kernel that recomputes the whole attention.
+        # Each (i, j) pair is visited once; pairs never visited stay at the buffers' zeros.
+        col = offs_n[None, :] - offs_m[:, None] - dlo
+        ok = (col >= 0) & (col < n_dist) & (offs_m[:, None] < T)
+        dist = offs_m.to(tl.int64)[:, None] * n_dist + col
+        tl.store(PD + dist, _cast(p, PD.dtype.element_ty, DOT), mask=ok)
+        tl.store(DSD + dist, _cast(ds, DSD.dtype.element_ty, DOT), mask=ok)
     dq += _dot(_cast(ds, kt.dtype, DOT), tl.trans(kt), DOT)
     if HAS_REL:
         dq += _dot(_cast(_unskew(ds, BM, BN, BAND), rk.dtype, DOT), rk, DOT)
@@ -214,14 +225,16 @@ def _dq_tile(dq, q, do, lse, delta, K, V, RK, RV, m0, n0, offs_m, offs_d, offs_d
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, RK, RV, DO, O, LSE, DELTA, DQ,
-    T, D, DV, L, F, FR, M, qk_scale, scale,
+    Q, K, V, RK, RV, DO, O, LSE, DELTA, DQ, PD, DSD,
+    T, D, DV, L, F, FR, M, qk_scale, scale, dlo, n_dist,
     CAUSAL: tl.constexpr, HAS_REL: tl.constexpr, DOT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BAND: tl.constexpr,
+    STORE_DIST: tl.constexpr,
 ):
     """dq per query tile; also stores DELTA = rowsum(dO * O) (float32) for the dk/dv kernel, which runs
     after it: computed from the tiles this kernel loads anyway, instead of by torch ops that moved ~13x
-    the bytes of dO through float32 copies."""
+    the bytes of dO through float32 copies. STORE_DIST: also P and dS by distance, (B*H, T, n_dist),
+    for the Shaw table grads (see _dq_tile)."""
     m0 = tl.program_id(0) * BM
     bh = tl.program_id(1).to(tl.int64)
     Q += bh * T * D
@@ -229,6 +242,9 @@ def _bwd_dq_kernel(
     DQ += bh * T * D
     V += bh * T * DV
     DO += bh * T * DV
+    if STORE_DIST:
+        PD += bh * T * n_dist
+        DSD += bh * T * n_dist
     offs_m = m0 + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
@@ -246,14 +262,17 @@ def _bwd_dq_kernel(
     lo, k1, k2, nk = _query_tile_ranges(m0, T, L, F, FR, BM, BN, CAUSAL)
     dq = tl.zeros([BM, BD], tl.float32)
     for k in range(0, k1):
-        dq = _dq_tile(dq, q, do, lse, delta, K, V, RK, RV, m0, lo + k * BN, offs_m, offs_d, offs_dv, offs_t,
-                      T, D, DV, L, F, FR, M, qk_scale, True, CAUSAL, HAS_REL, DOT, BM, BN, BAND)
+        dq = _dq_tile(dq, q, do, lse, delta, K, V, RK, RV, PD, DSD, m0, lo + k * BN, offs_m, offs_d, offs_dv,
+                      offs_t, T, D, DV, L, F, FR, M, qk_scale, dlo, n_dist, True, CAUSAL, HAS_REL, DOT, BM, BN, BAND,
+                      STORE_DIST)
     for k in range(k1, k2):
-        dq = _dq_tile(dq, q, do, lse, delta, K, V, RK, RV, m0, lo + k * BN, offs_m, offs_d, offs_dv, offs_t,
-                      T, D, DV, L, F, FR, M, qk_scale, False, CAUSAL, HAS_REL, DOT, BM, BN, BAND)
+        dq = _dq_tile(dq, q, do, lse, delta, K, V, RK, RV, PD, DSD, m0, lo + k * BN, offs_m, offs_d, offs_dv,
+                      offs_t, T, D, DV, L, F, FR, M, qk_scale, dlo, n_dist, False, CAUSAL, HAS_REL, DOT, BM, BN, BAND,
+                      STORE_DIST)
     for k in range(k2, nk):
-        dq = _dq_tile(dq, q, do, lse, delta, K, V, RK, RV, m0, lo + k * BN, offs_m, offs_d, offs_dv, offs_t,
-                      T, D, DV, L, F, FR, M, qk_scale, True, CAUSAL, HAS_REL, DOT, BM, BN, BAND)
+        dq = _dq_tile(dq, q, do, lse, delta, K, V, RK, RV, PD, DSD, m0, lo + k * BN, offs_m, offs_d, offs_dv,
+                      offs_t, T, D, DV, L, F, FR, M, qk_scale, dlo, n_dist, True, CAUSAL, HAS_REL, DOT, BM, BN, BAND,
+                      STORE_DIST)
     tl.store(DQ + offs_m[:, None] * D + offs_d[None, :], _cast(dq * scale, DQ.dtype.element_ty, DOT),
              mask=row_ok[:, None] & (offs_d[None, :] < D))
 
@@ -321,72 +340,3 @@ def _bwd_dkdv_kernel(
              mask=col_ok[:, None] & (offs_d[None, :] < D))
     tl.store(DV_ + offs_n[:, None] * DV + offs_dv[None, :], _cast(dv, DV_.dtype.element_ty, DOT),
              mask=col_ok[:, None] & (offs_dv[None, :] < DV))
-
-
-@triton.jit
-def _bwd_rel_kernel(
-    Q, K, V, RK, RV, DO, LSE, DELTA, GRK, GRV,
-    T, D, DV, L, F, FR, M, qk_scale, dlo, n_dist, tiles_per_chunk,
-    CAUSAL: tl.constexpr, DOT: tl.constexpr,
-    BM: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, KB: tl.constexpr,
-):
-    """Partial table grads for distances d0 + [0, BT) over one chunk of query tiles.
-
-    Works in distance coordinates so the accumulators stay fixed across the loop: key rows
-    m0 + d0 + [0, KB) cover j = i + d for every (i, d) of the tile, and a skew gather picks them.
-    GRK: (B*H, n_chunks, n_dist, D) fp32, GRV likewise with DV; summed and scattered on the host side.
-    """
-    d0 = dlo + tl.program_id(0) * BT
-    chunk = tl.program_id(1)
-    bh = tl.program_id(2).to(tl.int64)
-    Q += bh * T * D
-    K += bh * T * D
-    V += bh * T * DV
-    DO += bh * T * DV
-    offs_t = tl.arange(0, BT)
-    offs_d = tl.arange(0, BD)
-    offs_dv = tl.arange(0, BDV)
-    offs_kb = tl.arange(0, KB)
-    rk = _band(RK, d0, M, offs_t, offs_d, D)
-    rv = _band(RV, d0, M, offs_t, offs_dv, DV)
-    i_loc = tl.arange(0, BM)[:, None]
-    pick = i_loc + offs_t[None, :]
-
-    acc_k = tl.zeros([BT, BD], tl.float32)
-    acc_v = tl.zeros([BT, BDV], tl.float32)
-    start = chunk * tiles_per_chunk * BM
-    stop = tl.minimum(start + tiles_per_chunk * BM, T)
-    for m0 in range(start, stop, BM):
-        offs_m = m0 + tl.arange(0, BM)
-        row_ok = offs_m < T
-        q = tl.load(Q + offs_m[:, None] * D + offs_d[None, :],
-                    mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        do = tl.load(DO + offs_m[:, None] * DV + offs_dv[None, :],
-                     mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        lse = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
-        rows = m0 + d0 + offs_kb
-        rows_ok = (rows >= 0) & (rows < T)
-        kb = tl.load(K + rows[:, None] * D + offs_d[None, :],
-                     mask=rows_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        vb = tl.load(V + rows[:, None] * DV + offs_dv[None, :],
-                     mask=rows_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        s = tl.gather(_dot(q, tl.trans(kb), DOT), pick, axis=1) + _dot(q, tl.trans(rk), DOT)
-        dp = tl.gather(_dot(do, tl.trans(vb), DOT), pick, axis=1) + _dot(do, tl.trans(rv), DOT)
-        offs_j = offs_m[:, None] + d0 + offs_t[None, :]
-        blk = offs_m // L
-        ok = (offs_j >= (blk * L - F)[:, None]) & (offs_j < (blk * L + L + FR)[:, None])
-        ok = ok & (offs_j >= 0) & (offs_j < T) & row_ok[:, None]
-        if CAUSAL:
-            ok = ok & (offs_j <= offs_m[:, None])
-        p = tl.where(ok, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
-        ds = p * (dp - delta[:, None])
-        acc_k += _dot(tl.trans(_cast(ds, q.dtype, DOT)), q, DOT)
-        acc_v += _dot(tl.trans(_cast(p, do.dtype, DOT)), do, DOT)
-
-    d_ok = (d0 + offs_t - dlo) < n_dist
-    base = (bh * tl.num_programs(1) + chunk) * n_dist + (d0 - dlo)
-    tl.store(GRK + (base + offs_t[:, None]) * D + offs_d[None, :], acc_k,
-             mask=d_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(GRV + (base + offs_t[:, None]) * DV + offs_dv[None, :], acc_v,
-             mask=d_ok[:, None] & (offs_dv[None, :] < DV))

@@ -3,7 +3,7 @@
 Legend: B batch, H heads, T tokens, D head dim (Dv for values), M max relative distance.
 
 Layers (each knows only the one below): kernels in triton_kernels.py; `_launch_*` check shapes and
-pick tiles; `routeformer::local_attn_fwd` / `_bwd` / `_rel_bwd` are torch.library.custom_op ops
+pick tiles; `routeformer::local_attn_fwd` / `_bwd` are torch.library.custom_op ops
 with fake (meta) implementations, so torch.compile keeps them in the graph as opaque calls with no
 graph break (triton_op would let inductor look inside, but it cannot be traced under the CPU
 interpreter, where the tests run); `register_autograd` ties them together, and eager calls skip the
@@ -21,7 +21,7 @@ import torch
 from .._checks import TRITON_DTYPES, gpu_plan
 from .._dispatch import custom_op, with_autograd
 from .._ints import cdiv, next_pow2
-from .triton_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_rel_kernel, _fwd_kernel
+from .triton_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _fwd_kernel
 
 __all__ = ["local_attention_triton", "TILE_OVERRIDES"]
 
@@ -48,10 +48,14 @@ def _tiles(kind: str, q: torch.Tensor, has_rel: bool) -> dict:
     elif q.dtype == torch.float32:
         cfg = dict(BM=32, BN=32, num_warps=4, num_stages=2) if has_rel else dict(BM=64, BN=64, num_warps=4, num_stages=2)
     elif has_rel:
-        # Measured on an H100 (benchmarks/NOTES_local.md): the Shaw gathers stage (BM, BAND) tiles
-        # through shared memory, so larger tiles run out of it (64 x 64 at D = 128 asked for 256 KB).
-        small = q.shape[-1] > 64 or kind == "fwd"
-        cfg = dict(BM=32, BN=32, num_warps=4, num_stages=2) if small else dict(BM=64, BN=64, num_warps=4, num_stages=2)
+        # The Shaw gathers stage (BM, BAND) tiles through shared memory, so larger tiles run out of it
+        # (64 x 64 at D = 128 asked for 256 KB), and 64 x 64 backward tiles spill registers heavily on
+        # sm_90 (benchmarks/sm90_resources.py). H200 sweep at T = 32k (NOTES_local.md, 2026-12-01):
+        # backward 6.95 ms at 64 x 64 -> 5.44 ms with dq 32 x 32 on 8 warps and dk/dv 32 x 32 on 4.
+        if kind == "dq" and q.shape[-1] <= 64:
+            cfg = dict(BM=32, BN=32, num_warps=8, num_stages=2)
+        else:
+            cfg = dict(BM=32, BN=32, num_warps=4, num_stages=2)
     else:
         cfg = {"fwd": dict(BM=128, BN=64, num_warps=4, num_stages=3),
                "dq": dict(BM=128, BN=32, num_warps=4, num_stages=3),
@@ -114,11 +118,25 @@ def local_attn_fwd(
 def local_attn_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     rel_k: torch.Tensor | None, rel_v: torch.Tensor | None, block: int, flange: int, causal: bool, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> dq, dk, dv for q, k, v (the table grads come from local_attn_rel_bwd)."""
+    rel_grads: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dq, dk, dv, d_rel_k, d_rel_v. The table grads (in the tables' dtype) only with rel_grads and
+    tables; otherwise they are empty (0,) tensors."""
     BH, T, D, DV, M, FR = _geometry(q, v, rel_k, flange, causal)
     q, k, v, dout, out = q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous(), out.contiguous()
     rk, rv = _rel_args(rel_k, rel_v, q)
+    store_dist = rel_grads and rel_k is not None
+    # Distances any query can see: j - i in [dlo, dhi].
+    dlo, dhi = -(block - 1 + flange), (0 if causal else block - 1 + FR)
+    n_dist = dhi - dlo + 1
+    if store_dist:
+        # Zeros: the dq kernel writes only the (i, j) pairs it visits. (B*H, T, n_dist) in q's dtype,
+        # 2 x 512 MiB at T = 64k, H = 8, bf16 -- the price of not recomputing the attention for the
+        # table grads (NOTES_local.md, 2026-12-01).
+        p_dist = torch.zeros(BH, T, n_dist, device=q.device, dtype=q.dtype)
+        ds_dist = torch.zeros(BH, T, n_dist, device=q.device, dtype=q.dtype)
+    else:
+        p_dist = ds_dist = q  # never read: STORE_DIST is off
     delta = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)  # written by the dq kernel
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = dict(CAUSAL=causal, HAS_REL=rel_k is not None, DOT=_dot_mode(q),
@@ -126,8 +144,8 @@ def local_attn_bwd(
     scalars = (T, D, DV, block, flange, FR, M, scale * _LOG2E, scale)
     c = _tiles("dq", q, rel_k is not None)
     _bwd_dq_kernel[(cdiv(T, c["BM"]), BH)](
-        q, k, v, rk, rv, dout, out, lse, delta, dq, *scalars, **common,
-        BM=c["BM"], BN=c["BN"], BAND=next_pow2(c["BM"] + c["BN"] - 1),
+        q, k, v, rk, rv, dout, out, lse, delta, dq, p_dist, ds_dist, *scalars, dlo, n_dist, **common,
+        BM=c["BM"], BN=c["BN"], BAND=next_pow2(c["BM"] + c["BN"] - 1), STORE_DIST=store_dist,
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
     c = _tiles("dkdv", q, rel_k is not None)
@@ -136,42 +154,17 @@ def local_attn_bwd(
         BM=c["BM"], BN=c["BN"], BAND=next_pow2(c["BM"] + c["BN"] - 1),
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
-    return dq, dk, dv
-
-
-@custom_op("routeformer::local_attn_rel_bwd")
-def local_attn_rel_bwd(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    rel_k: torch.Tensor, rel_v: torch.Tensor, block: int, flange: int, causal: bool, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> grads of rel_k, rel_v (2M + 1, D), accumulated in fp32, returned in the tables' dtype."""
-    BH, T, D, DV, M, FR = _geometry(q, v, rel_k, flange, causal)
-    q, k, v, dout = q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous()
-    rk, rv = rel_k.contiguous(), rel_v.contiguous()
-    delta = (out.float() * dout.float()).sum(-1)
-    # Distances any query can see: j - i in [dlo, dhi].
-    dlo, dhi = -(block - 1 + flange), (0 if causal else block - 1 + flange)
-    n_dist = dhi - dlo + 1
-    c = _tiles("rel", q, True)
-    BM, BT = c["BM"], c["BN"]
-    n_dchunks, n_tiles = cdiv(n_dist, BT), cdiv(T, BM)
-    # Enough programs to fill the GPU; each writes its own partial, so no atomics.
-    chunks = max(1, min(n_tiles, cdiv(1024, BH * n_dchunks)))
-    tiles_per_chunk = cdiv(n_tiles, chunks)
-    chunks = cdiv(n_tiles, tiles_per_chunk)
-    grk = torch.empty(BH, chunks, n_dist, D, device=q.device, dtype=torch.float32)
-    grv = torch.empty(BH, chunks, n_dist, DV, device=q.device, dtype=torch.float32)
-    _bwd_rel_kernel[(n_dchunks, chunks, BH)](
-        q, k, v, rk, rv, dout, lse, delta, grk, grv,
-        T, D, DV, block, flange, FR, M, scale * _LOG2E, dlo, n_dist, tiles_per_chunk,
-        CAUSAL=causal, DOT=_dot_mode(q),
-        BM=BM, BT=BT, BD=_pow2(D), BDV=_pow2(DV), KB=next_pow2(BM + BT - 1),
-        num_warps=c["num_warps"], num_stages=c["num_stages"],
-    )
+    if not store_dist:
+        return dq, dk, dv, q.new_empty(0), q.new_empty(0)
+    # d rel_k[d] = scale * sum_i dS[i, i + d] q_i and d rel_v[d] = sum_i P[i, i + d] dO_i, over every
+    # (batch, head) row: one (n_dist, B*H*T) x (B*H*T, D) matmul each; then distances -> table rows
+    # (distances past M share the clipped row).
+    g_k = (ds_dist.reshape(-1, n_dist).t() @ q.reshape(-1, D)).float() * scale
+    g_v = (p_dist.reshape(-1, n_dist).t() @ dout.reshape(-1, DV)).float()
     row = torch.arange(dlo, dhi + 1, device=q.device).clamp(-M, M) + M
-    d_rel_k = torch.zeros(rel_k.shape, device=q.device, dtype=torch.float32).index_add(0, row, grk.sum((0, 1)) * scale)
-    d_rel_v = torch.zeros(rel_v.shape, device=q.device, dtype=torch.float32).index_add(0, row, grv.sum((0, 1)))
-    return d_rel_k.to(rel_k.dtype), d_rel_v.to(rel_v.dtype)
+    d_rel_k = torch.zeros(rel_k.shape, device=q.device, dtype=torch.float32).index_add(0, row, g_k)
+    d_rel_v = torch.zeros(rel_v.shape, device=q.device, dtype=torch.float32).index_add(0, row, g_v)
+    return dq, dk, dv, d_rel_k.to(rel_k.dtype), d_rel_v.to(rel_v.dtype)
 
 
 @local_attn_fwd.op.register_fake
@@ -180,14 +173,13 @@ def _fwd_fake(q, k, v, rel_k, rel_v, block, flange, causal, scale):
 
 
 @local_attn_bwd.op.register_fake
-def _bwd_fake(dout, q, k, v, out, lse, rel_k, rel_v, block, flange, causal, scale):
+def _bwd_fake(dout, q, k, v, out, lse, rel_k, rel_v, block, flange, causal, scale, rel_grads):
     # The real op returns fresh contiguous tensors; empty_like would keep a transposed input's strides.
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-@local_attn_rel_bwd.op.register_fake
-def _rel_bwd_fake(dout, q, k, v, out, lse, rel_k, rel_v, block, flange, causal, scale):
-    return rel_k.new_empty(rel_k.shape), rel_v.new_empty(rel_v.shape)
+    if rel_grads and rel_k is not None:
+        tables = rel_k.new_empty(rel_k.shape), rel_v.new_empty(rel_v.shape)
+    else:
+        tables = q.new_empty(0), q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), *tables
 
 
 def _setup_context(ctx, inputs, output):
@@ -202,10 +194,10 @@ def _backward(ctx, dout, _dlse):
     if dout is None:  # only lse (not differentiable) was used
         return (None,) * 9
     q, k, v, rel_k, rel_v, out, lse = ctx.saved_tensors
-    dq, dk, dv = local_attn_bwd(dout, q, k, v, out, lse, rel_k, rel_v, *ctx.args)
-    d_rel_k = d_rel_v = None
-    if rel_k is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]):
-        d_rel_k, d_rel_v = local_attn_rel_bwd(dout, q, k, v, out, lse, rel_k, rel_v, *ctx.args)
+    rel_grads = rel_k is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
+    dq, dk, dv, d_rel_k, d_rel_v = local_attn_bwd(dout, q, k, v, out, lse, rel_k, rel_v, *ctx.args, rel_grads)
+    if not rel_grads:
+        d_rel_k = d_rel_v = None
     return dq, dk, dv, d_rel_k, d_rel_v, None, None, None, None
 
 
