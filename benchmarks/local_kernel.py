@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-T", type=int, default=16384, help="the length --sweep times at (GPU)")
+    ap.add_argument("--sweep-only", default="", help="comma list of plain-fwd, plain-bwd, shaw-fwd, shaw-bwd: "
+                    "sweep only these, then stop (no table)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--profile", type=int, default=0,
                     help="only the GPU kernels of our fwd+bwd (without and with Shaw tables) at this T")
@@ -150,6 +152,14 @@ def main() -> None:
                          (dict(BM=32, BN=32, num_warps=8, num_stages=2), dict(BM=32, BN=32, num_warps=4, num_stages=2)),
                          (dict(BM=64, BN=64, num_warps=8, num_stages=2), dict(BM=64, BN=64, num_warps=8, num_stages=2))]
         shaw_fwd_cfgs = [dict(BM=32, BN=32, num_warps=8, num_stages=2), dict(BM=32, BN=32, num_warps=4, num_stages=1)]
+        # The Shaw dq kernel also stores P and dS by distance (the table grads): other tiles may suit it.
+        d32 = dict(BM=32, BN=32, num_warps=4, num_stages=2)
+        shaw_bwd_cfgs += [(dict(BM=32, BN=32, num_warps=4, num_stages=2), d32),
+                          (dict(BM=32, BN=64, num_warps=4, num_stages=2), d32),
+                          (dict(BM=32, BN=64, num_warps=8, num_stages=2), d32),
+                          (dict(BM=64, BN=32, num_warps=8, num_stages=2), d32),
+                          (dict(BM=16, BN=64, num_warps=4, num_stages=2), d32)]
+        only = {x for x in args.sweep_only.split(",") if x}
         chosen = {}
         for rel in (False, True):
             t = inputs(T, rel)
@@ -160,6 +170,8 @@ def main() -> None:
             grads0 = torch.autograd.grad(out0, t, g)
             best = {}
             kinds = (("fwd", fwd_cfgs + (shaw_fwd_cfgs if rel else [])), ("bwd", bwd_cfgs + (shaw_bwd_cfgs if rel else [])))
+            kinds = [(kind, cfgs) for kind, cfgs in kinds
+                     if not only or f"{'shaw' if rel else 'plain'}-{kind}" in only]
             for kind, cfgs in kinds:
                 # The backward's time is fwd+bwd less the forward, both on the chosen forward tiles (the
                 # forward loop above leaves its last setting in TILE_OVERRIDES: a base taken there was
@@ -195,6 +207,11 @@ def main() -> None:
             print(f"chosen rel={rel}: {chosen[rel]}", flush=True)
         results["chosen"] = {str(k): v for k, v in chosen.items()}
         triton_ops.TILE_OVERRIDES.clear()
+        if only:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "local_sweep.json"), "w") as fh:
+                json.dump(results, fh, indent=1)
+            return
     else:
         chosen = {}
 

@@ -50,12 +50,10 @@ def _tiles(kind: str, q: torch.Tensor, has_rel: bool) -> dict:
     elif has_rel:
         # The Shaw gathers stage (BM, BAND) tiles through shared memory, so larger tiles run out of it
         # (64 x 64 at D = 128 asked for 256 KB), and 64 x 64 backward tiles spill registers heavily on
-        # sm_90 (benchmarks/sm90_resources.py). H200 sweep at T = 32k (NOTES_local.md, 2026-12-01):
-        # backward 6.95 ms at 64 x 64 -> 5.44 ms with dq 32 x 32 on 8 warps and dk/dv 32 x 32 on 4.
-        if kind == "dq" and q.shape[-1] <= 64:
-            cfg = dict(BM=32, BN=32, num_warps=8, num_stages=2)
-        else:
-            cfg = dict(BM=32, BN=32, num_warps=4, num_stages=2)
+        # sm_90 (benchmarks/sm90_resources.py). H200 sweeps (NOTES_local.md, 2026-12-02): 32 x 32 on 4
+        # warps everywhere is the fastest of 11 backward settings at T = 64k (5.05 ms, against 12.25 at
+        # 64 x 64 and 6.24 with dq on 8 warps, which had won before dq stored P and dS by distance).
+        cfg = dict(BM=32, BN=32, num_warps=4, num_stages=2)
     else:
         cfg = {"fwd": dict(BM=128, BN=64, num_warps=4, num_stages=3),
                "dq": dict(BM=128, BN=32, num_warps=4, num_stages=3),
