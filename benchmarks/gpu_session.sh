@@ -36,7 +36,7 @@ for a in "$@"; do
         *) echo "gpu_session.sh: unknown step '$a' (steps: tests bench ab host kernels local lprofile sweep; flag: --quick)" >&2; exit 2 ;;
     esac
 done
-[[ ${#steps[@]} -eq 0 ]] && steps=(tests bench ab host kernels local sweep)
+[[ ${#steps[@]} -eq 0 ]] && steps=(tests bench ab host kernels local lprofile sweep)
 
 save() {  # archive everything so far; the rename makes a half-written archive impossible
     tar czf "$out/.gpu_session.tgz.tmp" -C "$work" . && mv "$out/.gpu_session.tgz.tmp" "$out/gpu_session.tgz"

@@ -131,6 +131,16 @@ def test_low_precision_within_twice_plain_error(poisoned, dtype, M):
     check_case(1, 2, 37, 24, 24, M, 8, 10, True, dtype, seed=1)
 
 
+def test_table_grads_in_row_chunks(poisoned, monkeypatch):
+    """A buffer budget below one (batch, head) row's by-distance buffers: the backward then runs the dq
+    kernel and the table-grad matmuls one row at a time (4 chunks here), and must agree all the same."""
+    from routeformer.ops.local import triton_ops
+
+    monkeypatch.setattr(triton_ops, "DIST_BUFFER_BYTES", 1)
+    check_case(2, 2, 37, 16, 16, 6, 8, 10, True, torch.float32, seed=4)
+    check_case(1, 3, 37, 24, 16, 40, 5, 11, False, torch.float32, seed=5)
+
+
 def test_frozen_tables_skip_their_grads(poisoned):
     """Tables that need no grad: q, k, v grads still match, and the tables get none (the backward then
     skips the by-distance buffers that their grads are reduced from)."""

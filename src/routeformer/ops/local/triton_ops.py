@@ -28,6 +28,10 @@ __all__ = ["local_attention_triton", "TILE_OVERRIDES"]
 _LOG2E = 1.4426950408889634
 _DTYPES = TRITON_DTYPES
 
+# The Shaw backward's two by-distance buffers (P and dS) together stay under this many bytes; more
+# (batch, head) rows than fit are done in chunks, one dq launch and two matmuls each.
+DIST_BUFFER_BYTES = 1 << 30
+
 # Benchmarks may set e.g. TILE_OVERRIDES["fwd"] = dict(BM=64, BN=64, num_warps=4, num_stages=3).
 TILE_OVERRIDES: dict[str, dict] = {}
 
@@ -127,25 +131,42 @@ def local_attn_bwd(
     # Distances any query can see: j - i in [dlo, dhi].
     dlo, dhi = -(block - 1 + flange), (0 if causal else block - 1 + FR)
     n_dist = dhi - dlo + 1
-    if store_dist:
-        # Zeros: the dq kernel writes only the (i, j) pairs it visits. (B*H, T, n_dist) in q's dtype,
-        # 2 x 512 MiB at T = 64k, H = 8, bf16 -- the price of not recomputing the attention for the
-        # table grads (NOTES_local.md, 2026-12-01).
-        p_dist = torch.zeros(BH, T, n_dist, device=q.device, dtype=q.dtype)
-        ds_dist = torch.zeros(BH, T, n_dist, device=q.device, dtype=q.dtype)
-    else:
-        p_dist = ds_dist = q  # never read: STORE_DIST is off
     delta = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)  # written by the dq kernel
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = dict(CAUSAL=causal, HAS_REL=rel_k is not None, DOT=_dot_mode(q),
                   BD=_pow2(D), BDV=_pow2(DV))
     scalars = (T, D, DV, block, flange, FR, M, scale * _LOG2E, scale)
     c = _tiles("dq", q, rel_k is not None)
-    _bwd_dq_kernel[(cdiv(T, c["BM"]), BH)](
-        q, k, v, rk, rv, dout, out, lse, delta, dq, p_dist, ds_dist, *scalars, dlo, n_dist, **common,
-        BM=c["BM"], BN=c["BN"], BAND=next_pow2(c["BM"] + c["BN"] - 1), STORE_DIST=store_dist,
-        num_warps=c["num_warps"], num_stages=c["num_stages"],
-    )
+    # With table grads, the dq kernel also fills two (rows, T, n_dist) buffers (P and dS by distance;
+    # zeros first, since it writes only the pairs it visits): 2 x 512 MiB at T = 64k, H = 8, bf16.
+    # Rows of (batch, head) go in chunks that keep both under DIST_BUFFER_BYTES.
+    rows = BH
+    if store_dist:
+        rows = max(1, min(BH, DIST_BUFFER_BYTES // (2 * T * n_dist * q.element_size())))
+    flat = [x.view(BH, T, -1) for x in (q, dout, out, dq)] + [lse.reshape(BH, T), delta.view(BH, T)]
+    g_k = g_v = None
+    for r0 in range(0, BH, rows):
+        qc, doc, oc, dqc, lsec, deltac = (x[r0:r0 + rows] for x in flat)
+        n = qc.shape[0]
+        if store_dist:
+            p_dist = torch.zeros(n, T, n_dist, device=q.device, dtype=q.dtype)
+            ds_dist = torch.zeros(n, T, n_dist, device=q.device, dtype=q.dtype)
+        else:
+            p_dist = ds_dist = q  # never read: STORE_DIST is off
+        # k and v rows of the chunk: the kernel offsets every pointer by its own (batch, head) row.
+        kc, vc = k.view(BH, T, -1)[r0:r0 + n], v.view(BH, T, -1)[r0:r0 + n]
+        _bwd_dq_kernel[(cdiv(T, c["BM"]), n)](
+            qc, kc, vc, rk, rv, doc, oc, lsec, deltac, dqc, p_dist, ds_dist, *scalars, dlo, n_dist, **common,
+            BM=c["BM"], BN=c["BN"], BAND=next_pow2(c["BM"] + c["BN"] - 1), STORE_DIST=store_dist,
+            num_warps=c["num_warps"], num_stages=c["num_stages"],
+        )
+        if store_dist:
+            # d rel_k[d] = scale * sum_i dS[i, i + d] q_i, d rel_v[d] = sum_i P[i, i + d] dO_i over the
+            # chunk's rows: one (n_dist, rows*T) x (rows*T, D) matmul each.
+            gk = (ds_dist.reshape(-1, n_dist).t() @ qc.reshape(-1, D)).float()
+            gv = (p_dist.reshape(-1, n_dist).t() @ doc.reshape(-1, DV)).float()
+            g_k, g_v = (gk, gv) if g_k is None else (g_k + gk, g_v + gv)
+            del p_dist, ds_dist
     c = _tiles("dkdv", q, rel_k is not None)
     _bwd_dkdv_kernel[(cdiv(T, c["BN"]), BH)](
         q, k, v, rk, rv, dout, lse, delta, dk, dv, *scalars, **common,
@@ -154,11 +175,8 @@ def local_attn_bwd(
     )
     if not store_dist:
         return dq, dk, dv, q.new_empty(0), q.new_empty(0)
-    # d rel_k[d] = scale * sum_i dS[i, i + d] q_i and d rel_v[d] = sum_i P[i, i + d] dO_i, over every
-    # (batch, head) row: one (n_dist, B*H*T) x (B*H*T, D) matmul each; then distances -> table rows
-    # (distances past M share the clipped row).
-    g_k = (ds_dist.reshape(-1, n_dist).t() @ q.reshape(-1, D)).float() * scale
-    g_v = (p_dist.reshape(-1, n_dist).t() @ dout.reshape(-1, DV)).float()
+    # Distances -> table rows (distances past M share the clipped row).
+    g_k = g_k * scale
     row = torch.arange(dlo, dhi + 1, device=q.device).clamp(-M, M) + M
     d_rel_k = torch.zeros(rel_k.shape, device=q.device, dtype=torch.float32).index_add(0, row, g_k)
     d_rel_v = torch.zeros(rel_v.shape, device=q.device, dtype=torch.float32).index_add(0, row, g_v)
