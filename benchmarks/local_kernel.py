@@ -226,24 +226,44 @@ def main() -> None:
             try:
                 fwd, both = bench(fn, t, False), bench(fn, t, True)
                 gfwd, gboth = bench(fn, t, False, graph=True), bench(fn, t, True, graph=True)
+                mib = peak_mib(fn, t, dev)
             except torch.OutOfMemoryError:
-                fwd = both = gfwd = gboth = float("nan")
+                fwd = both = gfwd = gboth = mib = float("nan")
             row = dict(T=T, variant=name, fwd_ms=fwd, fwd_bwd_ms=both, graph_fwd_ms=gfwd, graph_fwd_bwd_ms=gboth,
-                       graph_fwd_tflops=fl / gfwd / 1e9)
+                       graph_fwd_tflops=fl / gfwd / 1e9, fwd_bwd_mib=mib)
             results["table"].append(row)
             print(f"T={T:6d} {name:10s} fwd {fwd:8.3f} ms  fwd+bwd {both:8.3f} ms | "
-                  f"graph fwd {gfwd:8.3f} ms  fwd+bwd {gboth:8.3f} ms", flush=True)
+                  f"graph fwd {gfwd:8.3f} ms  fwd+bwd {gboth:8.3f} ms | fwd+bwd peak {mib:.0f} MiB", flush=True)
             del t
         flex_mask.clear()
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "local_bench.json"), "w") as fh:
         json.dump(results, fh, indent=1)
-    print("\n| T | variant | fwd ms | fwd+bwd ms | graph fwd ms | graph fwd+bwd ms | graph fwd TFLOP/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| T | variant | fwd ms | fwd+bwd ms | graph fwd ms | graph fwd+bwd ms | graph fwd TFLOP/s | fwd+bwd MiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results["table"]:
         print(f"| {r['T']} | {r['variant']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
-              f"{r['graph_fwd_ms']:.3f} | {r['graph_fwd_bwd_ms']:.3f} | {r['graph_fwd_tflops']:.0f} |")
+              f"{r['graph_fwd_ms']:.3f} | {r['graph_fwd_bwd_ms']:.3f} | {r['graph_fwd_tflops']:.0f} | "
+              f"{r['fwd_bwd_mib']:.0f} |")
+
+
+def peak_mib(fn, t, dev) -> float:
+    """Peak memory of one forward+backward above what is allocated before it (inputs, grads of earlier
+    steps dropped), MiB; NaN off CUDA. The Shaw backward's by-distance buffers count here."""
+    if dev != "cuda":
+        return float("nan")
+    for x in t:
+        x.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn(*t).backward(torch.randn_like(t[0]))
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    for x in t:
+        x.grad = None
+    return peak / 2 ** 20
 
 
 def profile_kernels(T, variants, inputs, dev) -> None:
