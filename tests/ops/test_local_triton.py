@@ -195,3 +195,13 @@ GPU_CASES = [
 @pytest.mark.parametrize("T,D,Dv,M,block,flange,causal,dtype", GPU_CASES)
 def test_gpu_matches_reference(T, D, Dv, M, block, flange, causal, dtype):
     check_case(1, 4, T, D, Dv, M, block, flange, causal, dtype)
+
+
+@gpu
+@needs_cuda
+def test_gpu_table_grads_in_row_chunks(monkeypatch):
+    """The chunked Shaw backward (one (batch, head) row per chunk) at a real size."""
+    from routeformer.ops.local import triton_ops
+
+    monkeypatch.setattr(triton_ops, "DIST_BUFFER_BYTES", 1)
+    check_case(1, 4, 4096, 64, 64, 513, 256, 256, True, torch.bfloat16, seed=6)
