@@ -285,8 +285,29 @@ def profile(T, host=False):
             print(p.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
 
 
-def sweep(T):
-    """Tile configurations of the attention kernels at one T: kernel-only times per config."""
+SWEEP_PARTS = ("assignment", "scores", "fwd", "bwd", "two-pass")
+
+
+def ncu_target(T):
+    """What the ncu step profiles: per mode, one eager fwd+bwd of ours inside cudaProfilerStart/Stop
+    after three warm-up ones (so Triton's compilations and the allocator's growth stay outside)."""
+    q, k, v, dout, centroids = _inputs(T)
+    for assign in ("topk", "nearest"):
+        f = _ours(assign)(T, centroids)
+        for _ in range(3):
+            q.grad = k.grad = v.grad = None
+            f(q, k, v).backward(dout)
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStart()
+        q.grad = k.grad = v.grad = None
+        f(q, k, v).backward(dout)
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
+
+
+def sweep(T, parts=SWEEP_PARTS):
+    """Tile configurations of the attention kernels at one T: kernel-only times per config. parts: which
+    of SWEEP_PARTS to time ("two-pass": the dv and dk launches of triton_ops.DKDV_TWO_PASSES)."""
     from routeformer.ops.routing import triton_ops as TO
 
     q, k, v, dout, centroids = _inputs(T)
@@ -298,8 +319,10 @@ def sweep(T):
     dkdv_cfgs = [(32, 128, 4, 3), (32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (16, 128, 4, 3),
                  (32, 128, 4, 4), (64, 64, 4, 3)]
     combine_cfgs = [(64, 4), (32, 4), (16, 2), (32, 2), (128, 4)]  # (BLOCK_T, warps); topk's per-token sums
+    dv_cfgs = [(64, 128, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 128, 8, 3), (64, 128, 4, 4)]
+    dk_cfgs = [(32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3)]
     chosen = TO.TOPK_SELECT
-    for mode in ("groups", "full"):
+    for mode in (("groups", "full") if "assignment" in parts else ()):
         TO.TOPK_SELECT = mode
         try:
             t = _bench(lambda: TO.routing_indices(q, q, centroids, WINDOW, True, "topk"))
@@ -307,7 +330,7 @@ def sweep(T):
         except Exception as e:
             res.append(("topk", "assignment", mode, float("nan"), str(e)[:60]))
     TO.TOPK_SELECT = chosen
-    for warps in (None, 4, 8, 16):  # the one-row select kernel's warps (None: the default rule)
+    for warps in ((None, 4, 8, 16) if "assignment" in parts else ()):  # the one-row select kernel's warps
         TO.SELECT_WARPS = warps
         try:
             with torch.no_grad():
@@ -319,11 +342,13 @@ def sweep(T):
     from routeformer.ops.kmeans import routing_scores
     from routeformer.ops.routing import scores
 
-    res.append(("both", "routing_scores (formula)", "-", _bench(lambda: routing_scores(q, centroids)), float("nan")))
+    if "scores" in parts:
+        res.append(("both", "routing_scores (formula)", "-", _bench(lambda: routing_scores(q, centroids)),
+                    float("nan")))
     from routeformer.ops.routing import _score_kernels as SK
 
     default_tiles, default_split = dict(SK.TILES), SK.BF16_SPLIT_SCORES
-    for split in (False, True):  # tf32x3 on normalised rows; bf16 split (NOTES_routing.md v8)
+    for split in ((False, True) if "scores" in parts else ()):  # tf32x3 on normalised rows; bf16 split (NOTES_routing.md v8)
         SK.BF16_SPLIT_SCORES = split
         kind = " (bf16 split)" if split else ""
         for tiles in [(128, 64, 4), (128, 64, 8), (64, 32, 4), (128, 128, 8), (32, 64, 4), (64, 128, 4)]:
@@ -341,7 +366,7 @@ def sweep(T):
     for assign in ("topk", "nearest"):
         direct = assign == "nearest"
         idx = TO.routing_indices(q, q, centroids, WINDOW, True, assign)
-        for cfg in fwd_cfgs:
+        for cfg in (fwd_cfgs if "fwd" in parts else ()):
             TO.CONFIG["cuda"] = dict(default, fwd=cfg)
             try:
                 t = _bench(lambda: TO.attention_fwd(q, q, v, *idx, scale, direct))
@@ -350,10 +375,15 @@ def sweep(T):
                 res.append((assign, "fwd", cfg, float("nan"), str(e)[:60]))
         TO.CONFIG["cuda"] = dict(default)
         saved = TO._routing_fwd(q.detach(), q.detach(), v.detach(), *idx, scale, direct, True)
-        varied = (("dq", dq_cfgs), ("dkdv", dkdv_cfgs)) + ((("combine", combine_cfgs),) if not direct else ())
+        varied = []
+        if "bwd" in parts:
+            varied += [("dq", dq_cfgs), ("dkdv", dkdv_cfgs)] + ([("combine", combine_cfgs)] if not direct else [])
+        if "two-pass" in parts:  # after the one-launch default, as the baseline of the same run
+            varied += [("dkdv", dkdv_cfgs[:1]), ("dv", dv_cfgs), ("dk", dk_cfgs)]
         for name, cfgs in varied:
             for cfg in cfgs:
                 TO.CONFIG["cuda"] = dict(default, **{name: cfg})
+                TO.DKDV_TWO_PASSES = name in ("dv", "dk")
                 try:
                     t = _bench(lambda: TO._routing_bwd(dout, q.detach(), q.detach(), v.detach(), saved[0], saved[1],
                                                        saved[2], saved[3], *idx, saved[4], saved[5], scale, direct,
@@ -362,6 +392,7 @@ def sweep(T):
                 except Exception as e:
                     res.append((assign, f"bwd({name} varied)", cfg, float("nan"), str(e)[:60]))
         TO.CONFIG["cuda"] = dict(default)
+        TO.DKDV_TWO_PASSES = False
     print(f"== tile sweep T={T} (ms, useful TFLOP/s)")
     for r in res:
         print(f"{r[0]:8s} {r[1]:24s} {str(r[2]):18s} {r[3]:8.3f} {r[4] if isinstance(r[4], str) else f'{r[4]:.0f}'}")
@@ -504,6 +535,11 @@ def main(argv=None):
     p.add_argument("--md", default="", help="write the markdown table here")
     p.add_argument("--profile", type=int, default=0, help="only print a kernel breakdown of ours at this T")
     p.add_argument("--sweep", type=int, default=0, help="only time tile configurations at this T")
+    p.add_argument("--sweep-parts", default=",".join(SWEEP_PARTS),
+                   help=f"comma-separated parts of --sweep to time (of {', '.join(SWEEP_PARTS)})")
+    p.add_argument("--ncu", type=int, default=0,
+                   help="only run 3 warm-up fwd+bwd per mode at this T, then one between cudaProfilerStart and "
+                        "Stop (for `ncu --profile-from-start off`; gpu_session.sh's ncu step)")
     p.add_argument("--cpu-profile", type=int, default=0, help="only profile the host time of ours at this T")
     p.add_argument("--ab", default="", help="only measure each recent change alone at these T (e.g. 8192,65536)")
     p.add_argument("--topk-select", default="groups", choices=("groups", "full"),
@@ -520,13 +556,20 @@ def main(argv=None):
             with open(args.out, "w") as fh:
                 json.dump({"device": torch.cuda.get_device_name(), "ab": rows}, fh, indent=1)
         return
+    if args.ncu:
+        ncu_target(args.ncu)
+        return
     if args.profile or args.sweep or args.cpu_profile:
         if args.cpu_profile:
             profile(args.cpu_profile, host=True)
         if args.profile:
             profile(args.profile)
         if args.sweep:
-            sweep(args.sweep)
+            parts = tuple(x for x in args.sweep_parts.split(",") if x)
+            unknown = set(parts) - set(SWEEP_PARTS)
+            if unknown:
+                sys.exit(f"--sweep-parts: unknown {sorted(unknown)}; choose from {', '.join(SWEEP_PARTS)}")
+            sweep(args.sweep, parts)
         return
     Ts = [int(t) for t in args.T.split(",")]
     keep = [s for s in args.rows.split(",") if s]

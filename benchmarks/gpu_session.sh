@@ -8,7 +8,9 @@
 #   kernels  the kernel profile at 64k
 #   local    local attention against FlexAttention, eager and CUDA-graph clocks (benchmarks/local_kernel.py)
 #   lprofile the local kernels' GPU time per kernel at 64k, without and with Shaw tables
-#   sweep    the tile sweep at 64k
+#   sweep    the tile sweep at 64k (SWEEP_ARGS is added, e.g. "--sweep-parts bwd,two-pass")
+#   ncu      Nsight Compute on the routing attention kernels, one fwd+bwd per mode at 64k (where the
+#            device's runtime lets ncu read the counters: H200.md)
 # Each step's output lands in $OUT/gpu_session.tgz (one archive, rewritten atomically after every
 # step: the device returns at most 8 files, and a call stopped at its time limit keeps what finished).
 # Each step also has its own time limit (STEP_LIMIT_S, default 300 s); PYTEST_ARGS replaces the tests
@@ -32,8 +34,8 @@ steps=()
 for a in "$@"; do
     case "$a" in
         --quick) quick=1 ;;
-        tests|bench|ab|host|kernels|local|lprofile|sweep) steps+=("$a") ;;
-        *) echo "gpu_session.sh: unknown step '$a' (steps: tests bench ab host kernels local lprofile sweep; flag: --quick)" >&2; exit 2 ;;
+        tests|bench|ab|host|kernels|local|lprofile|sweep|ncu) steps+=("$a") ;;
+        *) echo "gpu_session.sh: unknown step '$a' (steps: tests bench ab host kernels local lprofile sweep ncu; flag: --quick)" >&2; exit 2 ;;
     esac
 done
 [[ ${#steps[@]} -eq 0 ]] && steps=(tests bench ab host kernels local lprofile sweep)
@@ -103,8 +105,18 @@ for s in "${steps[@]}"; do
             run_step lprofile local_profile.txt python3 benchmarks/local_kernel.py --profile 65536
             grep -E "==|_kernel|Self CUDA|aten::(zeros|mm|index_add)" "$work/local_profile.txt" | head -40 ;;
         sweep)
-            run_step sweep sweep.txt python3 benchmarks/attention.py --sweep 65536
-            tail -15 "$work/sweep.txt" ;;
+            # shellcheck disable=SC2086
+            run_step sweep sweep.txt python3 benchmarks/attention.py --sweep 65536 ${SWEEP_ARGS:-}
+            tail -40 "$work/sweep.txt" ;;
+        ncu)
+            ncu_bin="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2> /dev/null | head -1)"
+            run_step ncu ncu.txt "${ncu_bin:-ncu}" --clock-control none --profile-from-start off \
+                -k 'regex:^(_fwd_kernel|_bwd_dq_kernel|_bwd_dkdv_kernel)$' \
+                --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+                --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section SchedulerStats \
+                --metrics 'regex:^smsp__average_warps_issue_stalled_[a-z_]+_per_issue_active\.ratio$' \
+                python3 benchmarks/attention.py --ncu 65536
+            grep -E "_kernel|Duration|Registers Per|Achieved Occupancy|Compute \(SM\) Throughput|Memory Throughput|Stall|Warp Cycles Per Issued|Issue Slots Busy|Theoretical Occ|stalled" "$work/ncu.txt" | head -150 ;;
     esac
 done
 cat "$work/steps.txt"

@@ -36,10 +36,17 @@ CONFIG = {
     # (BLOCK_M, BLOCK_N, warps, stages): the fastest of benchmarks/attention.py --sweep 65536 on an H100,
     # and again on an H200 (2026-12-01); combine (BLOCK_T, warps): (32, 4) took 0.856 ms of topk's
     # backward there against 0.891 for (64, 4).
-    "cuda": dict(fwd=(64, 64, 4, 3), dq=(64, 64, 4, 3), dkdv=(32, 128, 4, 3), combine=(32, 4)),
+    # dv / dk: the two launches of DKDV_TWO_PASSES.
+    "cuda": dict(fwd=(64, 64, 4, 3), dq=(64, 64, 4, 3), dkdv=(32, 128, 4, 3), combine=(32, 4),
+                 dv=(64, 128, 4, 3), dk=(32, 128, 4, 3)),
     # The interpreter runs tiles as numpy arrays: small tiles exercise the multi-tile paths on tiny T.
-    "cpu": dict(fwd=(16, 16, 4, 1), dq=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), combine=(16, 4)),
+    "cpu": dict(fwd=(16, 16, 4, 1), dq=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), combine=(16, 4),
+                dv=(32, 16, 4, 1), dk=(16, 32, 4, 1)),
 }
+
+# dk and dv in two launches, each with one float32 accumulator, instead of one at the register cap
+# (NOTES_routing.md, after run E). Off until the GPU shows it faster.
+DKDV_TWO_PASSES = False
 
 # Per kernel: run the slot (or entry) tiles that every row sees whole without masks (NOTES_routing.md
 # v8). Measured on an H200 at T = 64k (run D): it took dk/dv 479 -> 435 us for topk but made the forward
@@ -534,9 +541,6 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=prec, SPLIT=SPLIT_TILES["dq"],
         num_warps=warps, num_stages=stages)
 
-    bm, bn, warps, stages = _cfg(q, "dkdv")
-    nt = cdiv(S, bn)
-    qlo, qhi, flo, fhi = tile_entry_ranges(lo, hi, nt, bn, S)
     # Shared QK: entry e and slot e are the same (cluster, rank) or token, so the dk/dv kernel adds
     # dk into the dq buffer in place and one buffer holds the whole gradient of q.
     if direct:
@@ -545,12 +549,21 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     else:
         dk = dq if shared else _new((B, H, S, D), part, dev)
         dv = _new((B, H, S, Dv), part, dev)
-    K._bwd_dkdv_kernel[(nt, B * H)](
-        q, k, v, dout, lse, inv, delta, qpos, lo, hi, kpos, qlo, qhi, flo, fhi, dk, dv,
-        *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(dk), *_s4(dv),
-        H, T, E, S, nt, D, Dv, scale, sl2,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
-        DIRECT=direct, ADD_DK=shared, PRECISION=prec, SPLIT=SPLIT_TILES["dkdv"], num_warps=warps, num_stages=stages)
+    ranges = {}  # per key-tile height: the entry ranges of each tile (one launch; shared by the passes)
+    for pass_, name in (((1, "dv"), (2, "dk")) if DKDV_TWO_PASSES else ((0, "dkdv"),)):
+        bm, bn, warps, stages = _cfg(q, name)
+        nt = cdiv(S, bn)
+        if bn not in ranges:
+            ranges[bn] = tile_entry_ranges(lo, hi, nt, bn, S)
+        qlo, qhi, flo, fhi = ranges[bn]
+        K._bwd_dkdv_kernel[(nt, B * H)](
+            q, k, v, dout, lse, inv, delta, qpos, lo, hi, kpos, qlo, qhi, flo, fhi, dk, dv,
+            *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(dk), *_s4(dv),
+            H, T, E, S, nt, D, Dv, scale, sl2,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
+            DIRECT=direct, ADD_DK=shared, PRECISION=prec, SPLIT=SPLIT_TILES["dkdv"], PASS=pass_,
+            num_warps=warps, num_stages=stages)
+    del ranges
     empty = q.new_empty(0)
     if direct:
         return dq, (empty if shared else dk), dv
