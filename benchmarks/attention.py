@@ -285,7 +285,7 @@ def profile(T, host=False):
             print(p.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
 
 
-SWEEP_PARTS = ("assignment", "scores", "fwd", "bwd", "two-pass")
+SWEEP_PARTS = ("assignment", "scores", "fwd", "bwd", "regs")
 
 
 def ncu_target(T):
@@ -307,20 +307,33 @@ def ncu_target(T):
 
 def sweep(T, parts=SWEEP_PARTS):
     """Tile configurations of the attention kernels at one T: kernel-only times per config. parts: which
-    of SWEEP_PARTS to time ("two-pass": the dv and dk launches of triton_ops.DKDV_TWO_PASSES)."""
+    of SWEEP_PARTS to time ("regs": tiles with a register budget per thread, triton_ops.MAXNREG, as a
+    fifth entry; each part starts from the default configuration, the baseline of the same run)."""
     from routeformer.ops.routing import triton_ops as TO
 
     q, k, v, dout, centroids = _inputs(T)
     scale = 1 / math.sqrt(D)
     res = []
     default = dict(TO.CONFIG["cuda"])
-    fwd_cfgs = [(64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3), (128, 64, 8, 3)]
+    default_regs = dict(TO.MAXNREG)
+
+    def set_regs(name=None, cfg=()):
+        """The default budgets, but kernel `name` gets cfg's fifth entry (None if it has four)."""
+        TO.MAXNREG.update(default_regs)
+        if name in TO.MAXNREG:
+            TO.MAXNREG[name] = cfg[4] if len(cfg) > 4 else None
+    fwd_cfgs = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3), (128, 64, 8, 3)]
     dq_cfgs = [(64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3), (64, 64, 8, 3)]
-    dkdv_cfgs = [(32, 128, 4, 3), (32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (16, 128, 4, 3),
-                 (32, 128, 4, 4), (64, 64, 4, 3)]
+    dkdv_cfgs = [(32, 64, 4, 1, 128), (32, 128, 4, 3), (32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3),
+                 (16, 128, 4, 3), (32, 128, 4, 4), (64, 64, 4, 3)]
     combine_cfgs = [(64, 4), (32, 4), (16, 2), (32, 2), (128, 4)]  # (BLOCK_T, warps); topk's per-token sums
-    dv_cfgs = [(64, 128, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 128, 8, 3), (64, 128, 4, 4)]
-    dk_cfgs = [(32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3)]
+    # Register budgets that would fit more programs per SM (ncu, 64k: fwd and dq at 128 registers run 4
+    # programs of 4 warps per SM, dk/dv at 255 only 2, and all three are latency-bound).
+    # Each list starts with the default, the baseline of the same run.
+    reg_fwd = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 2, 96), (64, 64, 4, 1, 96)]
+    reg_dq = [(64, 64, 4, 3), (64, 64, 4, 3, 112), (64, 64, 4, 3, 120), (64, 64, 4, 2)]
+    reg_dkdv = [(32, 64, 4, 1, 128), (32, 128, 4, 3), (32, 128, 4, 1), (32, 64, 4, 3, 128), (32, 64, 4, 2, 128),
+                (32, 64, 4, 1), (32, 64, 4, 1, 120), (32, 64, 4, 1, 136)]
     chosen = TO.TOPK_SELECT
     for mode in (("groups", "full") if "assignment" in parts else ()):
         TO.TOPK_SELECT = mode
@@ -366,24 +379,26 @@ def sweep(T, parts=SWEEP_PARTS):
     for assign in ("topk", "nearest"):
         direct = assign == "nearest"
         idx = TO.routing_indices(q, q, centroids, WINDOW, True, assign)
-        for cfg in (fwd_cfgs if "fwd" in parts else ()):
-            TO.CONFIG["cuda"] = dict(default, fwd=cfg)
+        for cfg in (fwd_cfgs if "fwd" in parts else []) + (reg_fwd if "regs" in parts else []):
+            TO.CONFIG["cuda"] = dict(default, fwd=cfg[:4])
+            set_regs("fwd", cfg)
             try:
                 t = _bench(lambda: TO.attention_fwd(q, q, v, *idx, scale, direct))
                 res.append((assign, "fwd", cfg, t, 2 * T * WINDOW * D * H / t / 1e9))
             except Exception as e:
                 res.append((assign, "fwd", cfg, float("nan"), str(e)[:60]))
         TO.CONFIG["cuda"] = dict(default)
+        set_regs()
         saved = TO._routing_fwd(q.detach(), q.detach(), v.detach(), *idx, scale, direct, True)
         varied = []
         if "bwd" in parts:
             varied += [("dq", dq_cfgs), ("dkdv", dkdv_cfgs)] + ([("combine", combine_cfgs)] if not direct else [])
-        if "two-pass" in parts:  # after the one-launch default, as the baseline of the same run
-            varied += [("dkdv", dkdv_cfgs[:1]), ("dv", dv_cfgs), ("dk", dk_cfgs)]
+        if "regs" in parts:
+            varied += [("dq", reg_dq), ("dkdv", reg_dkdv)]
         for name, cfgs in varied:
             for cfg in cfgs:
-                TO.CONFIG["cuda"] = dict(default, **{name: cfg})
-                TO.DKDV_TWO_PASSES = name in ("dv", "dk")
+                TO.CONFIG["cuda"] = dict(default, **{name: cfg[:4] if name != "combine" else cfg})
+                set_regs(name, cfg)
                 try:
                     t = _bench(lambda: TO._routing_bwd(dout, q.detach(), q.detach(), v.detach(), saved[0], saved[1],
                                                        saved[2], saved[3], *idx, saved[4], saved[5], scale, direct,
@@ -392,7 +407,7 @@ def sweep(T, parts=SWEEP_PARTS):
                 except Exception as e:
                     res.append((assign, f"bwd({name} varied)", cfg, float("nan"), str(e)[:60]))
         TO.CONFIG["cuda"] = dict(default)
-        TO.DKDV_TWO_PASSES = False
+        set_regs()
     print(f"== tile sweep T={T} (ms, useful TFLOP/s)")
     for r in res:
         print(f"{r[0]:8s} {r[1]:24s} {str(r[2]):18s} {r[3]:8.3f} {r[4] if isinstance(r[4], str) else f'{r[4]:.0f}'}")

@@ -8,7 +8,7 @@
 #   kernels  the kernel profile at 64k
 #   local    local attention against FlexAttention, eager and CUDA-graph clocks (benchmarks/local_kernel.py)
 #   lprofile the local kernels' GPU time per kernel at 64k, without and with Shaw tables
-#   sweep    the tile sweep at 64k (SWEEP_ARGS is added, e.g. "--sweep-parts bwd,two-pass")
+#   sweep    the tile sweep at 64k (SWEEP_ARGS is added, e.g. "--sweep-parts fwd,bwd")
 #   ncu      Nsight Compute on the routing attention kernels, one fwd+bwd per mode at 64k (where the
 #            device's runtime lets ncu read the counters: H200.md)
 # Each step's output lands in $OUT/gpu_session.tgz (one archive, rewritten atomically after every

@@ -41,6 +41,9 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--profile", type=int, default=0,
                     help="only the GPU kernels of our fwd+bwd (without and with Shaw tables) at this T")
+    ap.add_argument("--dist-caps", default="",
+                    help="only time ours+shaw fwd+bwd at the largest T and its peak memory for each of these "
+                         "triton_ops.DIST_BUFFER_BYTES values, in MiB (e.g. 1024,256,128)")
     args = ap.parse_args()
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -111,6 +114,9 @@ def main() -> None:
     if args.profile:
         profile_kernels(args.profile, variants, inputs, dev)
         return
+    if args.dist_caps:
+        dist_caps(args.dist_caps, Ts[-1], variants["ours+shaw"], inputs, bench, dev, args.out)
+        return
 
     results = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "checks": {}, "sweep": [], "table": []}
 
@@ -145,6 +151,14 @@ def main() -> None:
                     (dict(BM=128, BN=32, num_warps=4, num_stages=3), dict(BM=32, BN=128, num_warps=4, num_stages=3)),
                     (dict(BM=64, BN=64, num_warps=4, num_stages=3), dict(BM=64, BN=64, num_warps=4, num_stages=3)),
                     (dict(BM=128, BN=64, num_warps=8, num_stages=3), dict(BM=64, BN=128, num_warps=8, num_stages=3))]
+        # dk/dv sits at the 255-register cap (2 programs per SM) on the defaults; budgets of 128 fit 4
+        # (the routing dk/dv kernel gained 70-80 us at 64k that way: NOTES_routing.md, 2026-12-02).
+        dq_default = dict(BM=128, BN=32, num_warps=4, num_stages=3)
+        bwd_cfgs += [(dq_default, dict(BM=32, BN=64, num_warps=4, num_stages=1, maxnreg=128)),
+                     (dq_default, dict(BM=32, BN=64, num_warps=4, num_stages=3, maxnreg=128)),
+                     (dq_default, dict(BM=32, BN=128, num_warps=4, num_stages=1)),
+                     (dq_default, dict(BM=32, BN=64, num_warps=4, num_stages=2, maxnreg=168)),
+                     (dq_default, dict(BM=64, BN=64, num_warps=4, num_stages=1, maxnreg=168))]
         # With Shaw tables the default backward tiles (64 x 64, 4 warps) spill heavily on sm_90 (dq: ~630
         # spill stores, 1.4 KB of stack per thread; benchmarks/sm90_resources.py). These compile with no
         # spills: dq 32 x 32 on 8 warps, dk/dv 32 x 64 on 8 warps or 32 x 32 on 4.
@@ -246,6 +260,29 @@ def main() -> None:
         print(f"| {r['T']} | {r['variant']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
               f"{r['graph_fwd_ms']:.3f} | {r['graph_fwd_bwd_ms']:.3f} | {r['graph_fwd_tflops']:.0f} | "
               f"{r['fwd_bwd_mib']:.0f} |")
+
+
+def dist_caps(caps_mib: str, T: int, fn, inputs, bench, dev, out_dir) -> None:
+    """The Shaw backward's by-distance buffers against their cap (triton_ops.DIST_BUFFER_BYTES): a lower
+    cap does the (batch, head) rows in more chunks, one dq launch and two matmuls each."""
+    from routeformer.ops.local import triton_ops
+
+    default = triton_ops.DIST_BUFFER_BYTES
+    t = inputs(T, True)
+    rows = []
+    try:
+        for cap in (int(c) for c in caps_mib.split(",") if c):
+            triton_ops.DIST_BUFFER_BYTES = cap << 20
+            row = dict(T=T, cap_mib=cap, graph_fwd_bwd_ms=bench(fn, t, True, graph=True),
+                       fwd_bwd_ms=bench(fn, t, True), fwd_bwd_mib=peak_mib(fn, t, dev))
+            rows.append(row)
+            print(f"T={T} ours+shaw cap {cap:5d} MiB: graph fwd+bwd {row['graph_fwd_bwd_ms']:.3f} ms, "
+                  f"eager {row['fwd_bwd_ms']:.3f} ms, peak {row['fwd_bwd_mib']:.0f} MiB", flush=True)
+    finally:
+        triton_ops.DIST_BUFFER_BYTES = default
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "local_dist_caps.json"), "w") as fh:
+        json.dump(rows, fh, indent=1)
 
 
 def peak_mib(fn, t, dev) -> float:

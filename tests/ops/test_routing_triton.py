@@ -186,23 +186,6 @@ GPU_CASES = [
 ]
 
 
-@pytest.mark.parametrize("T,D,Dv,C,window,assign,causal,shared", CPU_CASES)
-def test_dk_dv_in_two_passes_match_reference(monkeypatch, T, D, Dv, C, window, assign, causal, shared):
-    """DKDV_TWO_PASSES: dv and dk from two launches; on CPU their key tiles differ in height (16 and
-    32), so each pass runs on its own entry ranges."""
-    monkeypatch.setattr(TO, "DKDV_TWO_PASSES", True)
-    assert TO.CONFIG["cpu"]["dv"][1] != TO.CONFIG["cpu"]["dk"][1]
-    _check(2, 2, T, D, Dv, C, window, assign, causal, shared, torch.float32, "cpu")
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("T,D,C,window,assign,causal,shared,dtype", GPU_CASES[:4])
-def test_dk_dv_in_two_passes_match_reference_gpu(monkeypatch, T, D, C, window, assign, causal, shared, dtype):
-    monkeypatch.setattr(TO, "DKDV_TWO_PASSES", True)
-    _check(1, 2, T, D, D, C, window, assign, causal, shared, dtype, "cuda")
-
-
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("T,D,C,window,assign,causal,shared,dtype", GPU_CASES)

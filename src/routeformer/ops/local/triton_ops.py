@@ -29,10 +29,13 @@ _LOG2E = 1.4426950408889634
 _DTYPES = TRITON_DTYPES
 
 # The Shaw backward's two by-distance buffers (P and dS) together stay under this many bytes; more
-# (batch, head) rows than fit are done in chunks, one dq launch and two matmuls each.
-DIST_BUFFER_BYTES = 1 << 30
+# (batch, head) rows than fit are done in chunks, one dq launch and two matmuls each. H200, T = 64k,
+# H = 8, bf16 (benchmarks/local_kernel.py --dist-caps, NOTES_local.md): 1 GiB (one chunk) 6.84 ms and
+# a 1348 MiB fwd+bwd peak; 256 MiB 7.02 ms and 581 MiB; 128 MiB 7.25 ms and 453 MiB.
+DIST_BUFFER_BYTES = 256 << 20
 
-# Benchmarks may set e.g. TILE_OVERRIDES["fwd"] = dict(BM=64, BN=64, num_warps=4, num_stages=3).
+# Benchmarks may set e.g. TILE_OVERRIDES["fwd"] = dict(BM=64, BN=64, num_warps=4, num_stages=3), and
+# maxnreg=N for a register budget per thread.
 TILE_OVERRIDES: dict[str, dict] = {}
 
 
@@ -64,6 +67,11 @@ def _tiles(kind: str, q: torch.Tensor, has_rel: bool) -> dict:
                "dkdv": dict(BM=32, BN=128, num_warps=4, num_stages=3)}[kind]
     cfg.update(TILE_OVERRIDES.get(kind, {}))
     return cfg
+
+
+def _regs(cfg: dict) -> dict:
+    """The register budget per thread (ptx .maxnreg) of a tile setting, if it names one (GPU only)."""
+    return {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") is not None else {}
 
 
 def _geometry(q: torch.Tensor, v: torch.Tensor, rel_k, flange: int, causal: bool):
@@ -111,7 +119,7 @@ def local_attn_fwd(
         T, D, DV, block, flange, FR, M, scale * _LOG2E,
         CAUSAL=causal, HAS_REL=rel_k is not None, DOT=_dot_mode(q),
         BM=BM, BN=BN, BD=_pow2(D), BDV=_pow2(DV), BAND=next_pow2(BM + BN - 1),
-        num_warps=c["num_warps"], num_stages=c["num_stages"],
+        num_warps=c["num_warps"], num_stages=c["num_stages"], **_regs(c),
     )
     return out, lse
 
@@ -138,7 +146,8 @@ def local_attn_bwd(
     scalars = (T, D, DV, block, flange, FR, M, scale * _LOG2E, scale)
     c = _tiles("dq", q, rel_k is not None)
     # With table grads, the dq kernel also fills two (rows, T, n_dist) buffers (P and dS by distance;
-    # zeros first, since it writes only the pairs it visits): 2 x 512 MiB at T = 64k, H = 8, bf16.
+    # zeros first, since it writes only the pairs it visits): 2 x 512 MiB at T = 64k, H = 8, bf16, if
+    # all rows went at once.
     # Rows of (batch, head) go in chunks that keep both under DIST_BUFFER_BYTES.
     rows = BH
     if store_dist:
@@ -158,7 +167,7 @@ def local_attn_bwd(
         _bwd_dq_kernel[(cdiv(T, c["BM"]), n)](
             qc, kc, vc, rk, rv, doc, oc, lsec, deltac, dqc, p_dist, ds_dist, *scalars, dlo, n_dist, **common,
             BM=c["BM"], BN=c["BN"], BAND=next_pow2(c["BM"] + c["BN"] - 1), STORE_DIST=store_dist,
-            num_warps=c["num_warps"], num_stages=c["num_stages"],
+            num_warps=c["num_warps"], num_stages=c["num_stages"], **_regs(c),
         )
         if store_dist:
             # d rel_k[d] = scale * sum_i dS[i, i + d] q_i, d rel_v[d] = sum_i P[i, i + d] dO_i over the
@@ -171,7 +180,7 @@ def local_attn_bwd(
     _bwd_dkdv_kernel[(cdiv(T, c["BN"]), BH)](
         q, k, v, rk, rv, dout, lse, delta, dk, dv, *scalars, **common,
         BM=c["BM"], BN=c["BN"], BAND=next_pow2(c["BM"] + c["BN"] - 1),
-        num_warps=c["num_warps"], num_stages=c["num_stages"],
+        num_warps=c["num_warps"], num_stages=c["num_stages"], **_regs(c),
     )
     if not store_dist:
         return dq, dk, dv, q.new_empty(0), q.new_empty(0)

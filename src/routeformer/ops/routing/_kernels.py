@@ -280,10 +280,8 @@ def _bwd_dq_kernel(
 def _dkdv_step(e0, end, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LSE, DELTA, INV_N, ibase, nbase,
                sqt, sdot, S, D, DV, sm_scale_log2,
                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-               DIRECT: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, PASS: tl.constexpr):
+               DIRECT: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One entry tile [e0, e0 + BLOCK_M) of the dk/dv loop: returns the updated (dk, dv).
-
-    PASS 0 updates both; 1 only dv (no dO V^T product, no delta); 2 only dk (see _bwd_dkdv_kernel).
 
     MASKED False: the caller knows every entry of the tile (all < end) sees every valid slot of the
     key tile, so neither entries nor slots are masked (the tile's slots past S only feed rows that
@@ -297,8 +295,7 @@ def _dkdv_step(e0, end, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LSE, 
         lo = tl.load(LO + ibase + offs_e, mask=emask, other=S)
         hi = tl.load(HI + ibase + offs_e, mask=emask, other=0)
         lse = tl.load(LSE + ibase + offs_e, mask=emask, other=float("inf"))
-        if PASS != 1:
-            delta = tl.load(DELTA + ibase + offs_e, mask=emask, other=0.0)
+        delta = tl.load(DELTA + ibase + offs_e, mask=emask, other=0.0)
         q = tl.load(qbase + qpos[:, None] * sqt + offs_d[None, :],
                     mask=emask[:, None] & (offs_d[None, :] < D), other=0.0)
         do = tl.load(dobase + qpos[:, None] * sdot + offs_dv[None, :],
@@ -307,8 +304,7 @@ def _dkdv_step(e0, end, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LSE, 
         emask = offs_e >= 0
         qpos = tl.load(QPOS + ibase + offs_e).to(tl.int64)
         lse = tl.load(LSE + ibase + offs_e)
-        if PASS != 1:
-            delta = tl.load(DELTA + ibase + offs_e)
+        delta = tl.load(DELTA + ibase + offs_e)
         q = tl.load(qbase + qpos[:, None] * sqt + offs_d[None, :], mask=offs_d[None, :] < D, other=0.0)
         do = tl.load(dobase + qpos[:, None] * sdot + offs_dv[None, :], mask=offs_dv[None, :] < DV, other=0.0)
     qkT = _dot(k, tl.trans(q), PRECISION)
@@ -319,12 +315,10 @@ def _dkdv_step(e0, end, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LSE, 
         pT = tl.exp2(qkT * sm_scale_log2 - lse[None, :])
     if not DIRECT:
         pT = pT * tl.load(INV_N + nbase + qpos, mask=emask, other=0.0)[None, :]
-    if PASS != 2:
-        dv = dv + _dot(pT.to(do.dtype), do, PRECISION)
-    if PASS != 1:
-        dpT = _dot(v, tl.trans(do), PRECISION)
-        dsT = pT * (dpT - delta[None, :])
-        dk = dk + _dot(dsT.to(q.dtype), q, PRECISION)
+    dv = dv + _dot(pT.to(do.dtype), do, PRECISION)
+    dpT = _dot(v, tl.trans(do), PRECISION)
+    dsT = pT * (dpT - delta[None, :])
+    dk = dk + _dot(dsT.to(q.dtype), q, PRECISION)
     return dk, dv
 
 
@@ -335,13 +329,8 @@ def _bwd_dkdv_kernel(
     H, T, E, S, NT, D, DV, sm_scale, sm_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DIRECT: tl.constexpr, ADD_DK: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
-    PASS: tl.constexpr,
 ):
     """dk, dv per slot tile, looping over the contiguous entry range [QLO, QHI) that attends it.
-
-    PASS 0: both in one loop (two (BLOCK_N x D) float32 accumulators). PASS 1 / 2: dv alone / dk
-    alone, two launches that each hold one accumulator (fewer registers, so larger entry tiles fit)
-    at the price of recomputing P in both and of reading q and dO twice.
 
     SPLIT: the entries [FLO, FHI) see the whole tile (see tile_entry_ranges), so the entry tiles
     inside that range run without masks; the ones before and after it are masked.
@@ -382,28 +371,26 @@ def _bwd_dkdv_kernel(
     for e0 in range(qlo, full_lo, BLOCK_M):
         dk, dv = _dkdv_step(e0, full_lo, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LSE, DELTA, INV_N,
                             ibase, nbase, sqt, sdot, S, D, DV, sm_scale_log2,
-                            BLOCK_M, BLOCK_D, BLOCK_DV, DIRECT, PRECISION, True, PASS)
+                            BLOCK_M, BLOCK_D, BLOCK_DV, DIRECT, PRECISION, True)
     for e0 in range(full_lo, full_hi, BLOCK_M):
         dk, dv = _dkdv_step(e0, full_hi, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LSE, DELTA, INV_N,
                             ibase, nbase, sqt, sdot, S, D, DV, sm_scale_log2,
-                            BLOCK_M, BLOCK_D, BLOCK_DV, DIRECT, PRECISION, False, PASS)
+                            BLOCK_M, BLOCK_D, BLOCK_DV, DIRECT, PRECISION, False)
     for e0 in range(full_hi, qhi, BLOCK_M):
         dk, dv = _dkdv_step(e0, qhi, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LSE, DELTA, INV_N,
                             ibase, nbase, sqt, sdot, S, D, DV, sm_scale_log2,
-                            BLOCK_M, BLOCK_D, BLOCK_DV, DIRECT, PRECISION, True, PASS)
+                            BLOCK_M, BLOCK_D, BLOCK_DV, DIRECT, PRECISION, True)
     dk = dk * sm_scale
     if DIRECT:
         row = kpos
     else:
         row = offs_s.to(tl.int64)
-    if PASS != 1:
-        dk_ptr = DK + b * sdkb + h * sdkh + row[:, None] * sdkt + offs_d[None, :]
-        if ADD_DK:
-            dk = dk + tl.load(dk_ptr, mask=kdmask, other=0.0).to(tl.float32)
-        tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=kdmask)
-    if PASS != 2:
-        tl.store(DV_OUT + b * sdvb + h * sdvh + row[:, None] * sdvt + offs_dv[None, :],
-                 dv.to(DV_OUT.dtype.element_ty), mask=vdmask)
+    dk_ptr = DK + b * sdkb + h * sdkh + row[:, None] * sdkt + offs_d[None, :]
+    if ADD_DK:
+        dk = dk + tl.load(dk_ptr, mask=kdmask, other=0.0).to(tl.float32)
+    tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=kdmask)
+    tl.store(DV_OUT + b * sdvb + h * sdvh + row[:, None] * sdvt + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty),
+             mask=vdmask)
 
 
 @triton.jit

@@ -35,24 +35,32 @@ MAX_HEAD_DIM = TRITON_MAX_ROUTING_HEAD_DIM
 CONFIG = {
     # (BLOCK_M, BLOCK_N, warps, stages): the fastest of benchmarks/attention.py --sweep 65536 on an H100,
     # and again on an H200 (2026-12-01); combine (BLOCK_T, warps): (32, 4) took 0.856 ms of topk's
-    # backward there against 0.891 for (64, 4).
-    # dv / dk: the two launches of DKDV_TWO_PASSES.
-    "cuda": dict(fwd=(64, 64, 4, 3), dq=(64, 64, 4, 3), dkdv=(32, 128, 4, 3), combine=(32, 4),
-                 dv=(64, 128, 4, 3), dk=(32, 128, 4, 3)),
+    # backward there against 0.891 for (64, 4). H200, 2026-12-02 (`--sweep-parts regs`, NOTES_routing.md):
+    # the forward on 2 stages (topk 0.197 -> 0.190 ms, nearest 0.226 -> 0.220) and dk/dv on 32 x 64
+    # tiles, 1 stage, 128 registers (MAXNREG) took the backward 0.810 -> 0.727 ms (topk) and 0.781 ->
+    # 0.713 (nearest), against (32, 128, 4, 3) at 255 registers (2 programs per SM).
+    "cuda": dict(fwd=(64, 64, 4, 2), dq=(64, 64, 4, 3), dkdv=(32, 64, 4, 1), combine=(32, 4)),
     # The interpreter runs tiles as numpy arrays: small tiles exercise the multi-tile paths on tiny T.
-    "cpu": dict(fwd=(16, 16, 4, 1), dq=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), combine=(16, 4),
-                dv=(32, 16, 4, 1), dk=(16, 32, 4, 1)),
+    "cpu": dict(fwd=(16, 16, 4, 1), dq=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), combine=(16, 4)),
 }
-
-# dk and dv in two launches, each with one float32 accumulator, instead of one at the register cap
-# (NOTES_routing.md, after run E). Off until the GPU shows it faster.
-DKDV_TWO_PASSES = False
 
 # Per kernel: run the slot (or entry) tiles that every row sees whole without masks (NOTES_routing.md
 # v8). Measured on an H200 at T = 64k (run D): it took dk/dv 479 -> 435 us for topk but made the forward
 # (+25..30 us) and dq (+0..38 us) slower, so only dk/dv splits. benchmarks/attention.py --ab switches
 # all three (variants "masked tiles" and "unmasked tiles everywhere").
 SPLIT_TILES = {"fwd": False, "dq": False, "dkdv": True}
+
+# Per attention kernel: a register budget per thread (ptx .maxnreg) on CUDA, or None for the
+# compiler's choice. dk/dv at 128 lets 4 programs share an SM (ncu: at 255 registers it ran 2, with
+# the schedulers idle two cycles of three). A budget binds this Triton's code generation: a later
+# Triton may need another (benchmarks/sm90_resources.py shows the spills it causes).
+MAXNREG = {"fwd": None, "dq": None, "dkdv": 128}
+
+
+def _regs(t: torch.Tensor, name: str) -> dict:
+    """Launch options for kernel `name`: the register budget, on the GPU path only."""
+    return {"maxnreg": MAXNREG[name]} if MAXNREG.get(name) is not None and gpu_plan(t) else {}
+
 
 # Tests set this to fill fresh buffers with NaN (or -1 for integers), so that unwritten memory shows.
 POISON = False
@@ -469,7 +477,7 @@ def attention_fwd(q, k, v, qpos, lo, hi, kpos, scale: float, direct: bool):
                         H, E, S, D, Dv, scale * math.log2(math.e),
                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
                         DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=_precision(q),
-                        SPLIT=SPLIT_TILES["fwd"], num_warps=warps, num_stages=stages)
+                        SPLIT=SPLIT_TILES["fwd"], num_warps=warps, num_stages=stages, **_regs(q, "fwd"))
     return o, lse
 
 
@@ -539,8 +547,11 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         H, T, E, S, D, Dv, scale, sl2,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
         DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=prec, SPLIT=SPLIT_TILES["dq"],
-        num_warps=warps, num_stages=stages)
+        num_warps=warps, num_stages=stages, **_regs(q, "dq"))
 
+    bm, bn, warps, stages = _cfg(q, "dkdv")
+    nt = cdiv(S, bn)
+    qlo, qhi, flo, fhi = tile_entry_ranges(lo, hi, nt, bn, S)
     # Shared QK: entry e and slot e are the same (cluster, rank) or token, so the dk/dv kernel adds
     # dk into the dq buffer in place and one buffer holds the whole gradient of q.
     if direct:
@@ -549,21 +560,13 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     else:
         dk = dq if shared else _new((B, H, S, D), part, dev)
         dv = _new((B, H, S, Dv), part, dev)
-    ranges = {}  # per key-tile height: the entry ranges of each tile (one launch; shared by the passes)
-    for pass_, name in (((1, "dv"), (2, "dk")) if DKDV_TWO_PASSES else ((0, "dkdv"),)):
-        bm, bn, warps, stages = _cfg(q, name)
-        nt = cdiv(S, bn)
-        if bn not in ranges:
-            ranges[bn] = tile_entry_ranges(lo, hi, nt, bn, S)
-        qlo, qhi, flo, fhi = ranges[bn]
-        K._bwd_dkdv_kernel[(nt, B * H)](
-            q, k, v, dout, lse, inv, delta, qpos, lo, hi, kpos, qlo, qhi, flo, fhi, dk, dv,
-            *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(dk), *_s4(dv),
-            H, T, E, S, nt, D, Dv, scale, sl2,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
-            DIRECT=direct, ADD_DK=shared, PRECISION=prec, SPLIT=SPLIT_TILES["dkdv"], PASS=pass_,
-            num_warps=warps, num_stages=stages)
-    del ranges
+    K._bwd_dkdv_kernel[(nt, B * H)](
+        q, k, v, dout, lse, inv, delta, qpos, lo, hi, kpos, qlo, qhi, flo, fhi, dk, dv,
+        *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(dk), *_s4(dv),
+        H, T, E, S, nt, D, Dv, scale, sl2,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
+        DIRECT=direct, ADD_DK=shared, PRECISION=prec, SPLIT=SPLIT_TILES["dkdv"], num_warps=warps, num_stages=stages,
+        **_regs(q, "dkdv"))
     empty = q.new_empty(0)
     if direct:
         return dq, (empty if shared else dk), dv
