@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything one GPU session measures, in as few calls as possible (the device keeps nothing between
-# calls), most valuable first. Steps (default: all, in this order):
+# calls), most valuable first. Steps (default: all but ncu, in this order):
 #   tests    the GPU tests (kernels against the reference at real sizes, memory target at 64k)
 #   bench    the full side-by-side benchmark (benchmarks/attention.py): JSON, markdown table and plot
 #   ab       each recent change alone (attention.py --ab, NOTES_routing.md v5)
