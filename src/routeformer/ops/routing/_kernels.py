@@ -633,36 +633,10 @@ def _gather_groups_kernel(
 
 
 @triton.jit
-def _radix_kth(key, W, BLOCK_L: tl.constexpr):
-    """The W-th largest of the int32 keys (W <= BLOCK_L), 8 bits at a time from the top: each pass
-    counts the keys that match the digits found so far in 256 bins, keeps the digit whose bin holds
-    the W-th largest of them, and discounts the matching keys above it. After 4 passes the keys that
-    still match are exactly the ones equal to the answer."""
-    bins = tl.arange(0, 256)
-    k = W  # the rank of the wanted key among the keys that still match
-    match = key == key  # all
-    for p in tl.static_range(4):
-        # Digits of key + 2**31 (unsigned order): the low bytes as they are, the top one with its sign
-        # bit flipped. >> of int32 is arithmetic, and & 0xFF drops what it shifted in.
-        digit = ((key >> (24 - 8 * p)) & 0xFF) ^ (128 >> (8 * p))
-        # No mask argument (not in every Triton we run on): the other keys go to bin 0, then out again.
-        n_other = BLOCK_L - tl.sum(match.to(tl.int32), axis=0)
-        hist = tl.histogram(tl.where(match, digit, 0), 256) - tl.where(bins == 0, n_other, 0)
-        # at_least[d]: matching keys with digit >= d, non-increasing in d; the wanted digit is the
-        # largest d with at_least[d] >= k.
-        at_least = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
-        d = tl.sum((at_least >= k).to(tl.int32), axis=0) - 1
-        k = k - tl.sum(tl.where(bins == d, at_least - hist, 0), axis=0)
-        match = match & (digit == d)
-    lowest = tl.full([BLOCK_L], -2147483648, tl.int32)  # typed: a bare constant this size is int64
-    return tl.max(tl.where(match, key, lowest), axis=0)
-
-
-@triton.jit
 def _select_rows_kernel(
     ROWS, OUT, GROUPS,
     L, W, T, CP, C_OUT, C0,
-    BLOCK_L: tl.constexpr, GATHER: tl.constexpr, GROUP: tl.constexpr, RADIX: tl.constexpr,
+    BLOCK_L: tl.constexpr, GATHER: tl.constexpr, GROUP: tl.constexpr,
 ):
     """The indices of the W largest of each row of L float32 values, ascending, ties to the lower
     index; one program holds one whole row in registers. Row r (of R = B*H*CP) is stored at row
@@ -676,11 +650,9 @@ def _select_rows_kernel(
     candidate buffer and five torch ops mapping indices back to positions.
 
     Floats map to int32 keys with the same order (-0.0 first folded onto +0.0, so the two tie as in
-    the reference's stable sort). The W-th largest key is found by a bisection (RADIX False: 33
-    halvings, each a compare and a sum over the row) or by a radix select (RADIX True: 4 passes of
-    8 bits, each a 256-bin histogram of the keys that match the digits found so far); one in-order
-    scan then takes every larger key and the first `need` equal ones, already sorted by index. Keys
-    stay int32 (the per-step work over the row is the kernel's main work); only scalars are int64.
+    the reference's stable sort). A bisection finds the W-th largest key; one in-order scan then takes
+    every larger key and the first `need` equal ones, already sorted by index. Keys stay int32 (the
+    per-step compare over the row is the kernel's main work); only the scalar bounds are int64.
     """
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_L)
@@ -700,17 +672,14 @@ def _select_rows_kernel(
     key = tl.where(m, tl.maximum(key, lowest + 1), lowest)
     # Invariant: at least W keys >= lo (BLOCK_L >= W keys >= the minimum), and the W-th largest key is
     # in [lo, hi]. The range spans at most 2**32 values: 32 halvings pin it, one more costs nothing.
-    if RADIX:
-        kth = _radix_kth(key, W, BLOCK_L)
-    else:
-        lo = tl.min(key, axis=0).to(tl.int64)
-        hi = tl.max(key, axis=0).to(tl.int64)
-        for _ in tl.static_range(33):
-            mid = lo + (hi - lo + 1) // 2
-            ok = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0) >= W
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid - 1)
-        kth = lo.to(tl.int32)
+    lo = tl.min(key, axis=0).to(tl.int64)
+    hi = tl.max(key, axis=0).to(tl.int64)
+    for _ in tl.static_range(33):
+        mid = lo + (hi - lo + 1) // 2
+        ok = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0) >= W
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    kth = lo.to(tl.int32)
     need = W - tl.sum((key > kth).to(tl.int32), axis=0)
     eq = (key == kth).to(tl.int32)
     eq_rank = tl.cumsum(eq, axis=0) - eq
