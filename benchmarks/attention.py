@@ -416,7 +416,7 @@ def sweep(T, parts=SWEEP_PARTS):
 
 AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through the dispatcher", "torch index ops",
                "masked tiles", "unmasked tiles everywhere", "candidate gather ops", "sorted cluster ids",
-               "tf32x3 scores", "halving select")
+               "tf32x3 scores")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -449,7 +449,7 @@ def _variant(name):
     from routeformer.ops.routing import triton_ops as TO
 
     saved = (TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES, TO.FUSED_CANDIDATES,
-             TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, dict(SK.TILES), TO.SELECT_QUARTERS)
+             TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, dict(SK.TILES))
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
         TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = (
@@ -466,8 +466,6 @@ def _variant(name):
         TO.FUSED_CANDIDATES = False
     elif name == "sorted cluster ids":  # nearest's slots from the radix sort, as before v8
         TO.COUNTING_SORT = False
-    elif name == "halving select":  # the one-row select's search halving the range, as before 2026-12-02
-        TO.SELECT_QUARTERS = False
     elif name == "tf32x3 scores":  # bf16 inputs scored with tf32x3 on the normalised rows, as before v8
         SK.BF16_SPLIT_SCORES = False
     elif name == "through the dispatcher":
@@ -476,7 +474,7 @@ def _variant(name):
         yield
     finally:
         (TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES, TO.FUSED_CANDIDATES,
-         TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, tiles, TO.SELECT_QUARTERS) = saved
+         TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, tiles) = saved
         SK.TILES.clear()
         SK.TILES.update(tiles)
         TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = index_ops
@@ -489,8 +487,7 @@ def ab(Ts):
     for T in Ts:
         for assign in ("topk", "nearest"):
             for name in AB_VARIANTS:
-                if assign == "nearest" and name in ("one scoring pass", "torch.topk select", "candidate gather ops",
-                                                    "halving select"):
+                if assign == "nearest" and name in ("one scoring pass", "torch.topk select", "candidate gather ops"):
                     continue  # nearest has no top-k
                 if assign == "topk" and name == "sorted cluster ids":
                     continue  # a nearest-only change

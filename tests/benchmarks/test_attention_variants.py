@@ -62,16 +62,14 @@ def test_switch_variants_flip_their_switch_and_restore_it():
     from routeformer.ops.routing import _score_kernels as SK
 
     default_split, default_tiles = dict(TO.SPLIT_TILES), dict(SK.TILES)
-    assert SK.BF16_SPLIT_SCORES and TO.COUNTING_SORT and TO.SELECT_QUARTERS
+    assert SK.BF16_SPLIT_SCORES and TO.COUNTING_SORT
     for name, check in (("tf32x3 scores", lambda: not SK.BF16_SPLIT_SCORES),
-                        ("halving select", lambda: not TO.SELECT_QUARTERS),
                         ("sorted cluster ids", lambda: not TO.COUNTING_SORT),
                         ("masked tiles", lambda: not any(TO.SPLIT_TILES.values())),
                         ("unmasked tiles everywhere", lambda: all(TO.SPLIT_TILES.values()))):
         with bench._variant(name):
             assert check(), name
-        assert SK.BF16_SPLIT_SCORES and TO.COUNTING_SORT and TO.SELECT_QUARTERS, name
-        assert TO.SPLIT_TILES == default_split, name
+        assert SK.BF16_SPLIT_SCORES and TO.COUNTING_SORT and TO.SPLIT_TILES == default_split, name
         assert SK.TILES == default_tiles, name
 
 

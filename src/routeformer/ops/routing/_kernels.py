@@ -636,7 +636,7 @@ def _gather_groups_kernel(
 def _select_rows_kernel(
     ROWS, OUT, GROUPS,
     L, W, T, CP, C_OUT, C0,
-    BLOCK_L: tl.constexpr, GATHER: tl.constexpr, GROUP: tl.constexpr, QUARTERS: tl.constexpr,
+    BLOCK_L: tl.constexpr, GATHER: tl.constexpr, GROUP: tl.constexpr,
 ):
     """The indices of the W largest of each row of L float32 values, ascending, ties to the lower
     index; one program holds one whole row in registers. Row r (of R = B*H*CP) is stored at row
@@ -650,12 +650,9 @@ def _select_rows_kernel(
     candidate buffer and five torch ops mapping indices back to positions.
 
     Floats map to int32 keys with the same order (-0.0 first folded onto +0.0, so the two tie as in
-    the reference's stable sort). A search finds the W-th largest key; one in-order scan then takes
+    the reference's stable sort). A bisection finds the W-th largest key; one in-order scan then takes
     every larger key and the first `need` equal ones, already sorted by index. Keys stay int32 (the
     per-step compare over the row is the kernel's main work); only the scalar bounds are int64.
-    The search is a chain of block-wide sums, whose latency is the kernel's time: QUARTERS False
-    halves the range per sum (33 steps), True quarters it (17 steps), counting the keys at or above
-    three cuts in one int64 sum (21 bits per count; a row holds at most 8192 keys).
     """
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_L)
@@ -677,32 +674,11 @@ def _select_rows_kernel(
     # in [lo, hi]. The range spans at most 2**32 values: 32 halvings pin it, one more costs nothing.
     lo = tl.min(key, axis=0).to(tl.int64)
     hi = tl.max(key, axis=0).to(tl.int64)
-    if QUARTERS:
-        # Cuts lo < m1 <= m2 <= m3 <= hi split [lo, hi] into four ranges of at most ceil(span / 4)
-        # keys (for spans under 4 some coincide, which is harmless); the answer is >= m_j iff at
-        # least W keys are. A span of at most 2**32 is one value after 16 steps.
-        for _ in tl.static_range(17):
-            span = hi - lo + 1
-            m1 = lo + tl.maximum(span // 4, 1)
-            m2 = tl.minimum(lo + span // 2, hi)
-            m3 = tl.minimum(lo + (3 * span) // 4, hi)
-            m1 = tl.minimum(m1, hi)
-            packed = ((key >= m1.to(tl.int32)).to(tl.int64) + ((key >= m2.to(tl.int32)).to(tl.int64) << 21)
-                      + ((key >= m3.to(tl.int32)).to(tl.int64) << 42))
-            total = tl.sum(packed, axis=0)
-            ok1 = (total & 0x1FFFFF) >= W
-            ok2 = ((total >> 21) & 0x1FFFFF) >= W
-            ok3 = (total >> 42) >= W
-            new_lo = tl.where(ok3, m3, tl.where(ok2, m2, tl.where(ok1, m1, lo)))
-            new_hi = tl.where(ok3, hi, tl.where(ok2, m3 - 1, tl.where(ok1, m2 - 1, m1 - 1)))
-            lo = new_lo
-            hi = tl.maximum(new_hi, new_lo)
-    else:
-        for _ in tl.static_range(33):
-            mid = lo + (hi - lo + 1) // 2
-            ok = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0) >= W
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid - 1)
+    for _ in tl.static_range(33):
+        mid = lo + (hi - lo + 1) // 2
+        ok = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0) >= W
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
     kth = lo.to(tl.int32)
     need = W - tl.sum((key > kth).to(tl.int32), axis=0)
     eq = (key == kth).to(tl.int32)

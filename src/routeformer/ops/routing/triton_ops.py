@@ -142,13 +142,8 @@ def _launch_select(rows: torch.Tensor, out: torch.Tensor, w: int, c0: int = 0, g
     block = next_pow2(L)
     warps = (SELECT_WARPS or min(16, max(4, block // 512))) if gpu_plan(rows) else 4
     K._select_rows_kernel[(B * H * Cp,)](rows, out, rows if groups is None else groups, L, w, n, Cp, out.shape[2], c0,
-                                         BLOCK_L=block, GATHER=groups is not None, GROUP=group,
-                                         QUARTERS=SELECT_QUARTERS, num_warps=warps)
+                                         BLOCK_L=block, GATHER=groups is not None, GROUP=group, num_warps=warps)
 
-
-# The one-row select's search for the W-th key: True quarters the range per block-wide sum (17
-# sums), False halves it (33 sums: ~62 us per call at 64k on an H200, NOTES_routing.md). Same result.
-SELECT_QUARTERS = True
 
 # Warps of the one-row select kernel; None: one per 512 of the row (4 to 16). benchmarks/attention.py
 # --sweep times others: fewer warps per row let two rows' programs share an SM.
