@@ -16,6 +16,7 @@ do_bench_cudagraph (GPU time of a replayed CUDA graph).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -36,7 +37,8 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-T", type=int, default=16384, help="the length --sweep times at (GPU)")
-    ap.add_argument("--sweep-only", default="", help="comma list of plain-fwd, plain-bwd, shaw-fwd, shaw-bwd: "
+    ap.add_argument("--sweep-only", default="", help="comma list of plain-fwd, plain-bwd, shaw-fwd, shaw-bwd, "
+                    "bands-bwd: "
                     "sweep only these, then stop (no table)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--profile", type=int, default=0,
@@ -75,8 +77,20 @@ def main() -> None:
     def reference_shaw(q, k, v, rk, rv):
         return local_attention(q, k, v, block=L, flange=F, causal=True, rel_k=rk, rel_v=rv, backend="reference")
 
-    variants = {"ours": ours(False), "ours+shaw": ours(True), "ref+shaw": reference_shaw}
-    rel_of = {"ours": False, "ours+shaw": True, "ref+shaw": True, "flex": False, "sdpa-dense": False}
+    # "shaw-bands": ours+shaw with the backward reading precomputed rel-logit bands (triton_ops.SHAW_BANDS;
+    # the switch is read when the backward runs, so it is set around the whole measurement of the row).
+    variants = {"ours": ours(False), "ours+shaw": ours(True), "shaw-bands": ours(True), "ref+shaw": reference_shaw}
+    rel_of = {"ours": False, "ours+shaw": True, "shaw-bands": True, "ref+shaw": True, "flex": False,
+              "sdpa-dense": False}
+
+    @contextlib.contextmanager
+    def switches(name):
+        saved = triton_ops.SHAW_BANDS
+        triton_ops.SHAW_BANDS = name == "shaw-bands"
+        try:
+            yield
+        finally:
+            triton_ops.SHAW_BANDS = saved
     flex_mask = {}
     if dev == "cuda":
         from flex_window import sliding_window_flex
@@ -128,8 +142,9 @@ def main() -> None:
         rel = rel_of[name]
         t = inputs(T, rel, seed=1)
         g = torch.randn(B, H, T, D, device=dev, dtype=dtype)
-        out = fn(*t)
-        got = [out] + list(torch.autograd.grad(out, t, g))
+        with switches(name):
+            out = fn(*t)
+            got = [out] + list(torch.autograd.grad(out, t, g))
         ex = [x.detach().double().requires_grad_() for x in t]
         kw = dict(rel_k=ex[3], rel_v=ex[4]) if rel else {}
         ref = local_attention_reference(*ex[:3], block=L, flange=F, causal=True, scale=D ** -0.5, **kw)
@@ -176,52 +191,66 @@ def main() -> None:
                           (dict(BM=32, BN=64, num_warps=8, num_stages=2), d32),
                           (dict(BM=64, BN=32, num_warps=8, num_stages=2), d32),
                           (dict(BM=16, BN=64, num_warps=4, num_stages=2), d32)]
+        # The Shaw backward on precomputed bands (triton_ops.SHAW_BANDS) has no band products, so larger
+        # tiles may pay off; its defaults come first (they compile with no spills on sm_90).
+        bands_bwd_cfgs = [(dict(BM=64, BN=32, num_warps=4, num_stages=2), dict(BM=32, BN=64, num_warps=4, num_stages=2)),
+                          (d32, d32),
+                          (dict(BM=64, BN=64, num_warps=4, num_stages=2), dict(BM=64, BN=64, num_warps=4, num_stages=2)),
+                          (dict(BM=64, BN=32, num_warps=4, num_stages=3), dict(BM=32, BN=64, num_warps=4, num_stages=3)),
+                          (dict(BM=128, BN=32, num_warps=8, num_stages=2), dict(BM=32, BN=128, num_warps=8, num_stages=2)),
+                          (dict(BM=64, BN=32, num_warps=4, num_stages=2), dict(BM=64, BN=64, num_warps=4, num_stages=3))]
         only = {x for x in args.sweep_only.split(",") if x}
         chosen = {}
-        for rel in (False, True):
+        for mode, rel in (("plain", False), ("shaw", True), ("bands", True)):
+            kinds = {"plain": (("fwd", fwd_cfgs), ("bwd", bwd_cfgs)),
+                     "shaw": (("fwd", fwd_cfgs + shaw_fwd_cfgs), ("bwd", bwd_cfgs + shaw_bwd_cfgs)),
+                     "bands": (("bwd", bands_bwd_cfgs),)}[mode]  # its forward is the Shaw one
+            kinds = [(kind, cfgs) for kind, cfgs in kinds if not only or f"{mode}-{kind}" in only]
+            if not kinds:
+                continue
+            name = {"plain": "ours", "shaw": "ours+shaw", "bands": "shaw-bands"}[mode]
             t = inputs(T, rel)
-            fn = variants["ours+shaw" if rel else "ours"]
+            fn = variants[name]
             g = torch.randn_like(t[0])
             triton_ops.TILE_OVERRIDES.clear()
-            out0 = fn(*t)
-            grads0 = torch.autograd.grad(out0, t, g)
-            best = {}
-            kinds = (("fwd", fwd_cfgs + (shaw_fwd_cfgs if rel else [])), ("bwd", bwd_cfgs + (shaw_bwd_cfgs if rel else [])))
-            kinds = [(kind, cfgs) for kind, cfgs in kinds
-                     if not only or f"{'shaw' if rel else 'plain'}-{kind}" in only]
+            with switches(name):
+                out0 = fn(*t)
+                grads0 = torch.autograd.grad(out0, t, g)
+            best = {"fwd": chosen["shaw"]["fwd"]} if mode == "bands" and "fwd" in chosen.get("shaw", {}) else {}
             for kind, cfgs in kinds:
                 # The backward's time is fwd+bwd less the forward, both on the chosen forward tiles (the
                 # forward loop above leaves its last setting in TILE_OVERRIDES: a base taken there was
                 # 0.38 ms too high at 64k on the H200, so the first 64k sweep's bwd column reads low).
                 triton_ops.TILE_OVERRIDES.clear()
-                triton_ops.TILE_OVERRIDES.update(best)
+                triton_ops.TILE_OVERRIDES.update({k: v for k, v in best.items() if not k.startswith("_")})
                 base = bench(fn, t, False) if kind == "bwd" else 0.0
                 for cfg in cfgs:
                     triton_ops.TILE_OVERRIDES.clear()
-                    triton_ops.TILE_OVERRIDES.update(best)
+                    triton_ops.TILE_OVERRIDES.update({k: v for k, v in best.items() if not k.startswith("_")})
                     if kind == "fwd":
                         triton_ops.TILE_OVERRIDES["fwd"] = cfg
                     else:
                         triton_ops.TILE_OVERRIDES.update(dq=cfg[0], dkdv=cfg[1])
                     try:
-                        out = fn(*t)
-                        grads = torch.autograd.grad(out, t, g)
-                        err = max(((a.float() - b.float()).norm() / b.float().norm()).item()
-                                  for a, b in zip([out, *grads], [out0, *grads0]))
-                        ms = bench(fn, t, kind == "bwd") - base if err < 1e-2 else float("nan")
+                        with switches(name):
+                            out = fn(*t)
+                            grads = torch.autograd.grad(out, t, g)
+                            err = max(((a.float() - b.float()).norm() / b.float().norm()).item()
+                                      for a, b in zip([out, *grads], [out0, *grads0]))
+                            ms = bench(fn, t, kind == "bwd") - base if err < 1e-2 else float("nan")
                     except Exception as exc:  # a tile setting may not fit in shared memory
                         err, ms = float("nan"), float("nan")
-                        print(f"sweep rel={rel} {kind} {cfg}: {type(exc).__name__}", flush=True)
-                    results["sweep"].append(dict(rel=rel, kernel=kind, cfg=cfg, ms=ms, err_vs_default=err))
-                    print(f"sweep rel={rel} {kind} {cfg} {ms:.3f} ms (diff vs default tiles {err:.1e})", flush=True)
+                        print(f"sweep {mode} {kind} {cfg}: {type(exc).__name__}", flush=True)
+                    results["sweep"].append(dict(mode=mode, rel=rel, kernel=kind, cfg=cfg, ms=ms, err_vs_default=err))
+                    print(f"sweep {mode} {kind} {cfg} {ms:.3f} ms (diff vs default tiles {err:.1e})", flush=True)
                     if ms == ms and ms < best.get("_" + kind, float("inf")):
                         best["_" + kind] = ms
                         if kind == "fwd":
                             best["fwd"] = cfg
                         else:
                             best["dq"], best["dkdv"] = cfg
-            chosen[rel] = {k: v for k, v in best.items() if not k.startswith("_")}
-            print(f"chosen rel={rel}: {chosen[rel]}", flush=True)
+            chosen[mode] = {k: v for k, v in best.items() if not k.startswith("_")}
+            print(f"chosen {mode}: {chosen[mode]}", flush=True)
         results["chosen"] = {str(k): v for k, v in chosen.items()}
         triton_ops.TILE_OVERRIDES.clear()
         if only:
@@ -239,11 +268,13 @@ def main() -> None:
                 continue
             t = inputs(T, rel_of[name])
             triton_ops.TILE_OVERRIDES.clear()
-            triton_ops.TILE_OVERRIDES.update(chosen.get(rel_of[name], {}))
+            mode = {"ours": "plain", "ours+shaw": "shaw", "shaw-bands": "bands"}.get(name)
+            triton_ops.TILE_OVERRIDES.update(chosen.get(mode, {}))
             try:
-                fwd, both = bench(fn, t, False), bench(fn, t, True)
-                gfwd, gboth = bench(fn, t, False, graph=True), bench(fn, t, True, graph=True)
-                mib = peak_mib(fn, t, dev)
+                with switches(name):
+                    fwd, both = bench(fn, t, False), bench(fn, t, True)
+                    gfwd, gboth = bench(fn, t, False, graph=True), bench(fn, t, True, graph=True)
+                    mib = peak_mib(fn, t, dev)
             except torch.OutOfMemoryError:
                 fwd = both = gfwd = gboth = mib = float("nan")
             row = dict(T=T, variant=name, fwd_ms=fwd, fwd_bwd_ms=both, graph_fwd_ms=gfwd, graph_fwd_bwd_ms=gboth,
@@ -267,22 +298,26 @@ def main() -> None:
 
 def dist_caps(caps_mib: str, T: int, fn, inputs, bench, dev, out_dir) -> None:
     """The Shaw backward's by-distance buffers against their cap (triton_ops.DIST_BUFFER_BYTES): a lower
-    cap does the (batch, head) rows in more chunks, one dq launch and two matmuls each."""
+    cap does the (batch, head) rows in more chunks, one dq launch and two matmuls each (with
+    SHAW_BANDS also two band matmuls and a dk/dv launch each)."""
     from routeformer.ops.local import triton_ops
 
-    default = triton_ops.DIST_BUFFER_BYTES
+    default, default_bands = triton_ops.DIST_BUFFER_BYTES, triton_ops.SHAW_BANDS
     t = inputs(T, True)
     rows = []
     try:
-        for cap in (int(c) for c in caps_mib.split(",") if c):
-            triton_ops.DIST_BUFFER_BYTES = cap << 20
-            row = dict(T=T, cap_mib=cap, graph_fwd_bwd_ms=bench(fn, t, True, graph=True),
-                       fwd_bwd_ms=bench(fn, t, True), fwd_bwd_mib=peak_mib(fn, t, dev))
-            rows.append(row)
-            print(f"T={T} ours+shaw cap {cap:5d} MiB: graph fwd+bwd {row['graph_fwd_bwd_ms']:.3f} ms, "
-                  f"eager {row['fwd_bwd_ms']:.3f} ms, peak {row['fwd_bwd_mib']:.0f} MiB", flush=True)
+        for bands in (False, True):  # the gathered rel terms, then the precomputed bands (4 buffers)
+            triton_ops.SHAW_BANDS = bands
+            name = "shaw-bands" if bands else "ours+shaw"
+            for cap in (int(c) for c in caps_mib.split(",") if c):
+                triton_ops.DIST_BUFFER_BYTES = cap << 20
+                row = dict(T=T, variant=name, cap_mib=cap, graph_fwd_bwd_ms=bench(fn, t, True, graph=True),
+                           fwd_bwd_ms=bench(fn, t, True), fwd_bwd_mib=peak_mib(fn, t, dev))
+                rows.append(row)
+                print(f"T={T} {name} cap {cap:5d} MiB: graph fwd+bwd {row['graph_fwd_bwd_ms']:.3f} ms, "
+                      f"eager {row['fwd_bwd_ms']:.3f} ms, peak {row['fwd_bwd_mib']:.0f} MiB", flush=True)
     finally:
-        triton_ops.DIST_BUFFER_BYTES = default
+        triton_ops.DIST_BUFFER_BYTES, triton_ops.SHAW_BANDS = default, default_bands
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "local_dist_caps.json"), "w") as fh:
         json.dump(rows, fh, indent=1)
@@ -307,12 +342,16 @@ def peak_mib(fn, t, dev) -> float:
 
 
 def profile_kernels(T, variants, inputs, dev) -> None:
-    """GPU time per kernel of 5 forward+backward passes (torch.profiler), ours without and with Shaw."""
+    """GPU time per kernel of 5 forward+backward passes (torch.profiler), ours without and with Shaw
+    (and with Shaw through the precomputed bands, triton_ops.SHAW_BANDS)."""
     from torch.profiler import ProfilerActivity, profile
 
-    for name, rel in (("ours", False), ("ours+shaw", True)):
+    from routeformer.ops.local import triton_ops
+
+    for name, rel in (("ours", False), ("ours+shaw", True), ("shaw-bands", True)):
         t = inputs(T, rel)
         g = torch.randn_like(t[0])
+        triton_ops.SHAW_BANDS = name == "shaw-bands"
 
         def run(n):
             for _ in range(n):
@@ -329,6 +368,7 @@ def profile_kernels(T, variants, inputs, dev) -> None:
         print(f"== kernel profile {name} T={T} (5 fwd+bwd; times are totals over the 5)", flush=True)
         sort = "cuda_time_total" if dev == "cuda" else "cpu_time_total"
         print(p.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=60), flush=True)
+        triton_ops.SHAW_BANDS = False
 
 
 if __name__ == "__main__":

@@ -141,6 +141,41 @@ def test_table_grads_in_row_chunks(poisoned, monkeypatch):
     check_case(1, 3, 37, 24, 16, 40, 5, 11, False, torch.float32, seed=5)
 
 
+@pytest.fixture
+def shaw_bands(monkeypatch):
+    """The Shaw backward reading its rel logits from precomputed bands (triton_ops.SHAW_BANDS)."""
+    from routeformer.ops.local import triton_ops
+
+    monkeypatch.setattr(triton_ops, "SHAW_BANDS", True)
+
+
+@pytest.mark.parametrize("T,D,Dv,M,block,flange,causal", [c for c in CPU_CASES if c[3] is not None])
+def test_shaw_bands_match_reference_fp32(poisoned, shaw_bands, T, D, Dv, M, block, flange, causal):
+    check_case(2, 2, T, D, Dv, M, block, flange, causal, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_shaw_bands_low_precision_within_twice_plain_error(poisoned, shaw_bands, dtype):
+    check_case(1, 2, 37, 24, 24, 6, 8, 10, True, dtype, seed=1)
+
+
+def test_shaw_bands_in_row_chunks_and_frozen_tables(poisoned, shaw_bands, monkeypatch):
+    """One (batch, head) row per chunk (the dk/dv kernel then runs per chunk, on that chunk's bands), and
+    tables without grads (the bands still need dS by distance for dq's rel term)."""
+    from routeformer.ops.local import triton_ops
+
+    monkeypatch.setattr(triton_ops, "DIST_BUFFER_BYTES", 1)
+    check_case(1, 3, 37, 24, 16, 40, 5, 11, False, torch.float32, seed=5)
+    q, k, v, rk, rv = make_inputs(1, 2, 37, 16, 16, 6, torch.float32, 3)
+    kw = dict(block=8, flange=10, causal=True, scale=0.25, rel_k=rk.detach(), rel_v=rv.detach())
+    out = local_attention(q, k, v, backend="triton", **kw)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [q, k, v], g)
+    want = torch.autograd.grad(local_attention_reference(q, k, v, **kw), [q, k, v], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
 def test_frozen_tables_skip_their_grads(poisoned):
     """Tables that need no grad: q, k, v grads still match, and the tables get none (the backward then
     skips the by-distance buffers that their grads are reduced from)."""
@@ -194,6 +229,13 @@ GPU_CASES = [
 @needs_cuda
 @pytest.mark.parametrize("T,D,Dv,M,block,flange,causal,dtype", GPU_CASES)
 def test_gpu_matches_reference(T, D, Dv, M, block, flange, causal, dtype):
+    check_case(1, 4, T, D, Dv, M, block, flange, causal, dtype)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("T,D,Dv,M,block,flange,causal,dtype", [c for c in GPU_CASES if c[3] is not None])
+def test_gpu_shaw_bands_match_reference(shaw_bands, T, D, Dv, M, block, flange, causal, dtype):
     check_case(1, 4, T, D, Dv, M, block, flange, causal, dtype)
 
 

@@ -187,10 +187,11 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse, delta, K, V, RK, RV, PD, DSD, m0, n0, offs_m, offs_d, offs_dv, offs_t,
+def _dq_tile(dq, q, do, lse, delta, K, V, RK, RV, PD, DSD, RQ, RD, m0, n0, offs_m, offs_d, offs_dv, offs_t,
              T, D, DV, L, F, FR, M, qk_scale, dlo, n_dist,
              MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_REL: tl.constexpr, DOT: tl.constexpr,
-             BM: tl.constexpr, BN: tl.constexpr, BAND: tl.constexpr, STORE_DIST: tl.constexpr):
+             BM: tl.constexpr, BN: tl.constexpr, BAND: tl.constexpr, STORE_DIST: tl.constexpr,
+             BANDS: tl.constexpr):
     offs_n = n0 + tl.arange(0, BN)
     kt = tl.load(K + offs_n[None, :] * D + offs_d[:, None],
                  mask=(offs_n[None, :] < T) & (offs_d[:, None] < D), other=0.0)
@@ -199,11 +200,18 @@ def _dq_tile(dq, q, do, lse, delta, K, V, RK, RV, PD, DSD, m0, n0, offs_m, offs_
     s = _dot(q, kt, DOT)
     dp = _dot(do, vt, DOT)
     if HAS_REL:
-        dmin = n0 - m0 - (BM - 1)
-        rk = _band(RK, dmin, M, offs_t, offs_d, D)
-        rv = _band(RV, dmin, M, offs_t, offs_dv, DV)
-        s += _skew(_dot(q, tl.trans(rk), DOT), BM, BN)
-        dp += _skew(_dot(do, tl.trans(rv), DOT), BM, BN)
+        if BANDS:  # the rel terms read from the precomputed bands (see _bwd_dq_kernel)
+            bcol = offs_n[None, :] - offs_m[:, None] - dlo
+            bok = (bcol >= 0) & (bcol < n_dist) & (offs_m[:, None] < T) & (offs_n[None, :] < T)
+            bidx = offs_m.to(tl.int64)[:, None] * n_dist + bcol
+            s += tl.load(RQ + bidx, mask=bok, other=0.0).to(tl.float32)
+            dp += tl.load(RD + bidx, mask=bok, other=0.0).to(tl.float32)
+        else:
+            dmin = n0 - m0 - (BM - 1)
+            rk = _band(RK, dmin, M, offs_t, offs_d, D)
+            rv = _band(RV, dmin, M, offs_t, offs_dv, DV)
+            s += _skew(_dot(q, tl.trans(rk), DOT), BM, BN)
+            dp += _skew(_dot(do, tl.trans(rv), DOT), BM, BN)
     p = tl.exp2(s * qk_scale - lse[:, None])
     if MASK:
         p = tl.where(_allowed(offs_m, offs_n, T, L, F, FR, CAUSAL), p, 0.0)
@@ -218,23 +226,28 @@ def _dq_tile(dq, q, do, lse, delta, K, V, RK, RV, PD, DSD, m0, n0, offs_m, offs_
         tl.store(PD + dist, _cast(p, PD.dtype.element_ty, DOT), mask=ok)
         tl.store(DSD + dist, _cast(ds, DSD.dtype.element_ty, DOT), mask=ok)
     dq += _dot(_cast(ds, kt.dtype, DOT), tl.trans(kt), DOT)
-    if HAS_REL:
+    if HAS_REL and not BANDS:  # with BANDS the launcher adds dS_D @ rel_k rows by a matmul
         dq += _dot(_cast(_unskew(ds, BM, BN, BAND), rk.dtype, DOT), rk, DOT)
     return dq
 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, RK, RV, DO, O, LSE, DELTA, DQ, PD, DSD,
+    Q, K, V, RK, RV, DO, O, LSE, DELTA, DQ, PD, DSD, RQ, RD,
     T, D, DV, L, F, FR, M, qk_scale, scale, dlo, n_dist,
     CAUSAL: tl.constexpr, HAS_REL: tl.constexpr, DOT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BAND: tl.constexpr,
-    STORE_DIST: tl.constexpr,
+    STORE_DIST: tl.constexpr, BANDS: tl.constexpr,
 ):
     """dq per query tile; also stores DELTA = rowsum(dO * O) (float32) for the dk/dv kernel, which runs
     after it: computed from the tiles this kernel loads anyway, instead of by torch ops that moved ~13x
     the bytes of dO through float32 copies. STORE_DIST: also P and dS by distance, (B*H, T, n_dist),
-    for the Shaw table grads (see _dq_tile)."""
+    for the Shaw table grads (see _dq_tile).
+
+    BANDS (with HAS_REL and STORE_DIST): the rel logits q_i . rel_k[j - i] and dO_i . rel_v[j - i] come
+    precomputed by distance, RQ and RD (B*H, T, n_dist), read at column (j - i) - dlo, instead of a
+    (BM x BAND) product and a skew gather per table and key tile; dq's rel term, dS_D @ rel_k rows, is
+    then left to the launcher (one matmul)."""
     m0 = tl.program_id(0) * BM
     bh = tl.program_id(1).to(tl.int64)
     Q += bh * T * D
@@ -245,6 +258,9 @@ def _bwd_dq_kernel(
     if STORE_DIST:
         PD += bh * T * n_dist
         DSD += bh * T * n_dist
+    if BANDS:
+        RQ += bh * T * n_dist
+        RD += bh * T * n_dist
     offs_m = m0 + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
@@ -262,30 +278,32 @@ def _bwd_dq_kernel(
     lo, k1, k2, nk = _query_tile_ranges(m0, T, L, F, FR, BM, BN, CAUSAL)
     dq = tl.zeros([BM, BD], tl.float32)
     for k in range(0, k1):
-        dq = _dq_tile(dq, q, do, lse, delta, K, V, RK, RV, PD, DSD, m0, lo + k * BN, offs_m, offs_d, offs_dv,
+        dq = _dq_tile(dq, q, do, lse, delta, K, V, RK, RV, PD, DSD, RQ, RD, m0, lo + k * BN, offs_m, offs_d, offs_dv,
                       offs_t, T, D, DV, L, F, FR, M, qk_scale, dlo, n_dist, True, CAUSAL, HAS_REL, DOT, BM, BN, BAND,
-                      STORE_DIST)
+                      STORE_DIST, BANDS)
     for k in range(k1, k2):
-        dq = _dq_tile(dq, q, do, lse, delta, K, V, RK, RV, PD, DSD, m0, lo + k * BN, offs_m, offs_d, offs_dv,
+        dq = _dq_tile(dq, q, do, lse, delta, K, V, RK, RV, PD, DSD, RQ, RD, m0, lo + k * BN, offs_m, offs_d, offs_dv,
                       offs_t, T, D, DV, L, F, FR, M, qk_scale, dlo, n_dist, False, CAUSAL, HAS_REL, DOT, BM, BN, BAND,
-                      STORE_DIST)
+                      STORE_DIST, BANDS)
     for k in range(k2, nk):
-        dq = _dq_tile(dq, q, do, lse, delta, K, V, RK, RV, PD, DSD, m0, lo + k * BN, offs_m, offs_d, offs_dv,
+        dq = _dq_tile(dq, q, do, lse, delta, K, V, RK, RV, PD, DSD, RQ, RD, m0, lo + k * BN, offs_m, offs_d, offs_dv,
                       offs_t, T, D, DV, L, F, FR, M, qk_scale, dlo, n_dist, True, CAUSAL, HAS_REL, DOT, BM, BN, BAND,
-                      STORE_DIST)
+                      STORE_DIST, BANDS)
     tl.store(DQ + offs_m[:, None] * D + offs_d[None, :], _cast(dq * scale, DQ.dtype.element_ty, DOT),
              mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, RK, RV, DO, LSE, DELTA, DK, DV_,
-    T, D, DV, L, F, FR, M, qk_scale, scale,
+    Q, K, V, RK, RV, DO, LSE, DELTA, DK, DV_, RQ, RD,
+    T, D, DV, L, F, FR, M, qk_scale, scale, dlo, n_dist,
     CAUSAL: tl.constexpr, HAS_REL: tl.constexpr, DOT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BAND: tl.constexpr,
+    BANDS: tl.constexpr,
 ):
     """Works on transposed tiles (keys as rows) so P^T and dS^T come out of tl.dot directly,
-    with no register transposes; the Shaw terms then gather along axis 0."""
+    with no register transposes; the Shaw terms then gather along axis 0 (or, with BANDS, are read
+    from the precomputed bands, as in _bwd_dq_kernel)."""
     n0 = tl.program_id(0) * BN
     bh = tl.program_id(1).to(tl.int64)
     Q += bh * T * D
@@ -294,6 +312,9 @@ def _bwd_dkdv_kernel(
     V += bh * T * DV
     DO += bh * T * DV
     DV_ += bh * T * DV
+    if BANDS:
+        RQ += bh * T * n_dist
+        RD += bh * T * n_dist
     offs_n = n0 + tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
@@ -326,11 +347,18 @@ def _bwd_dkdv_kernel(
         st = _dot(k, qt, DOT)
         dpt = _dot(v, tl.trans(do), DOT)
         if HAS_REL:
-            dmin = n0 - m0 - (BM - 1)
-            rk = _band(RK, dmin, M, offs_t, offs_d, D)
-            rv = _band(RV, dmin, M, offs_t, offs_dv, DV)
-            st += tl.gather(_dot(rk, qt, DOT), pick, axis=0)
-            dpt += tl.gather(_dot(rv, tl.trans(do), DOT), pick, axis=0)
+            if BANDS:
+                bcol = offs_n[:, None] - offs_m[None, :] - dlo  # (keys, queries): distance j - i
+                bok = (bcol >= 0) & (bcol < n_dist) & row_ok[None, :] & col_ok[:, None]
+                bidx = offs_m.to(tl.int64)[None, :] * n_dist + bcol
+                st += tl.load(RQ + bidx, mask=bok, other=0.0).to(tl.float32)
+                dpt += tl.load(RD + bidx, mask=bok, other=0.0).to(tl.float32)
+            else:
+                dmin = n0 - m0 - (BM - 1)
+                rk = _band(RK, dmin, M, offs_t, offs_d, D)
+                rv = _band(RV, dmin, M, offs_t, offs_dv, DV)
+                st += tl.gather(_dot(rk, qt, DOT), pick, axis=0)
+                dpt += tl.gather(_dot(rv, tl.trans(do), DOT), pick, axis=0)
         pt = tl.exp2(st * qk_scale - lse[None, :])
         pt = tl.where(_allowed_t(offs_n, offs_m, T, L, F, FR, CAUSAL), pt, 0.0)
         dv += _dot(_cast(pt, do.dtype, DOT), do, DOT)

@@ -34,6 +34,13 @@ _DTYPES = TRITON_DTYPES
 # a 1348 MiB fwd+bwd peak; 256 MiB 7.02 ms and 581 MiB; 128 MiB 7.25 ms and 453 MiB.
 DIST_BUFFER_BYTES = 256 << 20
 
+# The Shaw backward's rel logits: False, a (BM x BAND) product and a skew gather per table and key
+# tile inside the dq and dk/dv kernels; True, read from bands q @ rel_k^T and dO @ rel_v^T computed
+# by distance up front (two matmuls, two more (rows, T, n_dist) buffers under DIST_BUFFER_BYTES).
+# Written 2026-12-02 after the session's device time was spent: tested under the interpreter only,
+# so off until a GPU shows it faster (NOTES_local.md).
+SHAW_BANDS = False
+
 # Benchmarks may set e.g. TILE_OVERRIDES["fwd"] = dict(BM=64, BN=64, num_warps=4, num_stages=3), and
 # maxnreg=N for a register budget per thread.
 TILE_OVERRIDES: dict[str, dict] = {}
@@ -48,10 +55,16 @@ def _pow2(n: int) -> int:
     return max(16, next_pow2(n))
 
 
-def _tiles(kind: str, q: torch.Tensor, has_rel: bool) -> dict:
+def _tiles(kind: str, q: torch.Tensor, has_rel: bool, bands: bool = False) -> dict:
     """Tile shape and launch settings for one kernel. Small tiles under the CPU interpreter."""
     if _interpreting() or not gpu_plan(q):
         cfg = dict(BM=16, BN=16, num_warps=4, num_stages=1)
+    elif bands and q.dtype != torch.float32:
+        # The Shaw backward on precomputed bands has no band products or gathers, so it is not held to
+        # 32 x 32: these are the largest tiles that compile for sm_90 with no spills and warpgroup MMA
+        # (Triton 3.9's ptxas, benchmarks/sm90_resources.py: dq 241 registers, dk/dv 168). Not yet timed.
+        cfg = {"dq": dict(BM=64, BN=32, num_warps=4, num_stages=2),
+               "dkdv": dict(BM=32, BN=64, num_warps=4, num_stages=2)}[kind]
     elif q.dtype == torch.float32:
         cfg = dict(BM=32, BN=32, num_warps=4, num_stages=2) if has_rel else dict(BM=64, BN=64, num_warps=4, num_stages=2)
     elif has_rel:
@@ -135,7 +148,9 @@ def local_attn_bwd(
     BH, T, D, DV, M, FR = _geometry(q, v, rel_k, flange, causal)
     q, k, v, dout, out = q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous(), out.contiguous()
     rk, rv = _rel_args(rel_k, rel_v, q)
-    store_dist = rel_grads and rel_k is not None
+    bands = SHAW_BANDS and rel_k is not None
+    # The by-distance dS also gives dq its rel term when the logits come from bands.
+    store_dist = (rel_grads or bands) and rel_k is not None
     # Distances any query can see: j - i in [dlo, dhi].
     dlo, dhi = -(block - 1 + flange), (0 if causal else block - 1 + FR)
     n_dist = dhi - dlo + 1
@@ -144,49 +159,67 @@ def local_attn_bwd(
     common = dict(CAUSAL=causal, HAS_REL=rel_k is not None, DOT=_dot_mode(q),
                   BD=_pow2(D), BDV=_pow2(DV))
     scalars = (T, D, DV, block, flange, FR, M, scale * _LOG2E, scale)
-    c = _tiles("dq", q, rel_k is not None)
+    c = _tiles("dq", q, rel_k is not None, bands)
     # With table grads, the dq kernel also fills two (rows, T, n_dist) buffers (P and dS by distance;
     # zeros first, since it writes only the pairs it visits): 2 x 512 MiB at T = 64k, H = 8, bf16, if
     # all rows went at once.
-    # Rows of (batch, head) go in chunks that keep both under DIST_BUFFER_BYTES.
+    # Rows of (batch, head) go in chunks that keep all of them (4 with bands) under DIST_BUFFER_BYTES.
     rows = BH
     if store_dist:
-        rows = max(1, min(BH, DIST_BUFFER_BYTES // (2 * T * n_dist * q.element_size())))
-    flat = [x.view(BH, T, -1) for x in (q, dout, out, dq)] + [lse.reshape(BH, T), delta.view(BH, T)]
+        n_buffers = 4 if bands else 2
+        rows = max(1, min(BH, DIST_BUFFER_BYTES // (n_buffers * T * n_dist * q.element_size())))
+    # Distances -> table rows (distances past M share the clipped row).
+    row = torch.arange(dlo, dhi + 1, device=q.device).clamp(-M, M) + M if rel_k is not None else None
+    if bands:  # the tables' rows by distance, (n_dist, D) and (n_dist, DV)
+        rk_d, rv_d = rel_k.to(q.dtype)[row], rel_v.to(q.dtype)[row]
+    flat = [x.view(BH, T, -1) for x in (q, k, v, dout, out, dq, dk, dv)] + [lse.reshape(BH, T), delta.view(BH, T)]
+    cd = _tiles("dkdv", q, rel_k is not None, bands)
     g_k = g_v = None
     for r0 in range(0, BH, rows):
-        qc, doc, oc, dqc, lsec, deltac = (x[r0:r0 + rows] for x in flat)
+        # The chunk's rows: the kernels offset every pointer by their own (batch, head) row.
+        qc, kc, vc, doc, oc, dqc, dkc, dvc, lsec, deltac = (x[r0:r0 + rows] for x in flat)
         n = qc.shape[0]
         if store_dist:
             p_dist = torch.zeros(n, T, n_dist, device=q.device, dtype=q.dtype)
             ds_dist = torch.zeros(n, T, n_dist, device=q.device, dtype=q.dtype)
         else:
             p_dist = ds_dist = q  # never read: STORE_DIST is off
-        # k and v rows of the chunk: the kernel offsets every pointer by its own (batch, head) row.
-        kc, vc = k.view(BH, T, -1)[r0:r0 + n], v.view(BH, T, -1)[r0:r0 + n]
+        if bands:
+            # rq[r, i, c] = q_i . rel_k[dlo + c], rd[r, i, c] = dO_i . rel_v[dlo + c]
+            rq, rd = qc @ rk_d.t(), doc @ rv_d.t()
+        else:
+            rq = rd = q  # never read: BANDS is off
         _bwd_dq_kernel[(cdiv(T, c["BM"]), n)](
-            qc, kc, vc, rk, rv, doc, oc, lsec, deltac, dqc, p_dist, ds_dist, *scalars, dlo, n_dist, **common,
-            BM=c["BM"], BN=c["BN"], BAND=next_pow2(c["BM"] + c["BN"] - 1), STORE_DIST=store_dist,
+            qc, kc, vc, rk, rv, doc, oc, lsec, deltac, dqc, p_dist, ds_dist, rq, rd, *scalars, dlo, n_dist, **common,
+            BM=c["BM"], BN=c["BN"], BAND=next_pow2(c["BM"] + c["BN"] - 1), STORE_DIST=store_dist, BANDS=bands,
             num_warps=c["num_warps"], num_stages=c["num_stages"], **_regs(c),
         )
-        if store_dist:
+        if bands:
+            # dq's rel term: dq_i += scale * sum_d dS[i, i + d] rel_k[d], summed in float32.
+            dqc.copy_(dqc.float() + scale * (ds_dist @ rk_d).float())
+            # The dk/dv kernel reads the chunk's bands, so it runs per chunk too.
+            _bwd_dkdv_kernel[(cdiv(T, cd["BN"]), n)](
+                qc, kc, vc, rk, rv, doc, lsec, deltac, dkc, dvc, rq, rd, *scalars, dlo, n_dist, **common,
+                BM=cd["BM"], BN=cd["BN"], BAND=next_pow2(cd["BM"] + cd["BN"] - 1), BANDS=True,
+                num_warps=cd["num_warps"], num_stages=cd["num_stages"], **_regs(cd),
+            )
+            del rq, rd
+        if store_dist and rel_grads:
             # d rel_k[d] = scale * sum_i dS[i, i + d] q_i, d rel_v[d] = sum_i P[i, i + d] dO_i over the
             # chunk's rows: one (n_dist, rows*T) x (rows*T, D) matmul each.
             gk = (ds_dist.reshape(-1, n_dist).t() @ qc.reshape(-1, D)).float()
             gv = (p_dist.reshape(-1, n_dist).t() @ doc.reshape(-1, DV)).float()
             g_k, g_v = (gk, gv) if g_k is None else (g_k + gk, g_v + gv)
-            del p_dist, ds_dist
-    c = _tiles("dkdv", q, rel_k is not None)
-    _bwd_dkdv_kernel[(cdiv(T, c["BN"]), BH)](
-        q, k, v, rk, rv, dout, lse, delta, dk, dv, *scalars, **common,
-        BM=c["BM"], BN=c["BN"], BAND=next_pow2(c["BM"] + c["BN"] - 1),
-        num_warps=c["num_warps"], num_stages=c["num_stages"], **_regs(c),
-    )
-    if not store_dist:
+        del p_dist, ds_dist
+    if not bands:
+        _bwd_dkdv_kernel[(cdiv(T, cd["BN"]), BH)](
+            q, k, v, rk, rv, dout, lse, delta, dk, dv, q, q, *scalars, dlo, n_dist, **common,
+            BM=cd["BM"], BN=cd["BN"], BAND=next_pow2(cd["BM"] + cd["BN"] - 1), BANDS=False,
+            num_warps=cd["num_warps"], num_stages=cd["num_stages"], **_regs(cd),
+        )
+    if not (store_dist and rel_grads):
         return dq, dk, dv, q.new_empty(0), q.new_empty(0)
-    # Distances -> table rows (distances past M share the clipped row).
     g_k = g_k * scale
-    row = torch.arange(dlo, dhi + 1, device=q.device).clamp(-M, M) + M
     d_rel_k = torch.zeros(rel_k.shape, device=q.device, dtype=torch.float32).index_add(0, row, g_k)
     d_rel_v = torch.zeros(rel_v.shape, device=q.device, dtype=torch.float32).index_add(0, row, g_v)
     return dq, dk, dv, d_rel_k.to(rel_k.dtype), d_rel_v.to(rel_v.dtype)
