@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-T", type=int, default=16384, help="the length --sweep times at (GPU)")
     ap.add_argument("--sweep-only", default="", help="comma list of plain-fwd, plain-bwd, shaw-fwd, shaw-bwd, "
-                    "bands-bwd: "
+                    "bands-fwd, bands-bwd: "
                     "sweep only these, then stop (no table)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--profile", type=int, default=0,
@@ -77,8 +77,8 @@ def main() -> None:
     def reference_shaw(q, k, v, rk, rv):
         return local_attention(q, k, v, block=L, flange=F, causal=True, rel_k=rk, rel_v=rv, backend="reference")
 
-    # "shaw-bands": ours+shaw with the backward reading precomputed rel-logit bands (triton_ops.SHAW_BANDS;
-    # the switch is read when the backward runs, so it is set around the whole measurement of the row).
+    # "shaw-bands": ours+shaw on precomputed rel-logit bands (triton_ops.SHAW_BANDS; the switch is read
+    # when the forward and the backward run, so it is set around the whole measurement of the row).
     variants = {"ours": ours(False), "ours+shaw": ours(True), "shaw-bands": ours(True), "ref+shaw": reference_shaw}
     rel_of = {"ours": False, "ours+shaw": True, "shaw-bands": True, "ref+shaw": True, "flex": False,
               "sdpa-dense": False}
@@ -191,20 +191,23 @@ def main() -> None:
                           (dict(BM=32, BN=64, num_warps=8, num_stages=2), d32),
                           (dict(BM=64, BN=32, num_warps=8, num_stages=2), d32),
                           (dict(BM=16, BN=64, num_warps=4, num_stages=2), d32)]
-        # The Shaw backward on precomputed bands (triton_ops.SHAW_BANDS) has no band products, so larger
-        # tiles may pay off; its defaults come first (they compile with no spills on sm_90).
+        # The Shaw kernels on precomputed bands (triton_ops.SHAW_BANDS) have no band products, so larger
+        # tiles may pay off; the defaults come first (they compile with no or few spills on sm_90).
         bands_bwd_cfgs = [(dict(BM=64, BN=32, num_warps=4, num_stages=2), dict(BM=32, BN=64, num_warps=4, num_stages=2)),
                           (d32, d32),
                           (dict(BM=64, BN=64, num_warps=4, num_stages=2), dict(BM=64, BN=64, num_warps=4, num_stages=2)),
                           (dict(BM=64, BN=32, num_warps=4, num_stages=3), dict(BM=32, BN=64, num_warps=4, num_stages=3)),
                           (dict(BM=128, BN=32, num_warps=8, num_stages=2), dict(BM=32, BN=128, num_warps=8, num_stages=2)),
                           (dict(BM=64, BN=32, num_warps=4, num_stages=2), dict(BM=64, BN=64, num_warps=4, num_stages=3))]
+        bands_fwd_cfgs = [dict(BM=64, BN=64, num_warps=4, num_stages=2), dict(BM=64, BN=32, num_warps=4, num_stages=2),
+                          dict(BM=64, BN=64, num_warps=4, num_stages=3), dict(BM=128, BN=64, num_warps=8, num_stages=2),
+                          dict(BM=128, BN=32, num_warps=4, num_stages=3)]
         only = {x for x in args.sweep_only.split(",") if x}
         chosen = {}
         for mode, rel in (("plain", False), ("shaw", True), ("bands", True)):
             kinds = {"plain": (("fwd", fwd_cfgs), ("bwd", bwd_cfgs)),
                      "shaw": (("fwd", fwd_cfgs + shaw_fwd_cfgs), ("bwd", bwd_cfgs + shaw_bwd_cfgs)),
-                     "bands": (("bwd", bands_bwd_cfgs),)}[mode]  # its forward is the Shaw one
+                     "bands": (("fwd", bands_fwd_cfgs), ("bwd", bands_bwd_cfgs))}[mode]
             kinds = [(kind, cfgs) for kind, cfgs in kinds if not only or f"{mode}-{kind}" in only]
             if not kinds:
                 continue
@@ -216,7 +219,7 @@ def main() -> None:
             with switches(name):
                 out0 = fn(*t)
                 grads0 = torch.autograd.grad(out0, t, g)
-            best = {"fwd": chosen["shaw"]["fwd"]} if mode == "bands" and "fwd" in chosen.get("shaw", {}) else {}
+            best = {}
             for kind, cfgs in kinds:
                 # The backward's time is fwd+bwd less the forward, both on the chosen forward tiles (the
                 # forward loop above leaves its last setting in TILE_OVERRIDES: a base taken there was

@@ -57,7 +57,7 @@ def _kernel_slots():
                                 "_topk_compact_kernel", "_gather_groups_kernel", "_select_rows_kernel",
                                 "_count_below_kernel", "_slot_bounds_kernel", "_tile_entry_ranges_kernel",
                                 "_nearest_slots_kernel")]
-    local = [(L, n) for n in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")]
+    local = [(L, n) for n in ("_fwd_kernel", "_fwd_bands_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")]
     return routing + [(S, "_scores_kernel")] + local
 
 
@@ -117,6 +117,7 @@ def record_launches(T: int) -> list:
         # The Shaw backward on precomputed rel-logit bands (off by default: triton_ops.SHAW_BANDS).
         bands, L.SHAW_BANDS = L.SHAW_BANDS, True
         try:
+            L.local_attn_fwd.impl(q, k, v, rel, rel, BLOCK, FLANGE, True, scale)
             L.local_attn_bwd.impl(dout, q, k, v, out, lse, rel, rel, BLOCK, FLANGE, True, scale, True)
         finally:
             L.SHAW_BANDS = bands

@@ -14,6 +14,8 @@ to key coordinates (column j - i + BM - 1) and `_unskew` moves a (BM, BN) tile b
 terms are tensor-core products plus a register gather, never a (T, 2M + 1) tensor in memory.
 The table grads are the one exception: the dq kernel stores P and dS by distance, (T, n_dist) per
 head with n_dist = L + F (causal), and two matmuls reduce them (triton_ops.local_attn_bwd).
+With triton_ops.SHAW_BANDS (off by default) the rel terms are instead matmuls by distance around the
+kernels, which read q @ rel_k^T and dO @ rel_v^T from (T, n_dist) bands (`_fwd_bands_kernel`, BANDS).
 """
 from __future__ import annotations
 
@@ -143,6 +145,97 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, RK, RV, m0, n0, offs_m, offs_d, offs_dv, o
         rv = _band(RV, dmin, M, offs_t, offs_dv, DV)
         acc += _dot(_cast(_unskew(p, BM, BN, BAND), rv.dtype, DOT), rv, DOT)
     return acc, l_i, m_new
+
+
+@triton.jit
+def _bands_logits(q, K, RQ, m0, n0, offs_m, offs_d, T, D, L, F, FR, qk_scale, dlo, n_dist,
+                  MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT: tl.constexpr, BN: tl.constexpr):
+    """(BM, BN) scores in log2 units, q.k plus the precomputed q.rel_k band RQ at column (j - i) - dlo;
+    -inf where MASK and the pair is not allowed. Returns (scores, offs_n)."""
+    offs_n = n0 + tl.arange(0, BN)
+    kt = tl.load(K + offs_n[None, :] * D + offs_d[:, None],
+                 mask=(offs_n[None, :] < T) & (offs_d[:, None] < D), other=0.0)
+    bcol = offs_n[None, :] - offs_m[:, None] - dlo
+    bok = (bcol >= 0) & (bcol < n_dist) & (offs_m[:, None] < T) & (offs_n[None, :] < T)
+    r = tl.load(RQ + offs_m.to(tl.int64)[:, None] * n_dist + bcol, mask=bok, other=0.0)
+    s = (_dot(q, kt, DOT) + r.to(tl.float32)) * qk_scale
+    if MASK:
+        s = tl.where(_allowed(offs_m, offs_n, T, L, F, FR, CAUSAL), s, float("-inf"))
+    return s, offs_n
+
+
+@triton.jit
+def _fwd_bands_tile(acc, l_i, m_i, q, K, V, RQ, PD, lse, m0, n0, offs_m, offs_d, offs_dv,
+                    T, D, DV, L, F, FR, qk_scale, dlo, n_dist,
+                    MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT: tl.constexpr, BN: tl.constexpr,
+                    PASS: tl.constexpr):
+    """PASS 1: the row max and sum only (online, no V). PASS 2: with the final lse, P exactly,
+    acc += P @ V, and P stored by distance into PD for the launcher's P_D @ rel_v product."""
+    s, offs_n = _bands_logits(q, K, RQ, m0, n0, offs_m, offs_d, T, D, L, F, FR, qk_scale, dlo, n_dist,
+                              MASK, CAUSAL, DOT, BN)
+    if PASS == 1:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+        m_i = m_new
+    else:
+        p = tl.exp2(s - lse[:, None])
+        v = tl.load(V + offs_n[:, None] * DV + offs_dv[None, :],
+                    mask=(offs_n[:, None] < T) & (offs_dv[None, :] < DV), other=0.0)
+        acc += _dot(_cast(p, v.dtype, DOT), v, DOT)
+        col = offs_n[None, :] - offs_m[:, None] - dlo
+        ok = (col >= 0) & (col < n_dist) & (offs_m[:, None] < T)
+        tl.store(PD + offs_m.to(tl.int64)[:, None] * n_dist + col, _cast(p, PD.dtype.element_ty, DOT), mask=ok)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_bands_kernel(
+    Q, K, V, RQ, PD, O, LSE,
+    T, D, DV, L, F, FR, qk_scale, dlo, n_dist,
+    CAUSAL: tl.constexpr, DOT: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PASS: tl.constexpr,
+):
+    """The Shaw forward on precomputed bands (triton_ops.SHAW_BANDS), in two passes over the keys:
+    PASS 1 stores LSE; PASS 2 stores O = P @ V (the content part; O is float32 here) and P by
+    distance in PD (zeros first), from which the launcher adds P_D @ rel_v rows. q.rel_k comes from
+    RQ, as in the backward, so no band product or skew gather is left in either pass."""
+    m0 = tl.program_id(0) * BM
+    bh = tl.program_id(1).to(tl.int64)
+    Q += bh * T * D
+    K += bh * T * D
+    V += bh * T * DV
+    RQ += bh * T * n_dist
+    PD += bh * T * n_dist
+    offs_m = m0 + tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    offs_dv = tl.arange(0, BDV)
+    row_ok = offs_m < T
+    q = tl.load(Q + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    m_i = tl.full([BM], -1.0e30, tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BDV], tl.float32)
+    if PASS == 2:
+        lse = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=0.0)
+    else:
+        lse = m_i
+    lo, k1, k2, nk = _query_tile_ranges(m0, T, L, F, FR, BM, BN, CAUSAL)
+    for k in range(0, k1):
+        acc, l_i, m_i = _fwd_bands_tile(acc, l_i, m_i, q, K, V, RQ, PD, lse, m0, lo + k * BN, offs_m, offs_d,
+                                        offs_dv, T, D, DV, L, F, FR, qk_scale, dlo, n_dist, True, CAUSAL, DOT, BN,
+                                        PASS)
+    for k in range(k1, k2):
+        acc, l_i, m_i = _fwd_bands_tile(acc, l_i, m_i, q, K, V, RQ, PD, lse, m0, lo + k * BN, offs_m, offs_d,
+                                        offs_dv, T, D, DV, L, F, FR, qk_scale, dlo, n_dist, False, CAUSAL, DOT, BN,
+                                        PASS)
+    for k in range(k2, nk):
+        acc, l_i, m_i = _fwd_bands_tile(acc, l_i, m_i, q, K, V, RQ, PD, lse, m0, lo + k * BN, offs_m, offs_d,
+                                        offs_dv, T, D, DV, L, F, FR, qk_scale, dlo, n_dist, True, CAUSAL, DOT, BN,
+                                        PASS)
+    if PASS == 1:
+        tl.store(LSE + bh * T + offs_m, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), mask=row_ok)
+    else:
+        O += bh * T * DV
+        tl.store(O + offs_m[:, None] * DV + offs_dv[None, :], acc, mask=row_ok[:, None] & (offs_dv[None, :] < DV))
 
 
 @triton.jit

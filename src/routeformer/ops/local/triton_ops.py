@@ -21,7 +21,7 @@ import torch
 from .._checks import TRITON_DTYPES, gpu_plan
 from .._dispatch import custom_op, with_autograd
 from .._ints import cdiv, next_pow2
-from .triton_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _fwd_kernel
+from .triton_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _fwd_bands_kernel, _fwd_kernel
 
 __all__ = ["local_attention_triton", "TILE_OVERRIDES"]
 
@@ -34,11 +34,12 @@ _DTYPES = TRITON_DTYPES
 # a 1348 MiB fwd+bwd peak; 256 MiB 7.02 ms and 581 MiB; 128 MiB 7.25 ms and 453 MiB.
 DIST_BUFFER_BYTES = 256 << 20
 
-# The Shaw backward's rel logits: False, a (BM x BAND) product and a skew gather per table and key
-# tile inside the dq and dk/dv kernels; True, read from bands q @ rel_k^T and dO @ rel_v^T computed
-# by distance up front (two matmuls, two more (rows, T, n_dist) buffers under DIST_BUFFER_BYTES).
-# Written 2026-12-02 after the session's device time was spent: tested under the interpreter only,
-# so off until a GPU shows it faster (NOTES_local.md).
+# The Shaw terms: False, a (BM x BAND) product and a skew gather per table and key tile inside every
+# kernel; True, matmuls by distance around the kernels: q @ rel_k^T and dO @ rel_v^T up front (read by
+# the kernels at column j - i), P_D @ rel_v and dS_D @ rel_k after them; the forward then takes two
+# passes (the log-sum-exp, then P). The (rows, T, n_dist) buffers stay under DIST_BUFFER_BYTES.
+# Written 2026-12-02 after the session's device time was spent: tested under the interpreter and
+# compiled for sm_90 only, so off until a GPU shows it faster (NOTES_local.md).
 SHAW_BANDS = False
 
 # Benchmarks may set e.g. TILE_OVERRIDES["fwd"] = dict(BM=64, BN=64, num_warps=4, num_stages=3), and
@@ -63,7 +64,8 @@ def _tiles(kind: str, q: torch.Tensor, has_rel: bool, bands: bool = False) -> di
         # The Shaw backward on precomputed bands has no band products or gathers, so it is not held to
         # 32 x 32: these are the largest tiles that compile for sm_90 with no spills and warpgroup MMA
         # (Triton 3.9's ptxas, benchmarks/sm90_resources.py: dq 241 registers, dk/dv 168). Not yet timed.
-        cfg = {"dq": dict(BM=64, BN=32, num_warps=4, num_stages=2),
+        cfg = {"fwd": dict(BM=64, BN=64, num_warps=4, num_stages=2),
+               "dq": dict(BM=64, BN=32, num_warps=4, num_stages=2),
                "dkdv": dict(BM=32, BN=64, num_warps=4, num_stages=2)}[kind]
     elif q.dtype == torch.float32:
         cfg = dict(BM=32, BN=32, num_warps=4, num_stages=2) if has_rel else dict(BM=64, BN=64, num_warps=4, num_stages=2)
@@ -123,8 +125,10 @@ def local_attn_fwd(
     BH, T, D, DV, M, FR = _geometry(q, v, rel_k, flange, causal)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     rk, rv = _rel_args(rel_k, rel_v, q)
-    out = torch.empty(*q.shape[:3], DV, device=q.device, dtype=q.dtype)
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+    if SHAW_BANDS and rel_k is not None:
+        return _fwd_bands(q, k, v, rel_k, rel_v, lse, block, flange, causal, scale), lse
+    out = torch.empty(*q.shape[:3], DV, device=q.device, dtype=q.dtype)
     c = _tiles("fwd", q, rel_k is not None)
     BM, BN = c["BM"], c["BN"]
     _fwd_kernel[(cdiv(T, BM), BH)](
@@ -135,6 +139,41 @@ def local_attn_fwd(
         num_warps=c["num_warps"], num_stages=c["num_stages"], **_regs(c),
     )
     return out, lse
+
+
+def _distances(block: int, flange: int, causal: bool, M: int, device):
+    """(dlo, n_dist, rows): the distances j - i any query can see are [dlo, dlo + n_dist), and
+    rows[c] is the table row of distance dlo + c (distances past M share the clipped row)."""
+    FR = 0 if causal else flange
+    dlo, dhi = -(block - 1 + flange), (0 if causal else block - 1 + FR)
+    return dlo, dhi - dlo + 1, torch.arange(dlo, dhi + 1, device=device).clamp(-M, M) + M
+
+
+def _fwd_bands(q, k, v, rel_k, rel_v, lse, block: int, flange: int, causal: bool, scale: float) -> torch.Tensor:
+    """The Shaw forward with SHAW_BANDS: per chunk of (batch, head) rows, the band RQ = q @ rel_k^T by
+    distance (one matmul), two kernel passes (the log-sum-exp, then P @ V and P by distance), and
+    P_D @ rel_v by distance (one matmul) added in float32."""
+    BH, T, D, DV, M, FR = _geometry(q, v, rel_k, flange, causal)
+    dlo, n_dist, row = _distances(block, flange, causal, M, q.device)
+    rk_d, rv_d = rel_k.to(q.dtype)[row], rel_v.to(q.dtype)[row]
+    out32 = torch.empty(*q.shape[:3], DV, device=q.device, dtype=torch.float32)
+    rows = max(1, min(BH, DIST_BUFFER_BYTES // (2 * T * n_dist * q.element_size())))  # RQ and P_D
+    flat = [x.view(BH, T, -1) for x in (q, k, v, out32)] + [lse.view(BH, T)]
+    c = _tiles("fwd", q, True, bands=True)
+    for r0 in range(0, BH, rows):
+        qc, kc, vc, oc, lsec = (x[r0:r0 + rows] for x in flat)
+        n = qc.shape[0]
+        rq = qc @ rk_d.t()
+        p_dist = torch.zeros(n, T, n_dist, device=q.device, dtype=q.dtype)
+        for pass_ in (1, 2):
+            _fwd_bands_kernel[(cdiv(T, c["BM"]), n)](
+                qc, kc, vc, rq, p_dist, oc, lsec, T, D, DV, block, flange, FR, scale * _LOG2E, dlo, n_dist,
+                CAUSAL=causal, DOT=_dot_mode(q), BM=c["BM"], BN=c["BN"], BD=_pow2(D), BDV=_pow2(DV), PASS=pass_,
+                num_warps=c["num_warps"], num_stages=c["num_stages"], **_regs(c),
+            )
+        oc += (p_dist @ rv_d).float()
+        del rq, p_dist
+    return out32.to(q.dtype)
 
 
 @custom_op("routeformer::local_attn_bwd")
@@ -151,9 +190,8 @@ def local_attn_bwd(
     bands = SHAW_BANDS and rel_k is not None
     # The by-distance dS also gives dq its rel term when the logits come from bands.
     store_dist = (rel_grads or bands) and rel_k is not None
-    # Distances any query can see: j - i in [dlo, dhi].
-    dlo, dhi = -(block - 1 + flange), (0 if causal else block - 1 + FR)
-    n_dist = dhi - dlo + 1
+    # Distances any query can see: j - i in [dlo, dlo + n_dist); row: their table rows.
+    dlo, n_dist, row = _distances(block, flange, causal, M, q.device)
     delta = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)  # written by the dq kernel
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = dict(CAUSAL=causal, HAS_REL=rel_k is not None, DOT=_dot_mode(q),
@@ -168,8 +206,6 @@ def local_attn_bwd(
     if store_dist:
         n_buffers = 4 if bands else 2
         rows = max(1, min(BH, DIST_BUFFER_BYTES // (n_buffers * T * n_dist * q.element_size())))
-    # Distances -> table rows (distances past M share the clipped row).
-    row = torch.arange(dlo, dhi + 1, device=q.device).clamp(-M, M) + M if rel_k is not None else None
     if bands:  # the tables' rows by distance, (n_dist, D) and (n_dist, DV)
         rk_d, rv_d = rel_k.to(q.dtype)[row], rel_v.to(q.dtype)[row]
     flat = [x.view(BH, T, -1) for x in (q, k, v, dout, out, dq, dk, dv)] + [lse.reshape(BH, T), delta.view(BH, T)]
