@@ -166,19 +166,11 @@ def test_shaw_bands_in_row_chunks_and_frozen_tables(poisoned, shaw_bands, monkey
 
     monkeypatch.setattr(triton_ops, "DIST_BUFFER_BYTES", 1)
     check_case(1, 3, 37, 24, 16, 40, 5, 11, False, torch.float32, seed=5)
-    q, k, v, rk, rv = make_inputs(1, 2, 37, 16, 16, 6, torch.float32, 3)
-    kw = dict(block=8, flange=10, causal=True, scale=0.25, rel_k=rk.detach(), rel_v=rv.detach())
-    out = local_attention(q, k, v, backend="triton", **kw)
-    g = torch.randn_like(out)
-    got = torch.autograd.grad(out, [q, k, v], g)
-    want = torch.autograd.grad(local_attention_reference(q, k, v, **kw), [q, k, v], g)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    check_frozen_tables()
 
 
-def test_frozen_tables_skip_their_grads(poisoned):
-    """Tables that need no grad: q, k, v grads still match, and the tables get none (the backward then
-    skips the by-distance buffers that their grads are reduced from)."""
+def check_frozen_tables():
+    """Tables that need no grad: q, k, v grads must still match the reference, and the tables get none."""
     q, k, v, rk, rv = make_inputs(1, 2, 37, 16, 16, 6, torch.float32, 3)
     rk, rv = rk.detach(), rv.detach()
     kw = dict(block=8, flange=10, causal=True, scale=0.25, rel_k=rk, rel_v=rv)
@@ -189,6 +181,11 @@ def test_frozen_tables_skip_their_grads(poisoned):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
     assert rk.grad is None and rv.grad is None
+
+
+def test_frozen_tables_skip_their_grads(poisoned):
+    """Frozen tables: the backward skips the by-distance buffers their grads are reduced from."""
+    check_frozen_tables()
 
 
 def test_rejects_float64():
