@@ -469,3 +469,15 @@ def test_index_structures_equal_the_specification_gpu(C):
     perm, rowptr = TO._inverse(qpos, 20000)
     bound = torch.arange(20001, device="cuda", dtype=torch.int32).expand(8, 20001).contiguous()
     assert torch.equal(rowptr, torch.searchsorted(qpos.sort(dim=-1).values, bound, out_int32=True))
+
+
+def test_register_budget_only_where_it_was_measured():
+    """dk/dv's register budget (MAXNREG) was timed for 16-bit inputs with head dims up to 64 on an H200;
+    other inputs and the CPU interpreter launch without one."""
+    meta = lambda D, dtype: torch.empty(1, 2, 8, D, dtype=dtype, device="meta")  # noqa: E731 (the GPU plan)
+    assert TO._regs(meta(64, torch.bfloat16), "dkdv") == {"maxnreg": TO.MAXNREG["dkdv"]}
+    assert TO._regs(meta(32, torch.float16), "dkdv") == {"maxnreg": TO.MAXNREG["dkdv"]}
+    assert TO._regs(meta(128, torch.bfloat16), "dkdv") == {}
+    assert TO._regs(meta(64, torch.float32), "dkdv") == {}
+    assert TO._regs(meta(64, torch.bfloat16), "dq") == {}  # no budget set for dq
+    assert TO._regs(torch.empty(1, 2, 8, 64, dtype=torch.bfloat16), "dkdv") == {}

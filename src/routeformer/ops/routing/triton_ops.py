@@ -52,14 +52,19 @@ SPLIT_TILES = {"fwd": False, "dq": False, "dkdv": True}
 
 # Per attention kernel: a register budget per thread (ptx .maxnreg) on CUDA, or None for the
 # compiler's choice. dk/dv at 128 lets 4 programs share an SM (ncu: at 255 registers it ran 2, with
-# the schedulers idle two cycles of three). A budget binds this Triton's code generation: a later
-# Triton may need another (benchmarks/sm90_resources.py shows the spills it causes).
+# the schedulers idle two cycles of three). Measured for 16-bit inputs with head dims up to 64 only,
+# so only those get it: wider rows or float32 need more registers for the same tiles. A budget binds
+# this Triton's code generation; a later Triton may need another (benchmarks/sm90_resources.py shows
+# the spills it causes).
 MAXNREG = {"fwd": None, "dq": None, "dkdv": 128}
 
 
 def _regs(t: torch.Tensor, name: str) -> dict:
-    """Launch options for kernel `name`: the register budget, on the GPU path only."""
-    return {"maxnreg": MAXNREG[name]} if MAXNREG.get(name) is not None and gpu_plan(t) else {}
+    """Launch options for kernel `name`: the register budget, on the GPU path for 16-bit inputs with
+    head dims up to 64 only."""
+    if MAXNREG.get(name) is None or not gpu_plan(t) or t.element_size() != 2 or t.shape[-1] > 64:
+        return {}
+    return {"maxnreg": MAXNREG[name]}
 
 
 # Tests set this to fill fresh buffers with NaN (or -1 for integers), so that unwritten memory shows.
