@@ -61,9 +61,10 @@ def _tiles(kind: str, q: torch.Tensor, has_rel: bool, bands: bool = False) -> di
     if _interpreting() or not gpu_plan(q):
         cfg = dict(BM=16, BN=16, num_warps=4, num_stages=1)
     elif bands and q.dtype != torch.float32:
-        # The Shaw backward on precomputed bands has no band products or gathers, so it is not held to
-        # 32 x 32: these are the largest tiles that compile for sm_90 with no spills and warpgroup MMA
-        # (Triton 3.9's ptxas, benchmarks/sm90_resources.py: dq 241 registers, dk/dv 168). Not yet timed.
+        # The Shaw kernels on precomputed bands have no band products or gathers, so they are not held
+        # to 32 x 32: these are the largest tiles that compile for sm_90 with no (forward: 4) spills and
+        # warpgroup MMA (Triton 3.9's ptxas, benchmarks/sm90_resources.py: dq 241 registers, dk/dv 168).
+        # Not yet timed.
         cfg = {"fwd": dict(BM=64, BN=64, num_warps=4, num_stages=2),
                "dq": dict(BM=64, BN=32, num_warps=4, num_stages=2),
                "dkdv": dict(BM=32, BN=64, num_warps=4, num_stages=2)}[kind]
@@ -141,12 +142,16 @@ def local_attn_fwd(
     return out, lse
 
 
-def _distances(block: int, flange: int, causal: bool, M: int, device):
-    """(dlo, n_dist, rows): the distances j - i any query can see are [dlo, dlo + n_dist), and
-    rows[c] is the table row of distance dlo + c (distances past M share the clipped row)."""
+def _distances(block: int, flange: int, causal: bool) -> tuple[int, int]:
+    """(dlo, n_dist): the distances j - i any query can see are [dlo, dlo + n_dist)."""
     FR = 0 if causal else flange
     dlo, dhi = -(block - 1 + flange), (0 if causal else block - 1 + FR)
-    return dlo, dhi - dlo + 1, torch.arange(dlo, dhi + 1, device=device).clamp(-M, M) + M
+    return dlo, dhi - dlo + 1
+
+
+def _distance_rows(dlo: int, n_dist: int, M: int, device) -> torch.Tensor:
+    """rows[c]: the table row of distance dlo + c (distances past M share the clipped row)."""
+    return torch.arange(dlo, dlo + n_dist, device=device).clamp(-M, M) + M
 
 
 def _fwd_bands(q, k, v, rel_k, rel_v, lse, block: int, flange: int, causal: bool, scale: float) -> torch.Tensor:
@@ -154,7 +159,8 @@ def _fwd_bands(q, k, v, rel_k, rel_v, lse, block: int, flange: int, causal: bool
     distance (one matmul), two kernel passes (the log-sum-exp, then P @ V and P by distance), and
     P_D @ rel_v by distance (one matmul) added in float32."""
     BH, T, D, DV, M, FR = _geometry(q, v, rel_k, flange, causal)
-    dlo, n_dist, row = _distances(block, flange, causal, M, q.device)
+    dlo, n_dist = _distances(block, flange, causal)
+    row = _distance_rows(dlo, n_dist, M, q.device)
     rk_d, rv_d = rel_k.to(q.dtype)[row], rel_v.to(q.dtype)[row]
     out32 = torch.empty(*q.shape[:3], DV, device=q.device, dtype=torch.float32)
     rows = max(1, min(BH, DIST_BUFFER_BYTES // (2 * T * n_dist * q.element_size())))  # RQ and P_D
@@ -190,8 +196,9 @@ def local_attn_bwd(
     bands = SHAW_BANDS and rel_k is not None
     # The by-distance dS also gives dq its rel term when the logits come from bands.
     store_dist = (rel_grads or bands) and rel_k is not None
-    # Distances any query can see: j - i in [dlo, dlo + n_dist); row: their table rows.
-    dlo, n_dist, row = _distances(block, flange, causal, M, q.device)
+    # Distances any query can see: j - i in [dlo, dlo + n_dist); row: their table rows (with tables).
+    dlo, n_dist = _distances(block, flange, causal)
+    row = _distance_rows(dlo, n_dist, M, q.device) if rel_k is not None else None
     delta = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)  # written by the dq kernel
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = dict(CAUSAL=causal, HAS_REL=rel_k is not None, DOT=_dot_mode(q),
