@@ -279,13 +279,18 @@ def profile(T, host=False):
             run(iters)
             pr.disable()
             pstats.Stats(pr).sort_stats("tottime").print_stats(22)
+            # The same steps as the profiler's CPU side sees them: torch ops, autograd nodes and the
+            # CUDA runtime calls (launches, allocations, synchronisations) by their own host time.
+            with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+                run(iters)
+            print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
         else:
             with prof(activities=[ProfilerActivity.CUDA]) as p:
                 run(iters)
             print(p.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
 
 
-SWEEP_PARTS = ("assignment", "scores", "fwd", "bwd", "regs")
+SWEEP_PARTS = ("assignment", "scores", "fwd", "bwd", "regs", "dkdv")
 
 
 def ncu_target(T):
@@ -320,8 +325,9 @@ def sweep(T, parts=SWEEP_PARTS):
     def set_regs(name=None, cfg=()):
         """The default budgets, but kernel `name` gets cfg's fifth entry (None if it has four)."""
         TO.MAXNREG.update(default_regs)
-        if name in TO.MAXNREG:
-            TO.MAXNREG[name] = cfg[4] if len(cfg) > 4 else None
+        for key in ((name, name + "_direct") if name else ()):  # dk/dv has a budget per mode
+            if key in TO.MAXNREG:
+                TO.MAXNREG[key] = cfg[4] if len(cfg) > 4 else None
     fwd_cfgs = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3), (128, 64, 8, 3)]
     dq_cfgs = [(64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3), (64, 64, 8, 3)]
     dkdv_cfgs = [(32, 64, 4, 1, 128), (32, 128, 4, 3), (32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3),
@@ -334,6 +340,12 @@ def sweep(T, parts=SWEEP_PARTS):
     reg_dq = [(64, 64, 4, 3), (64, 64, 4, 3, 112), (64, 64, 4, 3, 120), (64, 64, 4, 2)]
     reg_dkdv = [(32, 64, 4, 1, 128), (32, 128, 4, 3), (32, 128, 4, 1), (32, 64, 4, 3, 128), (32, 64, 4, 2, 128),
                 (32, 64, 4, 1), (32, 64, 4, 1, 120), (32, 64, 4, 1, 136)]
+    # "dkdv": dk/dv alone, per mode. On sm_90 (sm90_resources.py, Triton 3.9) the 128-register budget
+    # costs nearest's dk/dv (which writes at token positions) 38-41 spill stores against topk's 16-19,
+    # and the run F regs sweep had nearest faster without it (0.692 vs 0.713 ms) but topk slower (0.853
+    # vs 0.727). topk's default first and last (the first settings of a sweep have read high).
+    dkdv_only = [(32, 64, 4, 1, 128), (32, 64, 4, 1), (32, 64, 4, 2), (32, 64, 4, 3), (32, 64, 4, 1, 168),
+                 (32, 64, 4, 2, 168), (64, 64, 8, 1), (64, 64, 8, 2), (32, 128, 8, 1), (32, 64, 4, 1, 128)]
     chosen = TO.TOPK_SELECT
     for mode in (("groups", "full") if "assignment" in parts else ()):
         TO.TOPK_SELECT = mode
@@ -395,6 +407,8 @@ def sweep(T, parts=SWEEP_PARTS):
             varied += [("dq", dq_cfgs), ("dkdv", dkdv_cfgs)] + ([("combine", combine_cfgs)] if not direct else [])
         if "regs" in parts:
             varied += [("dq", reg_dq), ("dkdv", reg_dkdv)]
+        if "dkdv" in parts:
+            varied += [("dkdv", dkdv_only)]
         for name, cfgs in varied:
             for cfg in cfgs:
                 TO.CONFIG["cuda"] = dict(default, **{name: cfg[:4] if name != "combine" else cfg})

@@ -3,7 +3,8 @@
     PYTHONPATH=src python benchmarks/local_kernel.py [--out DIR] [--sweep] [--smoke] [--profile T]
 
 Shape: B=1, H=8, D=64, bf16, block 256, flange 256, causal, T in {4k .. 64k}. Variants: ours
-without and with Shaw tables (M = 513, the model's default), FlexAttention (flex_window.py:
+without and with Shaw tables (M = 513, the model's default; the Shaw terms gathered in the kernels or read
+from precomputed bands, triton_ops.SHAW_BANDS), FlexAttention (flex_window.py:
 compiled per length, with a sliding-window block mask built once, outside the timing), and dense causal
 SDPA (flash) for scale. Correctness first: each variant against the reference at T = 4096.
 Times are medians in ms; 'fwd+bwd' includes the forward. Two clocks: triton.testing.do_bench
@@ -77,20 +78,24 @@ def main() -> None:
     def reference_shaw(q, k, v, rk, rv):
         return local_attention(q, k, v, block=L, flange=F, causal=True, rel_k=rk, rel_v=rv, backend="reference")
 
-    # "shaw-bands": ours+shaw on precomputed rel-logit bands (triton_ops.SHAW_BANDS; the switch is read
-    # when the forward and the backward run, so it is set around the whole measurement of the row).
-    variants = {"ours": ours(False), "ours+shaw": ours(True), "shaw-bands": ours(True), "ref+shaw": reference_shaw}
-    rel_of = {"ours": False, "ours+shaw": True, "shaw-bands": True, "ref+shaw": True, "flex": False,
+    # The Shaw rows differ only in triton_ops.SHAW_BANDS (read when the forward and the backward run, so
+    # it is set around the whole measurement of a row): "ours+shaw" the rel terms gathered inside the
+    # kernels, "shaw-bands" on precomputed rel-logit bands in both passes, "shaw-bands-bwd" in the
+    # backward only (the two passes are independent).
+    bands_of = {"ours+shaw": (False, False), "shaw-bands": (True, True), "shaw-bands-bwd": (False, True)}
+    variants = {"ours": ours(False), **{name: ours(True) for name in bands_of}, "ref+shaw": reference_shaw}
+    rel_of = {"ours": False, **{name: True for name in bands_of}, "ref+shaw": True, "flex": False,
               "sdpa-dense": False}
 
     @contextlib.contextmanager
     def switches(name):
-        saved = triton_ops.SHAW_BANDS
-        triton_ops.SHAW_BANDS = name == "shaw-bands"
+        saved = dict(triton_ops.SHAW_BANDS)
+        fwd, bwd = bands_of.get(name, (saved["fwd"], saved["bwd"]))
+        triton_ops.SHAW_BANDS.update(fwd=fwd, bwd=bwd)
         try:
             yield
         finally:
-            triton_ops.SHAW_BANDS = saved
+            triton_ops.SHAW_BANDS.update(saved)
     flex_mask = {}
     if dev == "cuda":
         from flex_window import sliding_window_flex
@@ -226,7 +231,11 @@ def main() -> None:
                 # 0.38 ms too high at 64k on the H200, so the first 64k sweep's bwd column reads low).
                 triton_ops.TILE_OVERRIDES.clear()
                 triton_ops.TILE_OVERRIDES.update({k: v for k, v in best.items() if not k.startswith("_")})
-                base = bench(fn, t, False) if kind == "bwd" else 0.0
+                # Inside switches: a base taken outside them timed the gathered Shaw forward on the bands
+                # forward's tiles (2026-12-02 call 1: the bands backward read 2.7 ms; the table's
+                # fwd+bwd less fwd gives 4.8).
+                with switches(name):
+                    base = bench(fn, t, False) if kind == "bwd" else 0.0
                 for cfg in cfgs:
                     triton_ops.TILE_OVERRIDES.clear()
                     triton_ops.TILE_OVERRIDES.update({k: v for k, v in best.items() if not k.startswith("_")})
@@ -271,7 +280,7 @@ def main() -> None:
                 continue
             t = inputs(T, rel_of[name])
             triton_ops.TILE_OVERRIDES.clear()
-            mode = {"ours": "plain", "ours+shaw": "shaw", "shaw-bands": "bands"}.get(name)
+            mode = {"ours": "plain", "ours+shaw": "shaw", "shaw-bands": "bands", "shaw-bands-bwd": "bands"}.get(name)
             triton_ops.TILE_OVERRIDES.update(chosen.get(mode, {}))
             try:
                 with switches(name):
@@ -305,12 +314,12 @@ def dist_caps(caps_mib: str, T: int, fn, inputs, bench, dev, out_dir) -> None:
     SHAW_BANDS also two band matmuls and a dk/dv launch each)."""
     from routeformer.ops.local import triton_ops
 
-    default, default_bands = triton_ops.DIST_BUFFER_BYTES, triton_ops.SHAW_BANDS
+    default, default_bands = triton_ops.DIST_BUFFER_BYTES, dict(triton_ops.SHAW_BANDS)
     t = inputs(T, True)
     rows = []
     try:
         for bands in (False, True):  # the gathered rel terms, then the precomputed bands (4 buffers)
-            triton_ops.SHAW_BANDS = bands
+            triton_ops.SHAW_BANDS.update(fwd=bands, bwd=bands)
             name = "shaw-bands" if bands else "ours+shaw"
             for cap in (int(c) for c in caps_mib.split(",") if c):
                 triton_ops.DIST_BUFFER_BYTES = cap << 20
@@ -320,7 +329,8 @@ def dist_caps(caps_mib: str, T: int, fn, inputs, bench, dev, out_dir) -> None:
                 print(f"T={T} {name} cap {cap:5d} MiB: graph fwd+bwd {row['graph_fwd_bwd_ms']:.3f} ms, "
                       f"eager {row['fwd_bwd_ms']:.3f} ms, peak {row['fwd_bwd_mib']:.0f} MiB", flush=True)
     finally:
-        triton_ops.DIST_BUFFER_BYTES, triton_ops.SHAW_BANDS = default, default_bands
+        triton_ops.DIST_BUFFER_BYTES = default
+        triton_ops.SHAW_BANDS.update(default_bands)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "local_dist_caps.json"), "w") as fh:
         json.dump(rows, fh, indent=1)
@@ -351,10 +361,11 @@ def profile_kernels(T, variants, inputs, dev) -> None:
 
     from routeformer.ops.local import triton_ops
 
+    saved = dict(triton_ops.SHAW_BANDS)
     for name, rel in (("ours", False), ("ours+shaw", True), ("shaw-bands", True)):
         t = inputs(T, rel)
         g = torch.randn_like(t[0])
-        triton_ops.SHAW_BANDS = name == "shaw-bands"
+        triton_ops.SHAW_BANDS.update(fwd=name == "shaw-bands", bwd=name == "shaw-bands")
 
         def run(n):
             for _ in range(n):
@@ -371,7 +382,7 @@ def profile_kernels(T, variants, inputs, dev) -> None:
         print(f"== kernel profile {name} T={T} (5 fwd+bwd; times are totals over the 5)", flush=True)
         sort = "cuda_time_total" if dev == "cuda" else "cpu_time_total"
         print(p.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=60), flush=True)
-        triton_ops.SHAW_BANDS = False
+    triton_ops.SHAW_BANDS.update(saved)
 
 
 if __name__ == "__main__":

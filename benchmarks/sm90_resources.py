@@ -114,8 +114,8 @@ def record_launches(T: int) -> list:
             out, lse = L.local_attn_fwd.impl(q, k, v, rk, rv, BLOCK, FLANGE, True, scale)
             # With tables: the dq kernel that also stores P and dS by distance (the table grads).
             L.local_attn_bwd.impl(dout, q, k, v, out, lse, rk, rv, BLOCK, FLANGE, True, scale, rk is not None)
-        # The Shaw backward on precomputed rel-logit bands (off by default: triton_ops.SHAW_BANDS).
-        bands, L.SHAW_BANDS = L.SHAW_BANDS, True
+        # The Shaw forward and backward on precomputed rel-logit bands (triton_ops.SHAW_BANDS).
+        bands, L.SHAW_BANDS = L.SHAW_BANDS, {"fwd": True, "bwd": True}
         try:
             L.local_attn_fwd.impl(q, k, v, rel, rel, BLOCK, FLANGE, True, scale)
             L.local_attn_bwd.impl(dout, q, k, v, out, lse, rel, rel, BLOCK, FLANGE, True, scale, True)

@@ -143,10 +143,11 @@ def test_table_grads_in_row_chunks(poisoned, monkeypatch):
 
 @pytest.fixture
 def shaw_bands(monkeypatch):
-    """The Shaw backward reading its rel logits from precomputed bands (triton_ops.SHAW_BANDS)."""
+    """The Shaw forward and backward reading their rel logits from precomputed bands
+    (triton_ops.SHAW_BANDS), whatever the defaults are."""
     from routeformer.ops.local import triton_ops
 
-    monkeypatch.setattr(triton_ops, "SHAW_BANDS", True)
+    monkeypatch.setattr(triton_ops, "SHAW_BANDS", {"fwd": True, "bwd": True})
 
 
 @pytest.mark.parametrize("T,D,Dv,M,block,flange,causal", [c for c in CPU_CASES if c[3] is not None])

@@ -479,5 +479,7 @@ def test_register_budget_only_where_it_was_measured():
     assert TO._regs(meta(32, torch.float16), "dkdv") == {"maxnreg": TO.MAXNREG["dkdv"]}
     assert TO._regs(meta(128, torch.bfloat16), "dkdv") == {}
     assert TO._regs(meta(64, torch.float32), "dkdv") == {}
+    assert TO._regs(meta(64, torch.bfloat16), "dkdv_direct") == {"maxnreg": TO.MAXNREG["dkdv_direct"]}
+    assert TO._regs(meta(128, torch.float16), "dkdv_direct") == {}
     assert TO._regs(meta(64, torch.bfloat16), "dq") == {}  # no budget set for dq
     assert TO._regs(torch.empty(1, 2, 8, 64, dtype=torch.bfloat16), "dkdv") == {}

@@ -34,13 +34,14 @@ _DTYPES = TRITON_DTYPES
 # a 1348 MiB fwd+bwd peak; 256 MiB 7.02 ms and 581 MiB; 128 MiB 7.25 ms and 453 MiB.
 DIST_BUFFER_BYTES = 256 << 20
 
-# The Shaw terms: False, a (BM x BAND) product and a skew gather per table and key tile inside every
-# kernel; True, matmuls by distance around the kernels: q @ rel_k^T and dO @ rel_v^T up front (read by
-# the kernels at column j - i), P_D @ rel_v and dS_D @ rel_k after them; the forward then takes two
-# passes (the log-sum-exp, then P). The (rows, T, n_dist) buffers stay under DIST_BUFFER_BYTES.
-# Written 2026-12-02 after the session's device time was spent: tested under the interpreter and
-# compiled for sm_90 only, so off until a GPU shows it faster (NOTES_local.md).
-SHAW_BANDS = False
+# The Shaw terms, per pass ("fwd", "bwd"): False, a (BM x BAND) product and a skew gather per table and
+# key tile inside every kernel; True, matmuls by distance around the kernels: q @ rel_k^T and dO @ rel_v^T
+# up front (read by the kernels at column j - i), P_D @ rel_v and dS_D @ rel_k after them; the forward
+# then takes two passes (the log-sum-exp, then P). The (rows, T, n_dist) buffers stay under
+# DIST_BUFFER_BYTES. The two passes are independent (both give and take the same log-sum-exp), so
+# either may use bands. Timing: NOTES_local.md (benchmarks/local_kernel.py rows "shaw-bands" and
+# "shaw-bands-bwd").
+SHAW_BANDS = {"fwd": False, "bwd": False}
 
 # Benchmarks may set e.g. TILE_OVERRIDES["fwd"] = dict(BM=64, BN=64, num_warps=4, num_stages=3), and
 # maxnreg=N for a register budget per thread.
@@ -64,10 +65,14 @@ def _tiles(kind: str, q: torch.Tensor, has_rel: bool, bands: bool = False) -> di
         # The Shaw kernels on precomputed bands have no band products or gathers, so they are not held
         # to 32 x 32: these are the largest tiles that compile for sm_90 with no (forward: 4) spills and
         # warpgroup MMA (Triton 3.9's ptxas, benchmarks/sm90_resources.py: dq 241 registers, dk/dv 168).
-        # Not yet timed.
+        # H200 sweep at T = 64k, D = 64 (NOTES_local.md, 2026-12-02 call 1): the forward 64 x 64 on 2
+        # stages (2.01 ms; 4 other settings 2.13-2.79), the backward 2.72 ms with dk/dv on 64 x 64 and 3
+        # stages against 3.71 on 32 x 64 (6 settings). That dk/dv tile was timed at head dims up to 64
+        # only; wider rows keep the one the GPU tests passed with.
         cfg = {"fwd": dict(BM=64, BN=64, num_warps=4, num_stages=2),
                "dq": dict(BM=64, BN=32, num_warps=4, num_stages=2),
-               "dkdv": dict(BM=32, BN=64, num_warps=4, num_stages=2)}[kind]
+               "dkdv": (dict(BM=64, BN=64, num_warps=4, num_stages=3) if q.shape[-1] <= 64
+                        else dict(BM=32, BN=64, num_warps=4, num_stages=2))}[kind]
     elif q.dtype == torch.float32:
         cfg = dict(BM=32, BN=32, num_warps=4, num_stages=2) if has_rel else dict(BM=64, BN=64, num_warps=4, num_stages=2)
     elif has_rel:
@@ -127,7 +132,7 @@ def local_attn_fwd(
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     rk, rv = _rel_args(rel_k, rel_v, q)
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
-    if SHAW_BANDS and rel_k is not None:
+    if SHAW_BANDS["fwd"] and rel_k is not None:
         return _fwd_bands(q, k, v, rel_k, rel_v, lse, block, flange, causal, scale), lse
     out = torch.empty(*q.shape[:3], DV, device=q.device, dtype=q.dtype)
     c = _tiles("fwd", q, rel_k is not None)
@@ -155,7 +160,7 @@ def _distance_rows(dlo: int, n_dist: int, M: int, device) -> torch.Tensor:
 
 
 def _fwd_bands(q, k, v, rel_k, rel_v, lse, block: int, flange: int, causal: bool, scale: float) -> torch.Tensor:
-    """The Shaw forward with SHAW_BANDS: per chunk of (batch, head) rows, the band RQ = q @ rel_k^T by
+    """The Shaw forward with SHAW_BANDS["fwd"]: per chunk of (batch, head) rows, the band RQ = q @ rel_k^T by
     distance (one matmul), two kernel passes (the log-sum-exp, then P @ V and P by distance), and
     P_D @ rel_v by distance (one matmul) added in float32."""
     BH, T, D, DV, M, FR = _geometry(q, v, rel_k, flange, causal)
@@ -193,7 +198,7 @@ def local_attn_bwd(
     BH, T, D, DV, M, FR = _geometry(q, v, rel_k, flange, causal)
     q, k, v, dout, out = q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous(), out.contiguous()
     rk, rv = _rel_args(rel_k, rel_v, q)
-    bands = SHAW_BANDS and rel_k is not None
+    bands = SHAW_BANDS["bwd"] and rel_k is not None
     # The by-distance dS also gives dq its rel term when the logits come from bands.
     store_dist = (rel_grads or bands) and rel_k is not None
     # Distances any query can see: j - i in [dlo, dlo + n_dist); row: their table rows (with tables).

@@ -55,8 +55,11 @@ SPLIT_TILES = {"fwd": False, "dq": False, "dkdv": True}
 # the schedulers idle two cycles of three). Measured for 16-bit inputs with head dims up to 64 only,
 # so only those get it: wider rows or float32 need more registers for the same tiles. A budget binds
 # this Triton's code generation; a later Triton may need another (benchmarks/sm90_resources.py shows
-# the spills it causes).
-MAXNREG = {"fwd": None, "dq": None, "dkdv": 128}
+# the spills it causes). Nearest's dk/dv ("dkdv_direct", which writes at token positions) spills
+# 38-41 stores under 128 on sm_90 against topk's 16-19; the H200 sweep of 2026-12-02 session 7
+# (`--sweep-parts dkdv`, NOTES_routing.md) timed its backward at 0.690 ms under 168, 0.693 with no
+# budget and 0.712 under 128 (topk: 0.725 under 128, 0.746 under 168, 0.849 with none).
+MAXNREG = {"fwd": None, "dq": None, "dkdv": 128, "dkdv_direct": 168}
 
 
 def _regs(t: torch.Tensor, name: str) -> dict:
@@ -571,7 +574,7 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         H, T, E, S, nt, D, Dv, scale, sl2,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
         DIRECT=direct, ADD_DK=shared, PRECISION=prec, SPLIT=SPLIT_TILES["dkdv"], num_warps=warps, num_stages=stages,
-        **_regs(q, "dkdv"))
+        **_regs(q, "dkdv_direct" if direct else "dkdv"))
     empty = q.new_empty(0)
     if direct:
         return dq, (empty if shared else dk), dv
