@@ -372,12 +372,12 @@ def sweep(T, parts=SWEEP_PARTS):
                     float("nan")))
     from routeformer.ops.routing import _score_kernels as SK
 
-    default_tiles, default_split = dict(SK.TILES), SK.BF16_SPLIT_SCORES
+    default_tiles, default_argmax, default_split = dict(SK.TILES), dict(SK.ARGMAX_TILES), SK.BF16_SPLIT_SCORES
     for split in ((False, True) if "scores" in parts else ()):  # tf32x3 on normalised rows; bf16 split (NOTES_routing.md v8)
         SK.BF16_SPLIT_SCORES = split
         kind = " (bf16 split)" if split else ""
         for tiles in [(128, 64, 4), (128, 64, 8), (64, 32, 4), (128, 128, 8), (32, 64, 4), (64, 128, 4)]:
-            SK.TILES["cuda"] = tiles
+            SK.TILES["cuda"] = SK.ARGMAX_TILES["cuda"] = tiles
             try:
                 with torch.no_grad():  # graph replays: one kernel each, whose launch the host could outlast
                     res.append(("topk", "fused scores" + kind, tiles,
@@ -387,6 +387,7 @@ def sweep(T, parts=SWEEP_PARTS):
             except Exception as e:
                 res.append(("both", "fused kernel" + kind, tiles, math.nan, str(e)[:60]))
     SK.TILES.update(default_tiles)
+    SK.ARGMAX_TILES.update(default_argmax)
     SK.BF16_SPLIT_SCORES = default_split
     for assign in ("topk", "nearest"):
         direct = assign == "nearest"
@@ -430,7 +431,7 @@ def sweep(T, parts=SWEEP_PARTS):
 
 AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through the dispatcher", "torch index ops",
                "masked tiles", "unmasked tiles everywhere", "candidate gather ops", "sorted cluster ids",
-               "tf32x3 scores")
+               "tf32x3 scores", "argmax tiles 64x32")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -463,7 +464,7 @@ def _variant(name):
     from routeformer.ops.routing import triton_ops as TO
 
     saved = (TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES, TO.FUSED_CANDIDATES,
-             TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, dict(SK.TILES))
+             TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, dict(SK.TILES), dict(SK.ARGMAX_TILES))
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
         TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = (
@@ -482,28 +483,37 @@ def _variant(name):
         TO.COUNTING_SORT = False
     elif name == "tf32x3 scores":  # bf16 inputs scored with tf32x3 on the normalised rows, as before v8
         SK.BF16_SPLIT_SCORES = False
+    elif name == "argmax tiles 64x32":  # nearest's argmax on the scoring passes' tile, as before run G
+        SK.ARGMAX_TILES["cuda"] = (64, 32, 4)
     elif name == "through the dispatcher":
         _dispatch.tracing = lambda: True  # eager calls take the custom ops, as before ops/_dispatch.py
     try:
         yield
     finally:
         (TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES, TO.FUSED_CANDIDATES,
-         TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, tiles) = saved
+         TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, tiles, argmax_tiles) = saved
         SK.TILES.clear()
         SK.TILES.update(tiles)
+        SK.ARGMAX_TILES.clear()
+        SK.ARGMAX_TILES.update(argmax_tiles)
         TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = index_ops
 
 
-def ab(Ts):
+def ab(Ts, only=()):
     """Each recent change alone: eager and CUDA-graph fwd and fwd+bwd times and eager peaks of ours with
-    it switched back (see _variant)."""
+    it switched back (see _variant). only: these variants alone (and "all changes")."""
+    unknown = set(only) - set(AB_VARIANTS)
+    if unknown:
+        sys.exit(f"--ab-only: unknown {sorted(unknown)}; choose from {', '.join(AB_VARIANTS)}")
     rows = []
     for T in Ts:
         for assign in ("topk", "nearest"):
             for name in AB_VARIANTS:
+                if only and name not in only and name != "all changes":
+                    continue
                 if assign == "nearest" and name in ("one scoring pass", "torch.topk select", "candidate gather ops"):
                     continue  # nearest has no top-k
-                if assign == "topk" and name == "sorted cluster ids":
+                if assign == "topk" and name in ("sorted cluster ids", "argmax tiles 64x32"):
                     continue  # a nearest-only change
                 with _variant(name):
                     r = _measure(f"ours {assign} / {name}", _ours(assign), T)
@@ -571,6 +581,7 @@ def main(argv=None):
                         "Stop (for `ncu --profile-from-start off`; gpu_session.sh's ncu step)")
     p.add_argument("--cpu-profile", type=int, default=0, help="only profile the host time of ours at this T")
     p.add_argument("--ab", default="", help="only measure each recent change alone at these T (e.g. 8192,65536)")
+    p.add_argument("--ab-only", default="", help="with --ab: only these variants (comma list) beside 'all changes'")
     p.add_argument("--topk-select", default="groups", choices=("groups", "full"),
                    help="how our topk assignment finds the W-th score (triton_ops.TOPK_SELECT)")
     args = p.parse_args(argv)
@@ -580,7 +591,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention.py needs a CUDA device")
     if args.ab:
-        rows = ab([int(t) for t in args.ab.split(",")])
+        rows = ab([int(t) for t in args.ab.split(",")], tuple(x for x in args.ab_only.split(",") if x))
         if args.out:
             with open(args.out, "w") as fh:
                 json.dump({"device": torch.cuda.get_device_name(), "ab": rows}, fh, indent=1)

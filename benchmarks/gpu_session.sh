@@ -15,7 +15,8 @@
 # step: the device returns at most 8 files, and a call stopped at its time limit keeps what finished).
 # Each step also has its own time limit (STEP_LIMIT_S, default 300 s); PYTEST_ARGS replaces the tests
 # step's default selection (tests/), e.g. one test id or `tests/ --deselect ID`; LOCAL_ARGS is added to
-# the local step's command (e.g. "--sweep --sweep-T 65536").
+# the local step's command (e.g. "--sweep --sweep-T 65536"); AB_ONLY limits the ab step to these
+# variants beside "all changes" (a comma list, e.g. AB_ONLY="argmax tiles 64x32").
 # The PyPI peer is installed from .whl/ when present (carry .whl):
 #   python3 -m pip download --no-deps -d .whl routing-transformer==1.6.1 local-attention==1.4.4 \
 #       product-key-memory==0.1.11 mixture-of-experts==0.2.3
@@ -89,7 +90,8 @@ for s in "${steps[@]}"; do
             python3 benchmarks/plot_results.py "$work/bench.json" "$work/bench.png" > /dev/null 2>&1 && save
             cat "$work/bench.md" 2>/dev/null || tail -20 "$work/bench.log" ;;
         ab)
-            run_step ab ab.txt python3 benchmarks/attention.py --ab 8192,65536 --out "$work/ab.json"
+            run_step ab ab.txt python3 benchmarks/attention.py --ab 8192,65536 --out "$work/ab.json" \
+                ${AB_ONLY:+--ab-only "$AB_ONLY"}
             grep "^|" "$work/ab.txt" || tail -5 "$work/ab.txt" ;;
         host)
             run_step host host_profile.txt python3 benchmarks/attention.py --cpu-profile 8192

@@ -61,16 +61,17 @@ def test_candidate_gather_ops_variant_selects_the_same(monkeypatch):
 def test_switch_variants_flip_their_switch_and_restore_it():
     from routeformer.ops.routing import _score_kernels as SK
 
-    default_split, default_tiles = dict(TO.SPLIT_TILES), dict(SK.TILES)
+    default_split, default_tiles, default_argmax = dict(TO.SPLIT_TILES), dict(SK.TILES), dict(SK.ARGMAX_TILES)
     assert SK.BF16_SPLIT_SCORES and TO.COUNTING_SORT
     for name, check in (("tf32x3 scores", lambda: not SK.BF16_SPLIT_SCORES),
                         ("sorted cluster ids", lambda: not TO.COUNTING_SORT),
                         ("masked tiles", lambda: not any(TO.SPLIT_TILES.values())),
-                        ("unmasked tiles everywhere", lambda: all(TO.SPLIT_TILES.values()))):
+                        ("unmasked tiles everywhere", lambda: all(TO.SPLIT_TILES.values())),
+                        ("argmax tiles 64x32", lambda: SK.ARGMAX_TILES["cuda"] == (64, 32, 4))):
         with bench._variant(name):
             assert check(), name
         assert SK.BF16_SPLIT_SCORES and TO.COUNTING_SORT and TO.SPLIT_TILES == default_split, name
-        assert SK.TILES == default_tiles, name
+        assert SK.TILES == default_tiles and SK.ARGMAX_TILES == default_argmax, name
 
 
 def test_table_shares_the_assignment_of_the_graph_forward():

@@ -14,14 +14,18 @@ from .._ints import cdiv, next_pow2
 from . import scores  # scores.GROUP is read at each call so tests can shrink it
 
 _EPS = 1e-5  # kmeans.normalize's LayerNorm epsilon
-# (BLOCK_T, BLOCK_C, warps); benchmarks/attention.py --sweep times alternatives. BLOCK_T is a multiple
-# of scores.GROUP. The same tiles serve tf32x3 and bf16 split: on an H200 at T = 64k (run D) the
-# bf16-split kernel alone was faster at (128, 64, 4) (nearest's argmax 0.113 against 0.143 ms), but the
-# counting sort's slot kernel ranks a score tile, and at 128 positions it took 80 us against 47, so
-# whole fwd+bwd times did not move (--ab "score tiles 64x32": 1.192 ms both, topk 1.612 vs 1.616) and
-# 8k got slower (nearest 0.209 vs 0.202). The interpreter runs each program as numpy: small C tiles
-# exercise the C loop.
+# (BLOCK_T, BLOCK_C, warps) of the scoring passes (topk); benchmarks/attention.py --sweep times
+# alternatives. BLOCK_T is a multiple of scores.GROUP. The same tiles serve tf32x3 and bf16 split. The
+# interpreter runs each program as numpy: small C tiles exercise the C loop.
 TILES = {"cuda": (64, 32, 4), "cpu": (64, 16, 4)}
+# The same for nearest's argmax (no scores written). On an H200 at T = 64k (run D's sweep) the
+# bf16-split argmax alone took 0.113 ms at (128, 64, 4) against 0.143 at (64, 32, 4), but then the
+# counting sort's slot kernel ranked the whole 128-position score tile and took 80 us against 47, so
+# the whole fwd+bwd did not move. Now the kernel counts each COUNT_TILE positions' clusters separately
+# and the slot kernel ranks 64 positions whatever the score tile is. The CPU tile spans two count
+# tiles, so that the interpreter tests cover the split.
+ARGMAX_TILES = {"cuda": (128, 64, 4), "cpu": (128, 16, 4)}
+COUNT_TILE = 64
 
 # bf16 inputs: score with three bf16 products on x as it is (see _split_centroid_scores) instead of
 # tf32x3 on the normalised rows (NOTES_routing.md v8). On an H200 at T = 64k (run D's A/B) graph
@@ -62,6 +66,7 @@ def _scores_kernel(
     sxb, sxh, sxt, H, T, C, C_BEGIN, C_COUNT, D, G, eps,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_SIZE: tl.constexpr,
     WRITE: tl.constexpr, ARGMAX: tl.constexpr, PRECISION: tl.constexpr, COUNT_BINS: tl.constexpr,
+    COUNT_T: tl.constexpr,
 ):
     """One tile of BLOCK_T positions of one (batch, head) against centroids C_BEGIN .. C_BEGIN+C_COUNT-1.
 
@@ -69,8 +74,9 @@ def _scores_kernel(
     positions. A chunk that starts at a multiple of BLOCK_C runs exactly the tiles of the whole-C
     launch, so its scores are the same bits (triton_ops.topk_index relies on it).
     ARGMAX: AMAX (BH, T) int64, the first cluster of highest score (torch.argmax's tie rule); with
-    COUNT_BINS (a power of two >= C) also COUNTS (BH, COUNT_BINS, cdiv(T, BLOCK_T)) int32, how many of
-    this tile's positions chose each cluster (the counting sort of triton_ops._nearest_indices_shared).
+    COUNT_BINS (a power of two >= C) also COUNTS (BH, COUNT_BINS, cdiv(T, COUNT_T)) int32, how many of
+    each COUNT_T positions chose each cluster (the counting sort of triton_ops._nearest_indices_shared;
+    BLOCK_T is a multiple of COUNT_T).
     PRECISION "tf32x3" on GPU: three tf32 tensor-core products, ~1e-7 relative error like fp32, while
     "ieee" fp32 dots ran at 12 TFLOP/s (0.74 ms at T=64k, H100), slower than the formula's matmul.
     "bf16x3" (bf16 x, BF16_SPLIT_SCORES): see _split_centroid_scores.
@@ -121,24 +127,34 @@ def _scores_kernel(
     if ARGMAX:
         tl.store(AMAX + bh.to(tl.int64) * T + offs_t, best_c.to(tl.int64), mask=tmask)
         if COUNT_BINS > 0:
-            # tl.histogram without its mask argument (not in every Triton we run on): the positions
-            # past T count as cluster 0 and are taken back out of bin 0.
-            bins = tl.arange(0, COUNT_BINS)
-            hist = tl.histogram(tl.where(tmask, best_c, 0), COUNT_BINS)
+            # One histogram for the tile's NSUB count tiles: position i goes to bin
+            # (i // COUNT_T) * COUNT_BINS + cluster. tl.histogram without its mask argument (not in every
+            # Triton we run on): the positions past T count in bin 0 and are taken back out of it.
+            NSUB: tl.constexpr = BLOCK_T // COUNT_T
+            key = (tl.arange(0, BLOCK_T) // COUNT_T) * COUNT_BINS + best_c
+            hist = tl.histogram(tl.where(tmask, key, 0), NSUB * COUNT_BINS)
             n_pad = BLOCK_T - tl.minimum(T - pid * BLOCK_T, BLOCK_T)
-            hist = hist - tl.where(bins == 0, n_pad, 0)
-            # (BH, COUNT_BINS, tiles): cluster-major, so one flat cumsum gives each (cluster, tile) its
-            # first slot (triton_ops._nearest_slots_counting).
-            nt = tl.num_programs(0)
-            tl.store(COUNTS + (bh.to(tl.int64) * COUNT_BINS + bins) * nt + pid, hist)
+            hist = tl.reshape(hist - tl.where(tl.arange(0, NSUB * COUNT_BINS) == 0, n_pad, 0), [NSUB, COUNT_BINS])
+            # (BH, COUNT_BINS, count tiles): cluster-major, so one flat cumsum gives each (cluster, count
+            # tile) its first slot (triton_ops._nearest_slots_counting).
+            n_count = tl.cdiv(T, COUNT_T)
+            sub = pid * NSUB + tl.arange(0, NSUB)
+            bins = tl.arange(0, COUNT_BINS)
+            tl.store(COUNTS + (bh.to(tl.int64) * COUNT_BINS + bins[None, :]) * n_count + sub[:, None], hist,
+                     mask=(sub < n_count)[:, None])
 
 
-def tiles(x: torch.Tensor) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_C, warps) the kernel runs with for x."""
-    block_t, block_c, warps = TILES["cuda" if gpu_plan(x) else "cpu"]
+def tiles(x: torch.Tensor, argmax: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_C, warps) the kernel runs with for x: the scoring passes', or argmax's."""
+    block_t, block_c, warps = (ARGMAX_TILES if argmax else TILES)["cuda" if gpu_plan(x) else "cpu"]
     if x.shape[-1] > 128:  # keep the (BLOCK_T x D) and (BLOCK_C x D) fp32 tiles in registers
         block_t, block_c = min(block_t, 32), min(block_c, 32)
     return block_t, block_c, warps
+
+
+def count_tile(x: torch.Tensor) -> int:
+    """Positions per cluster count of fused_argmax_counts (and per slot-kernel program)."""
+    return min(COUNT_TILE, tiles(x, argmax=True)[0])
 
 
 def _precision(x: torch.Tensor) -> str:
@@ -161,14 +177,18 @@ def _launch(x: torch.Tensor, centroids: torch.Tensor, write: bool, argmax: bool,
     gmax = torch.empty((B, H, c_count, G) if write else (0,), dtype=torch.float32, device=dev)
     amax = torch.empty((B, H, T) if argmax else (0,), dtype=torch.int64, device=dev)
     block_d = max(16, next_pow2(D))
-    block_t, block_c, warps = tiles(x)
+    block_t, block_c, warps = tiles(x, argmax=argmax)
+    count_t = count_tile(x) if count_bins else block_t  # (a constant where unused: no extra compilations)
+    if block_t % count_t:
+        raise ValueError(f"score tile {block_t} is not a multiple of the count tile {count_t} (ARGMAX_TILES)")
     grid = (cdiv(T, block_t), B * H)
-    counts = torch.empty((B * H, count_bins, grid[0]) if count_bins else (0,), dtype=torch.int32, device=dev)
+    counts = torch.empty((B * H, count_bins, cdiv(T, count_t)) if count_bins else (0,), dtype=torch.int32,
+                         device=dev)
     _scores_kernel[grid](x, cent, s_t, gmax, amax, counts, x.stride(0), x.stride(1), x.stride(2), H, T, C, c_begin,
                          c_count, D, G, _EPS,
                          BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_D=block_d, GROUP_SIZE=scores.GROUP,
                          WRITE=write, ARGMAX=argmax, PRECISION=_precision(x), COUNT_BINS=count_bins,
-                         num_warps=warps)
+                         COUNT_T=count_t, num_warps=warps)
     return s_t, gmax, amax, counts
 
 
@@ -207,8 +227,8 @@ def _(x, centroids):
 
 @custom_op("routeformer::fused_argmax_counts")
 def fused_argmax_counts(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fused_argmax and, per tile of tiles(x)[0] positions, how many chose each cluster:
-    (B, H, T) int64 and (B*H, next_pow2(C), cdiv(T, BLOCK_T)) int32."""
+    """fused_argmax and, per count_tile(x) positions, how many chose each cluster:
+    (B, H, T) int64 and (B*H, next_pow2(C), cdiv(T, count_tile(x))) int32."""
     _, _, amax, counts = _launch(x, centroids, write=False, argmax=True, count_bins=next_pow2(centroids.shape[1]))
     return amax, counts
 
@@ -216,7 +236,7 @@ def fused_argmax_counts(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch
 @fused_argmax_counts.op.register_fake
 def _(x, centroids):
     B, H, T, _ = x.shape
-    n = (T + tiles(x)[0] - 1) // tiles(x)[0]
+    n = (T + count_tile(x) - 1) // count_tile(x)
     return (x.new_empty(x.shape[:3], dtype=torch.int64),
             x.new_empty((B * H, next_pow2(centroids.shape[1]), n), dtype=torch.int32))
 

@@ -350,7 +350,7 @@ def _nearest_slots_counting(x: torch.Tensor, centroids: torch.Tensor, window: in
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(qpos, lo, hi), each (B*H, T) int32: the shared-QK nearest slots, equal to those of the stable
     sort of the cluster ids (see _kernels._nearest_slots_kernel), on the fused score kernel."""
-    from ._score_kernels import fused_argmax_counts, tiles
+    from ._score_kernels import count_tile, fused_argmax_counts
 
     B, H, T, _ = x.shape
     cluster, counts = fused_argmax_counts(x, centroids)
@@ -358,7 +358,7 @@ def _nearest_slots_counting(x: torch.Tensor, centroids: torch.Tensor, window: in
     # Its totals reach B*H*T, so int64 past int32's range.
     cum = torch.cumsum(counts.view(-1), dim=0, dtype=torch.int32 if B * H * T < 2**31 else torch.int64)
     qpos, lo, hi = (_new((B * H, T), torch.int32, x.device) for _ in range(3))
-    block_t = tiles(x)[0]
+    block_t = count_tile(x)
     c_bins, nb = counts.shape[1], counts.shape[2]
     K._nearest_slots_kernel[(nb, B * H)](cluster, counts, cum, qpos, lo, hi, T, nb, window,
                                           BLOCK_T=block_t, C_BINS=c_bins, num_warps=4 if block_t <= 64 else 8)
