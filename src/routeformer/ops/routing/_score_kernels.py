@@ -126,11 +126,23 @@ def _scores_kernel(
             best = tl.where(better, tile_best, best)
     if ARGMAX:
         tl.store(AMAX + bh.to(tl.int64) * T + offs_t, best_c.to(tl.int64), mask=tmask)
-        if COUNT_BINS > 0:
+        NSUB: tl.constexpr = BLOCK_T // COUNT_T
+        if COUNT_BINS > 0 and NSUB == 1:
+            # One count tile per score tile (head dims above 64): the code the GPU tests passed before
+            # count tiles existed. tl.histogram without its mask argument (not in every Triton we run
+            # on): the positions past T count as cluster 0 and are taken back out of bin 0.
+            bins = tl.arange(0, COUNT_BINS)
+            hist = tl.histogram(tl.where(tmask, best_c, 0), COUNT_BINS)
+            n_pad = BLOCK_T - tl.minimum(T - pid * BLOCK_T, BLOCK_T)
+            hist = hist - tl.where(bins == 0, n_pad, 0)
+            # (BH, COUNT_BINS, tiles): cluster-major, so one flat cumsum gives each (cluster, tile) its
+            # first slot (triton_ops._nearest_slots_counting).
+            nt = tl.num_programs(0)
+            tl.store(COUNTS + (bh.to(tl.int64) * COUNT_BINS + bins) * nt + pid, hist)
+        elif COUNT_BINS > 0:
             # One histogram for the tile's NSUB count tiles: position i goes to bin
-            # (i // COUNT_T) * COUNT_BINS + cluster. tl.histogram without its mask argument (not in every
-            # Triton we run on): the positions past T count in bin 0 and are taken back out of it.
-            NSUB: tl.constexpr = BLOCK_T // COUNT_T
+            # (i // COUNT_T) * COUNT_BINS + cluster; the positions past T count in bin 0 and are taken
+            # back out of it.
             key = (tl.arange(0, BLOCK_T) // COUNT_T) * COUNT_BINS + best_c
             hist = tl.histogram(tl.where(tmask, key, 0), NSUB * COUNT_BINS)
             n_pad = BLOCK_T - tl.minimum(T - pid * BLOCK_T, BLOCK_T)
@@ -145,8 +157,12 @@ def _scores_kernel(
 
 
 def tiles(x: torch.Tensor, argmax: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_C, warps) the kernel runs with for x: the scoring passes', or argmax's."""
-    block_t, block_c, warps = (ARGMAX_TILES if argmax else TILES)["cuda" if gpu_plan(x) else "cpu"]
+    """(BLOCK_T, BLOCK_C, warps) the kernel runs with for x: the scoring passes', or argmax's. Argmax
+    takes its own tiles for head dims up to 64 only: at 96 and 128, (128, 64) asked for 256 KiB of shared
+    memory, more than an H200 has (GPU tests, 2026-12-02 session 7), and wider rows keep the tiles they
+    passed the GPU tests with."""
+    table = ARGMAX_TILES if argmax and x.shape[-1] <= 64 else TILES
+    block_t, block_c, warps = table["cuda" if gpu_plan(x) else "cpu"]
     if x.shape[-1] > 128:  # keep the (BLOCK_T x D) and (BLOCK_C x D) fp32 tiles in registers
         block_t, block_c = min(block_t, 32), min(block_c, 32)
     return block_t, block_c, warps
