@@ -9,7 +9,8 @@ them choose GPU tiles, warps and precisions for meta tensors), with every Triton
 recorder, so the recorded launches carry exactly the arguments, tile sizes, warps and stages a CUDA
 launch would get: routing topk and nearest (shared and separate keys)
 forward and backward, and local attention with and without Shaw tables (bf16, B=1, H=8, D=64,
-window 512; local block 256, flange 256). Each distinct launch is then compiled ahead of time with the
+window 512; local block 256, flange 256), and the score kernel at head dim 128 in bf16 and float32
+(its shared memory grows with both). Each distinct launch is then compiled ahead of time with the
 installed Triton's own compiler and ptxas for sm_90a, and `cuobjdump --dump-resource-usage` reads
 the cubin (and the SASS, for Hopper's warpgroup MMA HGMMA against the older HMMA). A compile error
 here is a compile error on the GPU (for this Triton version; the GPU image
@@ -114,6 +115,16 @@ def record_launches(T: int) -> list:
             out, lse = L.local_attn_fwd.impl(q, k, v, rk, rv, BLOCK, FLANGE, True, scale)
             # With tables: the dq kernel that also stores P and dS by distance (the table grads).
             L.local_attn_bwd.impl(dout, q, k, v, out, lse, rk, rv, BLOCK, FLANGE, True, scale, rk is not None)
+        # The score kernel at head dim 128 (argmax with counts, and a scoring pass), in bf16 and float32:
+        # its shared memory grows with the head dim and the input's width, and an argmax tile that fit
+        # at 64 asked for 256 KiB at 96 and 128 on the H200 (NOTES_routing.md, session 7).
+        from routeformer.ops._ints import next_pow2
+
+        for dt in (torch.bfloat16, torch.float32):
+            wide = mk(B, H, T, 128, dtype=dt)
+            wide_c = mk(H, max(1, T // WINDOW), 128, dtype=torch.float32)
+            SK._launch(wide, wide_c, write=False, argmax=True, count_bins=next_pow2(wide_c.shape[1]))
+            SK._launch(wide, wide_c, write=True, argmax=False)
         # The Shaw forward and backward on precomputed rel-logit bands (triton_ops.SHAW_BANDS).
         bands, L.SHAW_BANDS = L.SHAW_BANDS, {"fwd": True, "bwd": True}
         try:
