@@ -372,7 +372,8 @@ def sweep(T, parts=SWEEP_PARTS):
                     float("nan")))
     from routeformer.ops.routing import _score_kernels as SK
 
-    default_tiles, default_argmax, default_split = dict(SK.TILES), dict(SK.ARGMAX_TILES), SK.BF16_SPLIT_SCORES
+    default_tiles, default_argmax = dict(SK.TILES), dict(SK.ARGMAX_TILES)
+    default_split = SK.BF16_SPLIT_SCORES
     for split in ((False, True) if "scores" in parts else ()):  # tf32x3 on normalised rows; bf16 split (NOTES_routing.md v8)
         SK.BF16_SPLIT_SCORES = split
         kind = " (bf16 split)" if split else ""

@@ -128,8 +128,8 @@ def _scores_kernel(
         tl.store(AMAX + bh.to(tl.int64) * T + offs_t, best_c.to(tl.int64), mask=tmask)
         NSUB: tl.constexpr = BLOCK_T // COUNT_T
         if COUNT_BINS > 0 and NSUB == 1:
-            # One count tile per score tile (head dims above 64): the code the GPU tests passed before
-            # count tiles existed. tl.histogram without its mask argument (not in every Triton we run
+            # One count tile per score tile (on the GPU: head dims above 64): the code the GPU tests passed
+            # before count tiles existed. tl.histogram without its mask argument (not in every Triton we run
             # on): the positions past T count as cluster 0 and are taken back out of bin 0.
             bins = tl.arange(0, COUNT_BINS)
             hist = tl.histogram(tl.where(tmask, best_c, 0), COUNT_BINS)
