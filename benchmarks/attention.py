@@ -373,23 +373,28 @@ def sweep(T, parts=SWEEP_PARTS):
     from routeformer.ops.routing import _score_kernels as SK
 
     default_tiles, default_argmax = dict(SK.TILES), dict(SK.ARGMAX_TILES)
-    default_split = SK.BF16_SPLIT_SCORES
-    for split in ((False, True) if "scores" in parts else ()):  # tf32x3 on normalised rows; bf16 split (NOTES_routing.md v8)
-        SK.BF16_SPLIT_SCORES = split
-        kind = " (bf16 split)" if split else ""
-        for tiles in [(128, 64, 4), (128, 64, 8), (64, 32, 4), (128, 128, 8), (32, 64, 4), (64, 128, 4)]:
+    default_split, default_pieces = SK.BF16_SPLIT_SCORES, SK.PRECOMPUTED_PIECES
+    # The bf16 split (NOTES_routing.md v8) with the centroids split by each program or once beforehand
+    # (PRECOMPUTED_PIECES). tf32x3 on the normalised rows lost at every tile in run D (0.207-0.294 ms
+    # for the argmax against 0.113-0.305) and is no longer swept.
+    for split, pieces in (((True, False), (True, True)) if "scores" in parts else ()):
+        SK.BF16_SPLIT_SCORES, SK.PRECOMPUTED_PIECES = split, pieces
+        kind = " (bf16 split, pieces)" if pieces else " (bf16 split)"
+        for tiles in [(128, 64, 4), (128, 64, 8), (64, 32, 4), (128, 128, 8), (64, 64, 4), (128, 32, 4),
+                      (256, 64, 8), (256, 32, 8)]:
             SK.TILES["cuda"] = SK.ARGMAX_TILES["cuda"] = tiles
             try:
                 with torch.no_grad():  # graph replays: one kernel each, whose launch the host could outlast
                     res.append(("topk", "fused scores" + kind, tiles,
                                 _bench_graph(lambda: scores.assignment_scores(q, centroids)), math.nan))
-                    res.append(("nearest", "fused argmax" + kind, tiles,
-                                _bench_graph(lambda: scores.nearest_clusters(q, centroids)), math.nan))
+                    # with the per-64-position cluster counts, as the counting sort calls it
+                    res.append(("nearest", "fused argmax+counts" + kind, tiles,
+                                _bench_graph(lambda: SK.fused_argmax_counts(q, centroids)), math.nan))
             except Exception as e:
                 res.append(("both", "fused kernel" + kind, tiles, math.nan, str(e)[:60]))
     SK.TILES.update(default_tiles)
     SK.ARGMAX_TILES.update(default_argmax)
-    SK.BF16_SPLIT_SCORES = default_split
+    SK.BF16_SPLIT_SCORES, SK.PRECOMPUTED_PIECES = default_split, default_pieces
     for assign in ("topk", "nearest"):
         direct = assign == "nearest"
         idx = TO.routing_indices(q, q, centroids, WINDOW, True, assign)
@@ -432,7 +437,7 @@ def sweep(T, parts=SWEEP_PARTS):
 
 AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through the dispatcher", "torch index ops",
                "masked tiles", "unmasked tiles everywhere", "candidate gather ops", "sorted cluster ids",
-               "tf32x3 scores", "argmax tiles 64x32")
+               "tf32x3 scores", "argmax tiles 64x32", "centroid pieces precomputed")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -465,7 +470,7 @@ def _variant(name):
     from routeformer.ops.routing import triton_ops as TO
 
     saved = (TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES, TO.FUSED_CANDIDATES,
-             TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, dict(SK.TILES), dict(SK.ARGMAX_TILES))
+             TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, SK.PRECOMPUTED_PIECES, dict(SK.TILES), dict(SK.ARGMAX_TILES))
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
         TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = (
@@ -486,13 +491,15 @@ def _variant(name):
         SK.BF16_SPLIT_SCORES = False
     elif name == "argmax tiles 64x32":  # nearest's argmax on the scoring passes' tile, as before run G
         SK.ARGMAX_TILES["cuda"] = (64, 32, 4)
+    elif name == "centroid pieces precomputed":  # candidate: the bf16 split once per call in torch
+        SK.PRECOMPUTED_PIECES = True
     elif name == "through the dispatcher":
         _dispatch.tracing = lambda: True  # eager calls take the custom ops, as before ops/_dispatch.py
     try:
         yield
     finally:
         (TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES, TO.FUSED_CANDIDATES,
-         TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, tiles, argmax_tiles) = saved
+         TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, SK.PRECOMPUTED_PIECES, tiles, argmax_tiles) = saved
         SK.TILES.clear()
         SK.TILES.update(tiles)
         SK.ARGMAX_TILES.clear()

@@ -5,6 +5,7 @@
 #   bench    the full side-by-side benchmark (benchmarks/attention.py): JSON, markdown table and plot
 #   ab       each recent change alone (attention.py --ab, NOTES_routing.md v5)
 #   host     the host-time profile of our eager forward+backward at 8k
+#   hosttime the same host time split without a profiler: per Triton launch, the rest, an empty kernel
 #   kernels  the kernel profile at 64k
 #   local    local attention against FlexAttention, eager and CUDA-graph clocks (benchmarks/local_kernel.py)
 #   lprofile the local kernels' GPU time per kernel at 64k, without and with Shaw tables
@@ -35,8 +36,8 @@ steps=()
 for a in "$@"; do
     case "$a" in
         --quick) quick=1 ;;
-        tests|bench|ab|host|kernels|local|lprofile|sweep|ncu) steps+=("$a") ;;
-        *) echo "gpu_session.sh: unknown step '$a' (steps: tests bench ab host kernels local lprofile sweep ncu; flag: --quick)" >&2; exit 2 ;;
+        tests|bench|ab|host|hosttime|kernels|local|lprofile|sweep|ncu) steps+=("$a") ;;
+        *) echo "gpu_session.sh: unknown step '$a' (steps: tests bench ab host hosttime kernels local lprofile sweep ncu; flag: --quick)" >&2; exit 2 ;;
     esac
 done
 [[ ${#steps[@]} -eq 0 ]] && steps=(tests bench ab host kernels local lprofile sweep)
@@ -96,6 +97,9 @@ for s in "${steps[@]}"; do
         host)
             run_step host host_profile.txt python3 benchmarks/attention.py --cpu-profile 8192
             tail -25 "$work/host_profile.txt" ;;
+        hosttime)
+            run_step hosttime host_time.txt python3 benchmarks/host_time.py --T 8192
+            tail -20 "$work/host_time.txt" ;;
         kernels)
             run_step kernels kernel_profile.txt python3 benchmarks/attention.py --profile 65536
             tail -30 "$work/kernel_profile.txt" ;;

@@ -501,8 +501,8 @@ def _nearest_slots_kernel(
 ):
     """Shared-QK nearest slots by a counting sort, equal to a stable sort of the cluster ids. For the
     BLOCK_T positions of tile b: slot = the first slot of (its cluster, tile b) + the earlier positions
-    of this tile in the cluster; then QPOS[slot] = position, HI = slot + 1 and
-    LO = max(first slot of the cluster, slot + 1 - W) (as _slot_bounds_kernel NEAREST).
+    of this tile in the cluster; then QPOS[slot] = position, HI[slot] = slot + 1 and
+    LO[slot] = max(first slot of the cluster, slot + 1 - W) (as _slot_bounds_kernel NEAREST).
 
     CLUSTER (R, T) int64 the cluster ids; COUNTS (R, C_BINS, NB) the per-tile cluster counts and CUM
     their inclusive cumsum over the whole flat tensor. Flat order is (row, cluster, tile) and each row
@@ -521,10 +521,12 @@ def _nearest_slots_kernel(
     # Positions past T sit after every valid one in the tile, so they never count as earlier.
     earlier = (c[:, None] == c[None, :]) & (i[None, :] < i[:, None])
     slot = (start - row * T + tl.sum(earlier.to(tl.int32), axis=1)).to(tl.int32)
-    hi = slot + 1
     tl.store(QPOS + row * T + slot, offs, mask=m)
-    tl.store(HI + row * T + slot, hi, mask=m)
-    tl.store(LO + row * T + slot, tl.maximum((first - row * T).to(tl.int32), hi - W), mask=m)
+    tl.store(LO + row * T + slot, tl.maximum((first - row * T).to(tl.int32), slot + 1 - W), mask=m)
+    # HI[s] = s + 1 whichever position lands in slot s, and the tiles' slots cover 0 .. T-1 once: each
+    # program writes HI over its own position range, coalesced, instead of a third scattered store
+    # (the slot of a tile's positions spreads over up to C clusters: one 32-byte sector per store).
+    tl.store(HI + row * T + offs, offs + 1, mask=m)
 
 
 @triton.jit
