@@ -373,13 +373,14 @@ def sweep(T, parts=SWEEP_PARTS):
     from routeformer.ops.routing import _score_kernels as SK
 
     default_tiles, default_argmax = dict(SK.TILES), dict(SK.ARGMAX_TILES)
-    default_split, default_pieces = SK.BF16_SPLIT_SCORES, SK.PRECOMPUTED_PIECES
-    # The bf16 split (NOTES_routing.md v8) with the centroids split by each program or once beforehand
-    # (PRECOMPUTED_PIECES). tf32x3 on the normalised rows lost at every tile in run D (0.207-0.294 ms
-    # for the argmax against 0.113-0.305) and is no longer swept.
-    for split, pieces in (((True, False), (True, True)) if "scores" in parts else ()):
-        SK.BF16_SPLIT_SCORES, SK.PRECOMPUTED_PIECES = split, pieces
-        kind = " (bf16 split, pieces)" if pieces else " (bf16 split)"
+    default_split = SK.BF16_SPLIT_SCORES
+    # The bf16 split (NOTES_routing.md v8). tf32x3 on the normalised rows lost at every tile in run D
+    # (argmax 0.207-0.294 ms against 0.113-0.305) and is no longer swept. Session 8 also timed the
+    # centroids split once per call in torch instead of by each program: slower (argmax + counts 0.145
+    # against 0.126 ms; runs/h200_2026-12-02_7655994_scores_sweep.txt), and the code is gone.
+    if "scores" in parts:
+        SK.BF16_SPLIT_SCORES = True
+        kind = " (bf16 split)"
         for tiles in [(128, 64, 4), (128, 64, 8), (64, 32, 4), (128, 128, 8), (64, 64, 4), (128, 32, 4),
                       (256, 64, 8), (256, 32, 8)]:
             SK.TILES["cuda"] = SK.ARGMAX_TILES["cuda"] = tiles
@@ -394,7 +395,7 @@ def sweep(T, parts=SWEEP_PARTS):
                 res.append(("both", "fused kernel" + kind, tiles, math.nan, str(e)[:60]))
     SK.TILES.update(default_tiles)
     SK.ARGMAX_TILES.update(default_argmax)
-    SK.BF16_SPLIT_SCORES, SK.PRECOMPUTED_PIECES = default_split, default_pieces
+    SK.BF16_SPLIT_SCORES = default_split
     for assign in ("topk", "nearest"):
         direct = assign == "nearest"
         idx = TO.routing_indices(q, q, centroids, WINDOW, True, assign)
@@ -437,7 +438,7 @@ def sweep(T, parts=SWEEP_PARTS):
 
 AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through the dispatcher", "torch index ops",
                "masked tiles", "unmasked tiles everywhere", "candidate gather ops", "sorted cluster ids",
-               "tf32x3 scores", "argmax tiles 64x32", "centroid pieces precomputed")
+               "tf32x3 scores", "argmax tiles 64x32", "score tiles 64x32")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -470,7 +471,7 @@ def _variant(name):
     from routeformer.ops.routing import triton_ops as TO
 
     saved = (TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES, TO.FUSED_CANDIDATES,
-             TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, SK.PRECOMPUTED_PIECES, dict(SK.TILES), dict(SK.ARGMAX_TILES))
+             TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, dict(SK.TILES), dict(SK.ARGMAX_TILES))
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
         TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = (
@@ -491,15 +492,15 @@ def _variant(name):
         SK.BF16_SPLIT_SCORES = False
     elif name == "argmax tiles 64x32":  # nearest's argmax on the scoring passes' tile, as before run G
         SK.ARGMAX_TILES["cuda"] = (64, 32, 4)
-    elif name == "centroid pieces precomputed":  # candidate: the bf16 split once per call in torch
-        SK.PRECOMPUTED_PIECES = True
+    elif name == "score tiles 64x32":  # topk's scoring passes on run D's tile, as before session 8
+        SK.TILES["cuda"] = (64, 32, 4)
     elif name == "through the dispatcher":
         _dispatch.tracing = lambda: True  # eager calls take the custom ops, as before ops/_dispatch.py
     try:
         yield
     finally:
         (TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES, TO.FUSED_CANDIDATES,
-         TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, SK.PRECOMPUTED_PIECES, tiles, argmax_tiles) = saved
+         TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, tiles, argmax_tiles) = saved
         SK.TILES.clear()
         SK.TILES.update(tiles)
         SK.ARGMAX_TILES.clear()
@@ -519,7 +520,8 @@ def ab(Ts, only=()):
             for name in AB_VARIANTS:
                 if only and name not in only and name != "all changes":
                     continue
-                if assign == "nearest" and name in ("one scoring pass", "torch.topk select", "candidate gather ops"):
+                if assign == "nearest" and name in ("one scoring pass", "torch.topk select", "candidate gather ops",
+                                                    "score tiles 64x32"):
                     continue  # nearest has no top-k
                 if assign == "topk" and name in ("sorted cluster ids", "argmax tiles 64x32"):
                     continue  # a nearest-only change

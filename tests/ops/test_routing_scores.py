@@ -53,17 +53,14 @@ def test_fused_scores_match_formula(monkeypatch, T, D, C, dtype):
     _check(x, centroids, 4)
 
 
-@pytest.mark.parametrize("pieces", [False, True])
 @pytest.mark.parametrize("offset", [1.0, 8.0])
-def test_bf16_split_scores_match_formula(monkeypatch, offset, pieces):
+def test_bf16_split_scores_match_formula(monkeypatch, offset):
     """The bf16-split scores (LayerNorm folded out of three bf16 products) equal the formula within
     fp32 rounding, also with rows whose mean is several times their spread (the subtraction's
-    cancellation grows with |mean| / std), and keep the group maxima and argmax exact; with the
-    centroids split in the kernel or beforehand (PRECOMPUTED_PIECES)."""
+    cancellation grows with |mean| / std), and keep the group maxima and argmax exact."""
     from routeformer.ops.routing import _score_kernels as SK
 
     monkeypatch.setattr(SK, "BF16_SPLIT_SCORES", True)
-    monkeypatch.setattr(SK, "PRECOMPUTED_PIECES", pieces)
     monkeypatch.setattr(scores, "GROUP", 4)
     g = torch.Generator().manual_seed(4)
     for T, D, C in ((100, 24, 20), (37, 64, 5)):
@@ -71,17 +68,6 @@ def test_bf16_split_scores_match_formula(monkeypatch, offset, pieces):
         centroids = torch.nn.functional.normalize(torch.randn(2, C, D, generator=g), dim=-1) * 3
         assert SK._precision(x) == "bf16x3-upcast"
         _check(x, centroids, 4)
-
-
-def test_centroid_pieces_sum_to_the_centroids():
-    from routeformer.ops.routing._score_kernels import centroid_pieces
-
-    cent = torch.randn(3, 40, 24, generator=torch.Generator().manual_seed(5)) * 7
-    pieces, csum = centroid_pieces(cent)
-    assert pieces.shape == (3, 3, 40, 24) and pieces.dtype == torch.bfloat16
-    back = pieces[0].double() + pieces[1].double() + pieces[2].double()
-    assert ((back - cent.double()).abs() <= cent.double().abs() * 2.0 ** -24).all()
-    assert torch.equal(csum, cent.sum(-1))
 
 
 def test_argmax_ties_go_to_the_lower_cluster():
@@ -118,15 +104,12 @@ def test_fused_scores_match_formula_gpu(T, D, C, dtype):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("pieces", [False, True])
 @pytest.mark.parametrize("T,D,C", [(5000, 64, 10), (4097, 128, 130), (1000, 40, 3), (65536, 64, 128)])
-def test_bf16_split_scores_match_formula_gpu(monkeypatch, T, D, C, pieces):
-    """The bf16-split candidate (three bf16 tensor-core products, NOTES_routing.md v8) at real sizes,
-    centroids split in the kernel or beforehand."""
+def test_bf16_split_scores_match_formula_gpu(monkeypatch, T, D, C):
+    """The bf16-split candidate (three bf16 tensor-core products, NOTES_routing.md v8) at real sizes."""
     from routeformer.ops.routing import _score_kernels as SK
 
     monkeypatch.setattr(SK, "BF16_SPLIT_SCORES", True)
-    monkeypatch.setattr(SK, "PRECOMPUTED_PIECES", pieces)
     x, centroids = _inputs(1, 2, T, D, C, torch.bfloat16, "cuda")
     assert SK._precision(x) == "bf16x3"
     _check(x, centroids, scores.GROUP)

@@ -14,17 +14,23 @@ from .._ints import cdiv, next_pow2
 from . import scores  # scores.GROUP is read at each call so tests can shrink it
 
 _EPS = 1e-5  # kmeans.normalize's LayerNorm epsilon
-# (BLOCK_T, BLOCK_C, warps) of the scoring passes (topk); benchmarks/attention.py --sweep times
-# alternatives. BLOCK_T is a multiple of scores.GROUP. The same tiles serve tf32x3 and bf16 split. The
-# interpreter runs each program as numpy: small C tiles exercise the C loop.
-TILES = {"cuda": (64, 32, 4), "cpu": (64, 16, 4)}
+# (BLOCK_T, BLOCK_C, warps) of the scoring passes (topk), for head dims up to 64; benchmarks/attention.py
+# --sweep (part "scores") times alternatives. BLOCK_T is a multiple of scores.GROUP. The interpreter
+# runs each program as numpy: small C tiles exercise the C loop. On an H200 at T = 64k (2026-12-02,
+# session 8, runs/h200_2026-12-02_7655994_scores_sweep.txt) the whole-C bf16-split pass took 0.160 ms on
+# (128, 32, 4) against 0.191 on run D's (64, 32, 4); (128, 64, 8) 0.166.
+TILES = {"cuda": (128, 32, 4), "cpu": (64, 16, 4)}
 # The same for nearest's argmax (no scores written). On an H200 at T = 64k (run D's sweep) the
 # bf16-split argmax alone took 0.113 ms at (128, 64, 4) against 0.143 at (64, 32, 4), but then the
 # counting sort's slot kernel ranked the whole 128-position score tile and took 80 us against 47, so
 # the whole fwd+bwd did not move. Now the kernel counts each COUNT_TILE positions' clusters separately
 # and the slot kernel ranks 64 positions whatever the score tile is. The CPU tile spans two count
-# tiles, so that the interpreter tests cover the split.
+# tiles, so that the interpreter tests cover the split. Session 8's sweep: argmax + counts 0.126 ms
+# here, 0.133-0.205 on the other seven tiles.
 ARGMAX_TILES = {"cuda": (128, 64, 4), "cpu": (128, 16, 4)}
+# Head dims above 64, both passes: the tiles the GPU tests passed with at 96 and 128. There (128, 64)
+# asked for 256 KiB of shared memory, more than an H200 has (GPU tests, 2026-12-02 session 7).
+WIDE_TILES = {"cuda": (64, 32, 4), "cpu": (64, 16, 4)}
 COUNT_TILE = 64
 
 # bf16 inputs: score with three bf16 products on x as it is (see _split_centroid_scores) instead of
@@ -32,42 +38,21 @@ COUNT_TILE = 64
 # fwd+bwd took topk 1.617 ms with it against 1.703 without, nearest 1.192 against 1.261;
 # benchmarks/attention.py --ab variant "tf32x3 scores" switches it off.
 BF16_SPLIT_SCORES = True
-# bf16 split: the centroids' pieces made once per call in torch (centroid_pieces) instead of by every
-# program of the kernel (4096 of them at T = 64k, H = 8); benchmarks/attention.py --sweep-parts scores
-# times both.
-PRECOMPUTED_PIECES = False
-
-
-def centroid_pieces(cent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 centroids (H, C, D) -> (pieces (3, H, C, D) bf16 with c1 + c2 + c3 = cent, as
-    _split_centroids makes them, and the float32 row sums (H, C))."""
-    c1 = cent.to(torch.bfloat16)
-    r1 = cent - c1.float()
-    c2 = r1.to(torch.bfloat16)
-    c3 = (r1 - c2.float()).to(torch.bfloat16)
-    return torch.stack((c1, c2, c3)), cent.sum(dim=-1)
 
 
 @triton.jit
-def _split_centroids(cent):
-    """float32 centroids -> bf16 pieces c1 + c2 + c3 = cent: each rounding leaves a residual exact in
-    float32, and the three hold cent to ~2**-27. centroid_pieces does the same in torch."""
+def _split_centroid_scores(x, cent, mean, rstd, PRECISION: tl.constexpr):
+    """(BLOCK_T, BLOCK_C) scores of bf16 rows x against float32 centroids, as
+    rstd * (x . c - mean * sum(c)): the LayerNorm folded out of the product, so the tensor cores take x
+    as it is. c = c1 + c2 + c3 in bf16 pieces (each rounding leaves a residual exact in float32; the
+    three hold c to ~2**-27), and a bf16 x bf16 product is exact in float32, so the three bf16 products
+    carry float32's rounding -- at the price of the cancellation in the subtraction, which costs
+    ~|mean| / std of extra relative error (benchmarks/NOTES_routing.md v8). "bf16x3-upcast": the same
+    products in fp32 (the CPU interpreter of triton 3.9 mis-multiplies bf16 tiles)."""
     c1 = cent.to(tl.bfloat16)
     r1 = cent - c1.to(tl.float32)
     c2 = r1.to(tl.bfloat16)
     c3 = (r1 - c2.to(tl.float32)).to(tl.bfloat16)
-    return c1, c2, c3
-
-
-@triton.jit
-def _piece_scores(x, c1, c2, c3, csum, mean, rstd, PRECISION: tl.constexpr):
-    """(BLOCK_T, BLOCK_C) scores of bf16 rows x against centroids c = c1 + c2 + c3 (bf16 pieces, see
-    _split_centroids) whose float32 row sums are csum, as rstd * (x . c - mean * sum(c)): the LayerNorm
-    folded out of the product, so the tensor cores take x as it is. A bf16 x bf16 product is exact in
-    float32, so the three bf16 products carry float32's rounding -- at the price of the cancellation in
-    the subtraction, which costs ~|mean| / std of extra relative error (benchmarks/NOTES_routing.md
-    v8). "bf16x3-upcast": the same products in fp32 (the CPU interpreter of triton 3.9 mis-multiplies
-    bf16 tiles)."""
     if PRECISION == "bf16x3-upcast":
         xf = x.to(tl.float32)
         acc = tl.dot(xf, tl.trans(c3.to(tl.float32)), input_precision="ieee")
@@ -77,16 +62,17 @@ def _piece_scores(x, c1, c2, c3, csum, mean, rstd, PRECISION: tl.constexpr):
         acc = tl.dot(x, tl.trans(c3))  # smallest pieces first
         acc = tl.dot(x, tl.trans(c2), acc)
         acc = tl.dot(x, tl.trans(c1), acc)
+    csum = tl.sum(cent, axis=1)
     return rstd[:, None] * (acc - mean[:, None] * csum[None, :])
 
 
 @triton.jit
 def _scores_kernel(
-    X, CENT, PIECES_PTR, CSUM, S_T, GMAX, AMAX, COUNTS,
+    X, CENT, S_T, GMAX, AMAX, COUNTS,
     sxb, sxh, sxt, H, T, C, C_BEGIN, C_COUNT, D, G, eps,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_SIZE: tl.constexpr,
     WRITE: tl.constexpr, ARGMAX: tl.constexpr, PRECISION: tl.constexpr, COUNT_BINS: tl.constexpr,
-    COUNT_T: tl.constexpr, PIECES: tl.constexpr,
+    COUNT_T: tl.constexpr,
 ):
     """One tile of BLOCK_T positions of one (batch, head) against centroids C_BEGIN .. C_BEGIN+C_COUNT-1.
 
@@ -99,9 +85,7 @@ def _scores_kernel(
     BLOCK_T is a multiple of COUNT_T).
     PRECISION "tf32x3" on GPU: three tf32 tensor-core products, ~1e-7 relative error like fp32, while
     "ieee" fp32 dots ran at 12 TFLOP/s (0.74 ms at T=64k, H100), slower than the formula's matmul.
-    "bf16x3" (bf16 x, BF16_SPLIT_SCORES): see _piece_scores. PIECES (bf16x3 only): the centroids' bf16
-    pieces (3, H, C, D) and float32 row sums CSUM (H, C) come precomputed (centroid_pieces) instead of
-    being split by every program (CENT unused).
+    "bf16x3" (bf16 x, BF16_SPLIT_SCORES): see _split_centroid_scores.
     """
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -126,21 +110,11 @@ def _scores_kernel(
     for c0 in range(C_BEGIN, c_end, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         cmask = offs_c < c_end
-        crow = (h * C + offs_c[:, None]).to(tl.int64) * D + offs_d[None, :]
-        cdmask = cmask[:, None] & dmask[None, :]
-        if PIECES:
-            hcd = H * C * D
-            c1 = tl.load(PIECES_PTR + crow, mask=cdmask, other=0.0)
-            c2 = tl.load(PIECES_PTR + hcd + crow, mask=cdmask, other=0.0)
-            c3 = tl.load(PIECES_PTR + 2 * hcd + crow, mask=cdmask, other=0.0)
-            csum = tl.load(CSUM + h * C + offs_c, mask=cmask, other=0.0)
-            s = _piece_scores(x_in, c1, c2, c3, csum, mean, rstd, PRECISION)
-        elif PRECISION == "bf16x3" or PRECISION == "bf16x3-upcast":
-            cent = tl.load(CENT + crow, mask=cdmask, other=0.0)
-            c1, c2, c3 = _split_centroids(cent)
-            s = _piece_scores(x_in, c1, c2, c3, tl.sum(cent, axis=1), mean, rstd, PRECISION)
+        cent = tl.load(CENT + (h * C + offs_c[:, None]).to(tl.int64) * D + offs_d[None, :],
+                       mask=cmask[:, None] & dmask[None, :], other=0.0)
+        if PRECISION == "bf16x3" or PRECISION == "bf16x3-upcast":
+            s = _split_centroid_scores(x_in, cent, mean, rstd, PRECISION)
         else:
-            cent = tl.load(CENT + crow, mask=cdmask, other=0.0)
             s = tl.dot(xn, tl.trans(cent), input_precision=PRECISION)
         if WRITE:
             rows = (row0 + offs_c)[None, :]
@@ -189,11 +163,9 @@ def _scores_kernel(
 
 
 def tiles(x: torch.Tensor, argmax: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_C, warps) the kernel runs with for x: the scoring passes', or argmax's. Argmax
-    takes its own tiles for head dims up to 64 only: at 96 and 128, (128, 64) asked for 256 KiB of shared
-    memory, more than an H200 has (GPU tests, 2026-12-02 session 7), and wider rows keep the tiles they
-    passed the GPU tests with."""
-    table = ARGMAX_TILES if argmax and x.shape[-1] <= 64 else TILES
+    """(BLOCK_T, BLOCK_C, warps) the kernel runs with for x: the scoring passes', or argmax's; rows wider
+    than 64 take WIDE_TILES in both (and the one-count-tile histogram code)."""
+    table = (ARGMAX_TILES if argmax else TILES) if x.shape[-1] <= 64 else WIDE_TILES
     block_t, block_c, warps = table["cuda" if gpu_plan(x) else "cpu"]
     if x.shape[-1] > 128:  # keep the (BLOCK_T x D) and (BLOCK_C x D) fp32 tiles in registers
         block_t, block_c = min(block_t, 32), min(block_c, 32)
@@ -230,16 +202,13 @@ def _launch(x: torch.Tensor, centroids: torch.Tensor, write: bool, argmax: bool,
     if block_t % count_t:
         raise ValueError(f"score tile {block_t} is not a multiple of the count tile {count_t} (ARGMAX_TILES)")
     grid = (cdiv(T, block_t), B * H)
-    precision = _precision(x)
-    pieces = PRECOMPUTED_PIECES and precision.startswith("bf16x3")
-    pieces_t, csum = centroid_pieces(cent) if pieces else (cent, cent)  # (placeholders where unused)
     counts = torch.empty((B * H, count_bins, cdiv(T, count_t)) if count_bins else (0,), dtype=torch.int32,
                          device=dev)
-    _scores_kernel[grid](x, cent, pieces_t, csum, s_t, gmax, amax, counts, x.stride(0), x.stride(1), x.stride(2),
-                         H, T, C, c_begin, c_count, D, G, _EPS,
+    _scores_kernel[grid](x, cent, s_t, gmax, amax, counts, x.stride(0), x.stride(1), x.stride(2), H, T, C, c_begin,
+                         c_count, D, G, _EPS,
                          BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_D=block_d, GROUP_SIZE=scores.GROUP,
-                         WRITE=write, ARGMAX=argmax, PRECISION=precision, COUNT_BINS=count_bins,
-                         COUNT_T=count_t, PIECES=pieces, num_warps=warps)
+                         WRITE=write, ARGMAX=argmax, PRECISION=_precision(x), COUNT_BINS=count_bins,
+                         COUNT_T=count_t, num_warps=warps)
     return s_t, gmax, amax, counts
 
 
