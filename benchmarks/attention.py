@@ -393,16 +393,6 @@ def sweep(T, parts=SWEEP_PARTS):
                                 _bench_graph(lambda: SK.fused_argmax_counts(q, centroids)), math.nan))
             except Exception as e:
                 res.append(("both", "fused kernel" + kind, tiles, math.nan, str(e)[:60]))
-        SK.TILES.update(default_tiles)
-        SK.ARGMAX_TILES.update(default_argmax)
-        for stages in (1, 2, 3):  # the default tiles, fewer pipelining stages over the short centroid loop
-            SK.STAGES.update(scores=stages, argmax=stages)
-            with torch.no_grad():
-                res.append(("topk", "fused scores, stages", (*SK.TILES["cuda"], stages),
-                            _bench_graph(lambda: scores.assignment_scores(q, centroids)), math.nan))
-                res.append(("nearest", "fused argmax+counts, stages", (*SK.ARGMAX_TILES["cuda"], stages),
-                            _bench_graph(lambda: SK.fused_argmax_counts(q, centroids)), math.nan))
-        SK.STAGES.update(scores=None, argmax=None)
     SK.TILES.update(default_tiles)
     SK.ARGMAX_TILES.update(default_argmax)
     SK.BF16_SPLIT_SCORES = default_split
@@ -448,8 +438,7 @@ def sweep(T, parts=SWEEP_PARTS):
 
 AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through the dispatcher", "torch index ops",
                "masked tiles", "unmasked tiles everywhere", "candidate gather ops", "sorted cluster ids",
-               "tf32x3 scores", "argmax tiles 64x32", "score tiles 64x32",
-               "score kernel 1 stage", "score kernel 2 stages")
+               "tf32x3 scores", "argmax tiles 64x32", "score tiles 64x32")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -482,7 +471,7 @@ def _variant(name):
     from routeformer.ops.routing import triton_ops as TO
 
     saved = (TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES, TO.FUSED_CANDIDATES,
-             TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, dict(SK.TILES), dict(SK.ARGMAX_TILES), dict(SK.STAGES))
+             TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, dict(SK.TILES), dict(SK.ARGMAX_TILES))
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
         TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = (
@@ -505,16 +494,13 @@ def _variant(name):
         SK.ARGMAX_TILES["cuda"] = (64, 32, 4)
     elif name == "score tiles 64x32":  # topk's scoring passes on run D's tile, as before session 8
         SK.TILES["cuda"] = (64, 32, 4)
-    elif name in ("score kernel 1 stage", "score kernel 2 stages"):  # candidates (session 8)
-        SK.STAGES.update(dict.fromkeys(SK.STAGES, 1 if "1" in name else 2))
     elif name == "through the dispatcher":
         _dispatch.tracing = lambda: True  # eager calls take the custom ops, as before ops/_dispatch.py
     try:
         yield
     finally:
         (TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES, TO.FUSED_CANDIDATES,
-         TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, tiles, argmax_tiles, stages) = saved
-        SK.STAGES.update(stages)
+         TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, tiles, argmax_tiles) = saved
         SK.TILES.clear()
         SK.TILES.update(tiles)
         SK.ARGMAX_TILES.clear()

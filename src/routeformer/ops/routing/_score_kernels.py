@@ -31,10 +31,6 @@ ARGMAX_TILES = {"cuda": (128, 64, 4), "cpu": (128, 16, 4)}
 # Head dims above 64, both passes: the tiles the GPU tests passed with at 96 and 128. There (128, 64)
 # asked for 256 KiB of shared memory, more than an H200 has (GPU tests, 2026-12-02 session 7).
 WIDE_TILES = {"cuda": (64, 32, 4), "cpu": (64, 16, 4)}
-# Software-pipelining stages of the kernel's loop over centroid tiles on CUDA, per pass ("scores",
-# "argmax"); None: Triton's default (3). The loop is short (C / BLOCK_C: 2 tiles at C = 128), so fewer
-# stages may pay; the sweep's "scores" part times 1 and 2.
-STAGES = {"scores": None, "argmax": None}
 COUNT_TILE = 64
 
 # bf16 inputs: score with three bf16 products on x as it is (see _split_centroid_scores) instead of
@@ -176,11 +172,6 @@ def tiles(x: torch.Tensor, argmax: bool = False) -> tuple[int, int, int]:
     return block_t, block_c, warps
 
 
-def _stages(x: torch.Tensor, argmax: bool) -> dict:
-    stages = STAGES["argmax" if argmax else "scores"]
-    return {"num_stages": stages} if stages is not None and gpu_plan(x) else {}
-
-
 def count_tile(x: torch.Tensor) -> int:
     """Positions per cluster count of fused_argmax_counts (and per slot-kernel program)."""
     return min(COUNT_TILE, tiles(x, argmax=True)[0])
@@ -217,7 +208,7 @@ def _launch(x: torch.Tensor, centroids: torch.Tensor, write: bool, argmax: bool,
                          c_count, D, G, _EPS,
                          BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_D=block_d, GROUP_SIZE=scores.GROUP,
                          WRITE=write, ARGMAX=argmax, PRECISION=_precision(x), COUNT_BINS=count_bins,
-                         COUNT_T=count_t, num_warps=warps, **_stages(x, argmax))
+                         COUNT_T=count_t, num_warps=warps)
     return s_t, gmax, amax, counts
 
 
