@@ -6,7 +6,8 @@ the GPU waits for Python. This splits the host time of a fwd+bwd step into
   - each Triton kernel's launch (JITFunction.run timed around every call; mean per call and per step),
   - everything else: the same step with every Triton launch replaced by a no-op (garbage outputs, but
     only torch ops run on them),
-  - the floor: launching an empty Triton kernel with 1 and with 40 arguments.
+  - the floor: launching Triton kernels that do nothing, with our kernels' kinds of arguments, through
+    the JIT and through the compiled kernel's own launcher (a launch cache's cost).
 
     PYTHONPATH=src python benchmarks/host_time.py [--T 8192] [--steps 200]
 """
@@ -35,6 +36,56 @@ def _empty40(X, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15
              a21, a22, a23, a24, a25, a26, a27, a28, a29, a30, a31, a32, a33, a34, a35, a36, a37, a38, a39,
              B: tl.constexpr):
     pass
+
+
+@triton.jit
+def _empty13(t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12):
+    pass
+
+
+@triton.jit
+def _empty13_26_8(t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12,
+                  a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, a16, a17, a18, a19, a20,
+                  a21, a22, a23, a24, a25, a26,
+                  C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr, C4: tl.constexpr, C5: tl.constexpr,
+                  C6: tl.constexpr, C7: tl.constexpr, C8: tl.constexpr):
+    pass
+
+
+def _launch_floor(n):
+    """Host time of launching kernels that do nothing: through the JIT (what every launch of ours pays),
+    and through the compiled kernel's own launcher (what a launch cache could pay instead)."""
+    x = torch.empty(16, device="cuda")
+    ts = [torch.empty(64, device="cuda") for _ in range(13)]
+    ints = list(range(1, 27))
+    consts = dict(C1=64, C2=64, C3=64, C4=64, C5=True, C6=False, C7="tf32", C8=True)
+    rows = [("JIT, 1 tensor", lambda: _empty1[(1,)](x)),
+            ("JIT, 1 tensor + 39 ints + 1 constexpr", lambda: _empty40[(1,)](x, *range(1, 40), B=4)),
+            ("JIT, 13 tensors", lambda: _empty13[(1,)](*ts)),
+            ("JIT, 13 tensors + 26 ints + 8 constexprs (like dq)", lambda: _empty13_26_8[(1,)](*ts, *ints, **consts))]
+    try:
+        compiled = _empty13_26_8[(1,)](*ts, *ints, **consts)
+        stream = torch.cuda.current_stream().cuda_stream
+        args = (*ts, *ints, *consts.values())
+        runner = compiled[(1, 1, 1)]
+        ptrs = [t.data_ptr() for t in ts]
+        rows += [("compiled[grid](...), same args", lambda: runner(*args, stream=stream)),
+                 ("compiled.run(...), same args", lambda: compiled.run(1, 1, 1, stream, compiled.function,
+                                                                       compiled.packed_metadata, None, None, None,
+                                                                       *args)),
+                 ("compiled.run(...), pointers as ints", lambda: compiled.run(1, 1, 1, stream, compiled.function,
+                                                                              compiled.packed_metadata, None, None,
+                                                                              None, *ptrs, *ints, *consts.values()))]
+    except Exception as e:  # the compiled-kernel API differs between Triton versions
+        print(f"direct launch unavailable: {type(e).__name__}: {e}")
+    for name, launch in rows:
+        try:
+            print(f"{name:56s} {_step_us(launch, n):6.1f} us per launch")
+        except Exception as e:
+            print(f"{name:56s} failed: {type(e).__name__}: {str(e)[:100]}")
+    for name, op in (("torch.empty((8, 8192), int32)", lambda: torch.empty((8, 8192), dtype=torch.int32, device="cuda")),
+                     ("t.data_ptr()", lambda: x.data_ptr()), ("torch.cuda.current_stream()", torch.cuda.current_stream)):
+        print(f"{name:56s} {_step_us(op, n * 10):6.1f} us per call")
 
 
 @contextlib.contextmanager
@@ -67,10 +118,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     T, n = args.T, args.steps
     q, k, v, dout, centroids = _inputs(T)
-    x = torch.empty(16, device="cuda")
-    for name, launch in (("empty kernel, 1 arg", lambda: _empty1[(1,)](x)),
-                         ("empty kernel, 40 args", lambda: _empty40[(1,)](x, *range(1, 40), B=4))):
-        print(f"{name}: {_step_us(launch, n):.1f} us per launch")
+    _launch_floor(n)
     lines = []
     for assign in ("topk", "nearest"):
         f = _ours(assign)(T, centroids)
@@ -109,6 +157,14 @@ def main(argv=None):
         for name, t in sorted(per_kernel.items(), key=lambda kv: -kv[1]):
             lines.append(f"     {name:32s} {calls[name] / steps:4.1f} calls/step  {t / calls[name] * 1e6:6.1f} us/call")
         lines.append(f"   everything but the Triton launches: fwd+bwd {rest:.0f} us, fwd {rest_fwd:.0f} us")
+    # One launcher alone in a loop (is the first launch of a forward or backward dearer than the same
+    # launch repeated?): the nearest forward's attention kernel with its two allocations.
+    from routeformer.ops.routing import triton_ops as TO
+
+    with torch.no_grad():
+        idx = TO.routing_indices(q, q, centroids, 512, True, "nearest")
+        alone = _step_us(lambda: TO.attention_fwd(q, q, v, *idx, 0.125, True), n)
+    lines.append(f"== nearest attention_fwd alone, repeated: {alone:.0f} us per call (one launch, two allocations)")
     print("\n".join(lines))
 
 
