@@ -438,7 +438,8 @@ def sweep(T, parts=SWEEP_PARTS):
 
 AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through the dispatcher", "torch index ops",
                "masked tiles", "unmasked tiles everywhere", "candidate gather ops", "sorted cluster ids",
-               "tf32x3 scores", "argmax tiles 64x32", "score tiles 64x32")
+               "tf32x3 scores", "argmax tiles 64x32", "score tiles 64x32",
+               "jit launches")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -466,12 +467,12 @@ def _torch_nearest_slot_bounds(order, group, first, W):
 def _variant(name):
     """One change switched back, to measure it alone (NOTES_routing.md v5, v7 and v8); "unmasked tiles
     everywhere" instead switches the forward's and dq's unmasked tiles on (measured slower in v8)."""
-    from routeformer.ops import _dispatch
+    from routeformer.ops import _dispatch, _launch
     from routeformer.ops.routing import _score_kernels as SK
     from routeformer.ops.routing import triton_ops as TO
 
-    saved = (TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES, TO.FUSED_CANDIDATES,
-             TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, dict(SK.TILES), dict(SK.ARGMAX_TILES))
+    saved = (_launch.FAST_LAUNCH, TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES,
+             TO.FUSED_CANDIDATES, TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, dict(SK.TILES), dict(SK.ARGMAX_TILES))
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
         TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = (
@@ -492,6 +493,8 @@ def _variant(name):
         SK.BF16_SPLIT_SCORES = False
     elif name == "argmax tiles 64x32":  # nearest's argmax on the scoring passes' tile, as before run G
         SK.ARGMAX_TILES["cuda"] = (64, 32, 4)
+    elif name == "jit launches":  # every launch through Triton's JIT, as before ops/_launch.py
+        _launch.FAST_LAUNCH = False
     elif name == "score tiles 64x32":  # topk's scoring passes on run D's tile, as before session 8
         SK.TILES["cuda"] = (64, 32, 4)
     elif name == "through the dispatcher":
@@ -499,8 +502,8 @@ def _variant(name):
     try:
         yield
     finally:
-        (TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES, TO.FUSED_CANDIDATES,
-         TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, tiles, argmax_tiles) = saved
+        (_launch.FAST_LAUNCH, TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES,
+         TO.FUSED_CANDIDATES, TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, tiles, argmax_tiles) = saved
         SK.TILES.clear()
         SK.TILES.update(tiles)
         SK.ARGMAX_TILES.clear()

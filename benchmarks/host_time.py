@@ -3,7 +3,8 @@
 At T = 8k the GPU work of ours takes ~0.2 ms (CUDA-graph rows), but the eager rows measure ~1.5-2 ms:
 the GPU waits for Python. This splits the host time of a fwd+bwd step into
   - the step itself (perf_counter per step, mean of N, synchronised at the end of each step),
-  - each Triton kernel's launch (JITFunction.run timed around every call; mean per call and per step),
+  - the same step with every launch through Triton's JIT (ops._launch.FAST_LAUNCH off),
+  - each Triton kernel's launch through the JIT (JITFunction.run timed around every call),
   - everything else: the same step with every Triton launch replaced by a no-op (garbage outputs, but
     only torch ops run on them),
   - the floor: launching Triton kernels that do nothing, with our kernels' kinds of arguments, through
@@ -131,6 +132,11 @@ def main(argv=None):
             with torch.no_grad():
                 f(q, k, v)
 
+        from routeformer.ops import _launch
+
+        _launch.FAST_LAUNCH = False  # Triton's JIT for every launch (as before ops/_launch.py)
+        jit_whole, jit_fwd = _step_us(step, n), _step_us(fwd, n)
+        _launch.FAST_LAUNCH = True
         whole, whole_fwd = _step_us(step, n), _step_us(fwd, n)
         per_kernel = collections.defaultdict(float)
         calls = collections.Counter()
@@ -144,19 +150,25 @@ def main(argv=None):
                 return out
             return run
 
+        # Per launch and "everything else" through the JIT, which these patches see (cached launches
+        # bypass JITFunction.run); the cached launches' share is the whole step less "everything else".
+        _launch.FAST_LAUNCH = False
         with _patched_run(timed):
             timed_step = _step_us(step, n)
         with _patched_run(lambda original: (lambda self, *a, **kw: None)):
             rest = _step_us(step, n)
             rest_fwd = _step_us(fwd, n)
+        _launch.FAST_LAUNCH = True
         steps = n + 5
         launch_total = sum(per_kernel.values()) / steps * 1e6
-        lines.append(f"== {assign} T={T}: fwd+bwd {whole:.0f} us of host time per step (fwd alone {whole_fwd:.0f}); "
+        lines.append(f"== {assign} T={T}: fwd+bwd {whole:.0f} us of host time per step (fwd alone {whole_fwd:.0f}) "
+                     f"with the launch cache, {jit_whole:.0f} ({jit_fwd:.0f}) through the JIT; "
                      f"with each launch timed {timed_step:.0f}")
         lines.append(f"   Triton launches: {sum(calls.values()) / steps:.0f} per step, {launch_total:.0f} us per step")
         for name, t in sorted(per_kernel.items(), key=lambda kv: -kv[1]):
             lines.append(f"     {name:32s} {calls[name] / steps:4.1f} calls/step  {t / calls[name] * 1e6:6.1f} us/call")
-        lines.append(f"   everything but the Triton launches: fwd+bwd {rest:.0f} us, fwd {rest_fwd:.0f} us")
+        lines.append(f"   everything but the Triton launches: fwd+bwd {rest:.0f} us, fwd {rest_fwd:.0f} us; so the "
+                     f"cached launches take {whole - rest:.0f} us per step (the JIT's {jit_whole - rest:.0f})")
     # One launcher alone in a loop (is the first launch of a forward or backward dearer than the same
     # launch repeated?): the nearest forward's attention kernel with its two allocations.
     from routeformer.ops.routing import triton_ops as TO

@@ -59,6 +59,7 @@ def test_candidate_gather_ops_variant_selects_the_same(monkeypatch):
 
 
 def test_switch_variants_flip_their_switch_and_restore_it():
+    from routeformer.ops import _launch
     from routeformer.ops.routing import _score_kernels as SK
 
     default_split, default_tiles, default_argmax = dict(TO.SPLIT_TILES), dict(SK.TILES), dict(SK.ARGMAX_TILES)
@@ -68,11 +69,13 @@ def test_switch_variants_flip_their_switch_and_restore_it():
                         ("masked tiles", lambda: not any(TO.SPLIT_TILES.values())),
                         ("unmasked tiles everywhere", lambda: all(TO.SPLIT_TILES.values())),
                         ("argmax tiles 64x32", lambda: SK.ARGMAX_TILES["cuda"] == (64, 32, 4)),
-                        ("score tiles 64x32", lambda: SK.TILES["cuda"] == (64, 32, 4))):
+                        ("score tiles 64x32", lambda: SK.TILES["cuda"] == (64, 32, 4)),
+                        ("jit launches", lambda: not _launch.FAST_LAUNCH)):
         with bench._variant(name):
             assert check(), name
         assert SK.BF16_SPLIT_SCORES and TO.COUNTING_SORT and TO.SPLIT_TILES == default_split, name
         assert SK.TILES == default_tiles and SK.ARGMAX_TILES == default_argmax, name
+        assert _launch.FAST_LAUNCH, name
 
 
 def test_table_shares_the_assignment_of_the_graph_forward():

@@ -21,6 +21,7 @@ import torch
 from .._checks import TRITON_DTYPES, gpu_plan
 from .._dispatch import custom_op, with_autograd
 from .._ints import cdiv, next_pow2
+from .._launch import launch
 from .triton_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _fwd_bands_kernel, _fwd_kernel
 
 __all__ = ["local_attention_triton", "TILE_OVERRIDES"]
@@ -137,13 +138,13 @@ def local_attn_fwd(
     out = torch.empty(*q.shape[:3], DV, device=q.device, dtype=q.dtype)
     c = _tiles("fwd", q, rel_k is not None)
     BM, BN = c["BM"], c["BN"]
-    _fwd_kernel[(cdiv(T, BM), BH)](
-        q, k, v, rk, rv, out, lse,
-        T, D, DV, block, flange, FR, M, scale * _LOG2E,
-        CAUSAL=causal, HAS_REL=rel_k is not None, DOT=_dot_mode(q),
-        BM=BM, BN=BN, BD=_pow2(D), BDV=_pow2(DV), BAND=next_pow2(BM + BN - 1),
-        num_warps=c["num_warps"], num_stages=c["num_stages"], **_regs(c),
-    )
+    launch(_fwd_kernel, (cdiv(T, BM), BH),
+           q, k, v, rk, rv, out, lse,
+           T, D, DV, block, flange, FR, M, scale * _LOG2E,
+           CAUSAL=causal, HAS_REL=rel_k is not None, DOT=_dot_mode(q),
+           BM=BM, BN=BN, BD=_pow2(D), BDV=_pow2(DV), BAND=next_pow2(BM + BN - 1),
+           num_warps=c["num_warps"], num_stages=c["num_stages"], **_regs(c),
+           )
     return out, lse
 
 
@@ -177,11 +178,11 @@ def _fwd_bands(q, k, v, rel_k, rel_v, lse, block: int, flange: int, causal: bool
         rq = qc @ rk_d.t()
         p_dist = torch.zeros(n, T, n_dist, device=q.device, dtype=q.dtype)
         for pass_ in (1, 2):
-            _fwd_bands_kernel[(cdiv(T, c["BM"]), n)](
-                qc, kc, vc, rq, p_dist, oc, lsec, T, D, DV, block, flange, FR, scale * _LOG2E, dlo, n_dist,
-                CAUSAL=causal, DOT=_dot_mode(q), BM=c["BM"], BN=c["BN"], BD=_pow2(D), BDV=_pow2(DV), PASS=pass_,
-                num_warps=c["num_warps"], num_stages=c["num_stages"], **_regs(c),
-            )
+            launch(_fwd_bands_kernel, (cdiv(T, c["BM"]), n),
+                   qc, kc, vc, rq, p_dist, oc, lsec, T, D, DV, block, flange, FR, scale * _LOG2E, dlo, n_dist,
+                   CAUSAL=causal, DOT=_dot_mode(q), BM=c["BM"], BN=c["BN"], BD=_pow2(D), BDV=_pow2(DV), PASS=pass_,
+                   num_warps=c["num_warps"], num_stages=c["num_stages"], **_regs(c),
+                   )
         oc += (p_dist @ rv_d).float()
         del rq, p_dist
     return out32.to(q.dtype)
@@ -237,20 +238,20 @@ def local_attn_bwd(
             rq, rd = qc @ rk_d.t(), doc @ rv_d.t()
         else:
             rq = rd = q  # never read: BANDS is off
-        _bwd_dq_kernel[(cdiv(T, c["BM"]), n)](
-            qc, kc, vc, rk, rv, doc, oc, lsec, deltac, dqc, p_dist, ds_dist, rq, rd, *scalars, dlo, n_dist, **common,
-            BM=c["BM"], BN=c["BN"], BAND=next_pow2(c["BM"] + c["BN"] - 1), STORE_DIST=store_dist, BANDS=bands,
-            num_warps=c["num_warps"], num_stages=c["num_stages"], **_regs(c),
-        )
+        launch(_bwd_dq_kernel, (cdiv(T, c["BM"]), n),
+               qc, kc, vc, rk, rv, doc, oc, lsec, deltac, dqc, p_dist, ds_dist, rq, rd, *scalars, dlo, n_dist, **common,
+               BM=c["BM"], BN=c["BN"], BAND=next_pow2(c["BM"] + c["BN"] - 1), STORE_DIST=store_dist, BANDS=bands,
+               num_warps=c["num_warps"], num_stages=c["num_stages"], **_regs(c),
+               )
         if bands:
             # dq's rel term: dq_i += scale * sum_d dS[i, i + d] rel_k[d], summed in float32.
             dqc.copy_(dqc.float() + scale * (ds_dist @ rk_d).float())
             # The dk/dv kernel reads the chunk's bands, so it runs per chunk too.
-            _bwd_dkdv_kernel[(cdiv(T, cd["BN"]), n)](
-                qc, kc, vc, rk, rv, doc, lsec, deltac, dkc, dvc, rq, rd, *scalars, dlo, n_dist, **common,
-                BM=cd["BM"], BN=cd["BN"], BAND=next_pow2(cd["BM"] + cd["BN"] - 1), BANDS=True,
-                num_warps=cd["num_warps"], num_stages=cd["num_stages"], **_regs(cd),
-            )
+            launch(_bwd_dkdv_kernel, (cdiv(T, cd["BN"]), n),
+                   qc, kc, vc, rk, rv, doc, lsec, deltac, dkc, dvc, rq, rd, *scalars, dlo, n_dist, **common,
+                   BM=cd["BM"], BN=cd["BN"], BAND=next_pow2(cd["BM"] + cd["BN"] - 1), BANDS=True,
+                   num_warps=cd["num_warps"], num_stages=cd["num_stages"], **_regs(cd),
+                   )
             del rq, rd
         if store_dist and rel_grads:
             # d rel_k[d] = scale * sum_i dS[i, i + d] q_i, d rel_v[d] = sum_i P[i, i + d] dO_i over the
@@ -260,11 +261,11 @@ def local_attn_bwd(
             g_k, g_v = (gk, gv) if g_k is None else (g_k + gk, g_v + gv)
         del p_dist, ds_dist
     if not bands:
-        _bwd_dkdv_kernel[(cdiv(T, cd["BN"]), BH)](
-            q, k, v, rk, rv, dout, lse, delta, dk, dv, q, q, *scalars, dlo, n_dist, **common,
-            BM=cd["BM"], BN=cd["BN"], BAND=next_pow2(cd["BM"] + cd["BN"] - 1), BANDS=False,
-            num_warps=cd["num_warps"], num_stages=cd["num_stages"], **_regs(cd),
-        )
+        launch(_bwd_dkdv_kernel, (cdiv(T, cd["BN"]), BH),
+               q, k, v, rk, rv, dout, lse, delta, dk, dv, q, q, *scalars, dlo, n_dist, **common,
+               BM=cd["BM"], BN=cd["BN"], BAND=next_pow2(cd["BM"] + cd["BN"] - 1), BANDS=False,
+               num_warps=cd["num_warps"], num_stages=cd["num_stages"], **_regs(cd),
+               )
     if not (store_dist and rel_grads):
         return dq, dk, dv, q.new_empty(0), q.new_empty(0)
     g_k = g_k * scale

@@ -11,6 +11,7 @@ import triton.language as tl
 from .._checks import gpu_plan
 from .._dispatch import custom_op
 from .._ints import cdiv, next_pow2
+from .._launch import launch
 from . import scores  # scores.GROUP is read at each call so tests can shrink it
 
 _EPS = 1e-5  # kmeans.normalize's LayerNorm epsilon
@@ -204,11 +205,11 @@ def _launch(x: torch.Tensor, centroids: torch.Tensor, write: bool, argmax: bool,
     grid = (cdiv(T, block_t), B * H)
     counts = torch.empty((B * H, count_bins, cdiv(T, count_t)) if count_bins else (0,), dtype=torch.int32,
                          device=dev)
-    _scores_kernel[grid](x, cent, s_t, gmax, amax, counts, x.stride(0), x.stride(1), x.stride(2), H, T, C, c_begin,
-                         c_count, D, G, _EPS,
-                         BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_D=block_d, GROUP_SIZE=scores.GROUP,
-                         WRITE=write, ARGMAX=argmax, PRECISION=_precision(x), COUNT_BINS=count_bins,
-                         COUNT_T=count_t, num_warps=warps)
+    launch(_scores_kernel, grid, x, cent, s_t, gmax, amax, counts, x.stride(0), x.stride(1), x.stride(2), H, T, C,
+           c_begin, c_count, D, G, _EPS,
+           BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_D=block_d, GROUP_SIZE=scores.GROUP,
+           WRITE=write, ARGMAX=argmax, PRECISION=_precision(x), COUNT_BINS=count_bins,
+           COUNT_T=count_t, num_warps=warps)
     return s_t, gmax, amax, counts
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from .._checks import TRITON_DTYPES, TRITON_MAX_ROUTING_HEAD_DIM, gpu_plan
 from .._dispatch import custom_op, with_autograd
 from .._ints import cdiv, next_pow2
+from .._launch import launch
 from . import _kernels as K
 from . import scores as scores_mod
 from ._score_kernels import fused_scores
@@ -112,8 +113,8 @@ def _topk_compact(scores: torch.Tensor, kth: torch.Tensor, need: torch.Tensor, w
     out = _new((B, H, C, window), torch.int32, scores.device)
     block_c = 4
     grid = (B * H, cdiv(C, block_c))
-    K._topk_compact_kernel[grid](scores, kth, need, out, T, C, window,
-                                 BLOCK_T=256 if gpu_plan(scores) else 16, BLOCK_C=block_c, num_warps=4)
+    launch(K._topk_compact_kernel, grid, scores, kth, need, out, T, C, window,
+           BLOCK_T=256 if gpu_plan(scores) else 16, BLOCK_C=block_c, num_warps=4)
     return out
 
 
@@ -129,8 +130,8 @@ def _gather_groups(scores: torch.Tensor, groups: torch.Tensor, group: int) -> to
     W = groups.shape[-1]
     cand = _new((B, H, C, W * group), torch.float32, scores.device)
     block_w = 64 if gpu_plan(scores) else 16
-    K._gather_groups_kernel[(cdiv(W, block_w), B * H * C)](scores, groups, cand, T, W,
-                                                            GROUP=group, BLOCK_W=block_w, num_warps=4)
+    launch(K._gather_groups_kernel, (cdiv(W, block_w), B * H * C), scores, groups, cand, T, W,
+           GROUP=group, BLOCK_W=block_w, num_warps=4)
     return cand
 
 
@@ -149,8 +150,8 @@ def _launch_select(rows: torch.Tensor, out: torch.Tensor, w: int, c0: int = 0, g
     L = n if groups is None else groups.shape[-1] * group
     block = next_pow2(L)
     warps = (SELECT_WARPS or min(16, max(4, block // 512))) if gpu_plan(rows) else 4
-    K._select_rows_kernel[(B * H * Cp,)](rows, out, rows if groups is None else groups, L, w, n, Cp, out.shape[2], c0,
-                                         BLOCK_L=block, GATHER=groups is not None, GROUP=group, num_warps=warps)
+    launch(K._select_rows_kernel, (B * H * Cp,), rows, out, rows if groups is None else groups, L, w, n, Cp,
+           out.shape[2], c0, BLOCK_L=block, GATHER=groups is not None, GROUP=group, num_warps=warps)
 
 
 # Warps of the one-row select kernel; None: one per 512 of the row (4 to 16). benchmarks/attention.py
@@ -360,8 +361,8 @@ def _nearest_slots_counting(x: torch.Tensor, centroids: torch.Tensor, window: in
     qpos, lo, hi = (_new((B * H, T), torch.int32, x.device) for _ in range(3))
     block_t = count_tile(x)
     c_bins, nb = counts.shape[1], counts.shape[2]
-    K._nearest_slots_kernel[(nb, B * H)](cluster, counts, cum, qpos, lo, hi, T, nb, window,
-                                          BLOCK_T=block_t, C_BINS=c_bins, num_warps=4 if block_t <= 64 else 8)
+    launch(K._nearest_slots_kernel, (nb, B * H), cluster, counts, cum, qpos, lo, hi, T, nb, window,
+           BLOCK_T=block_t, C_BINS=c_bins, num_warps=4 if block_t <= 64 else 8)
     return qpos, lo, hi
 
 
@@ -375,9 +376,9 @@ def _bounds(R: int, N: int, W: int, causal: bool, dev, block: int, order=None, g
     nearest = order is not None
     lo, hi = _new((R, N), torch.int32, dev), _new((R, N), torch.int32, dev)
     qpos = _new((R, N), torch.int32, dev) if nearest else lo
-    K._slot_bounds_kernel[(cdiv(N, block), R)](
-        order if nearest else lo, group if nearest else lo, first if nearest else lo, qpos, lo, hi,
-        N, first.shape[1] if nearest else 1, W, NEAREST=nearest, CAUSAL=causal, BLOCK=block, num_warps=4)
+    launch(K._slot_bounds_kernel, (cdiv(N, block), R),
+           order if nearest else lo, group if nearest else lo, first if nearest else lo, qpos, lo, hi,
+           N, first.shape[1] if nearest else 1, W, NEAREST=nearest, CAUSAL=causal, BLOCK=block, num_warps=4)
     return (qpos, lo, hi) if nearest else (lo, hi)
 
 
@@ -415,8 +416,8 @@ def count_below(x: torch.Tensor, m: int, step: int, offset: int, limit: int, rig
     R, N = x.shape
     out = _new((R, m), torch.int32, x.device)
     block = 256  # also under the interpreter, where each program costs milliseconds (C = 40000 tested)
-    K._count_below_kernel[(cdiv(m, block), R)](x, out, N, m, step, offset, limit, RIGHT=right,
-                                               BLOCK=block, STEPS=max(1, N.bit_length()), num_warps=4)
+    launch(K._count_below_kernel, (cdiv(m, block), R), x, out, N, m, step, offset, limit, RIGHT=right,
+           BLOCK=block, STEPS=max(1, N.bit_length()), num_warps=4)
     return out
 
 
@@ -433,8 +434,8 @@ def tile_entry_ranges(lo: torch.Tensor, hi: torch.Tensor, nt: int, bn: int, S: i
     R, N = lo.shape
     out = _new((4, R, nt), torch.int32, lo.device)
     block = 256
-    K._tile_entry_ranges_kernel[(cdiv(nt, block), R)](lo, hi, out[0], out[1], out[2], out[3], N, nt, bn, S,
-                                                      BLOCK=block, STEPS=max(1, N.bit_length()), num_warps=4)
+    launch(K._tile_entry_ranges_kernel, (cdiv(nt, block), R), lo, hi, out[0], out[1], out[2], out[3], N, nt, bn, S,
+           BLOCK=block, STEPS=max(1, N.bit_length()), num_warps=4)
     return out.unbind(0)
 
 
@@ -465,9 +466,9 @@ def _combine(x, perm, rowptr, lo, hi, T, mean, out_dtype):
     inv_n = _new((B * H, T), torch.float32, x.device) if mean else y
     block_t, warps = _cfg(x, "combine")
     grid = (cdiv(T, block_t), B * H)
-    K._combine_kernel[grid](x, perm, rowptr, lo, hi, y, inv_n,
-                            *_s4(x), *_s4(y), H, T, E, Dx,
-                            BLOCK_T=block_t, BLOCK_D=_pow2(Dx), MEAN=mean, num_warps=warps)
+    launch(K._combine_kernel, grid, x, perm, rowptr, lo, hi, y, inv_n,
+           *_s4(x), *_s4(y), H, T, E, Dx,
+           BLOCK_T=block_t, BLOCK_D=_pow2(Dx), MEAN=mean, num_warps=warps)
     return y, (inv_n if mean else None)
 
 
@@ -480,12 +481,12 @@ def attention_fwd(q, k, v, qpos, lo, hi, kpos, scale: float, direct: bool):
     o = _new((B, H, T if direct else E, Dv), q.dtype, q.device)
     bm, bn, warps, stages = _cfg(q, "fwd")
     grid = (cdiv(E, bm), B * H)
-    K._fwd_kernel[grid](q, k, v, qpos, lo, hi, kpos, o, lse,
-                        *_s4(q), *_s4(k), *_s4(v), *_s4(o),
-                        H, E, S, D, Dv, scale * math.log2(math.e),
-                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
-                        DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=_precision(q),
-                        SPLIT=SPLIT_TILES["fwd"], num_warps=warps, num_stages=stages, **_regs(q, "fwd"))
+    launch(K._fwd_kernel, grid, q, k, v, qpos, lo, hi, kpos, o, lse,
+           *_s4(q), *_s4(k), *_s4(v), *_s4(o),
+           H, E, S, D, Dv, scale * math.log2(math.e),
+           BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
+           DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=_precision(q),
+           SPLIT=SPLIT_TILES["fwd"], num_warps=warps, num_stages=stages, **_regs(q, "fwd"))
     return o, lse
 
 
@@ -549,13 +550,13 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     inv = lse if direct else inv_n  # placeholder pointer when unused
     dq = _new((B, H, T, D), q.dtype, dev) if direct else _new((B, H, E, D), part, dev)
     bm, bn, warps, stages = _cfg(q, "dq")
-    K._bwd_dq_kernel[(cdiv(E, bm), B * H)](
-        q, k, v, dout, o_rows, lse, inv, qpos, lo, hi, kpos, delta, dq,
-        *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(o_rows), *_s4(dq),
-        H, T, E, S, D, Dv, scale, sl2,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
-        DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=prec, SPLIT=SPLIT_TILES["dq"],
-        num_warps=warps, num_stages=stages, **_regs(q, "dq"))
+    launch(K._bwd_dq_kernel, (cdiv(E, bm), B * H),
+           q, k, v, dout, o_rows, lse, inv, qpos, lo, hi, kpos, delta, dq,
+           *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(o_rows), *_s4(dq),
+           H, T, E, S, D, Dv, scale, sl2,
+           BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
+           DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=prec, SPLIT=SPLIT_TILES["dq"],
+           num_warps=warps, num_stages=stages, **_regs(q, "dq"))
 
     bm, bn, warps, stages = _cfg(q, "dkdv")
     nt = cdiv(S, bn)
@@ -568,13 +569,13 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     else:
         dk = dq if shared else _new((B, H, S, D), part, dev)
         dv = _new((B, H, S, Dv), part, dev)
-    K._bwd_dkdv_kernel[(nt, B * H)](
-        q, k, v, dout, lse, inv, delta, qpos, lo, hi, kpos, qlo, qhi, flo, fhi, dk, dv,
-        *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(dk), *_s4(dv),
-        H, T, E, S, nt, D, Dv, scale, sl2,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
-        DIRECT=direct, ADD_DK=shared, PRECISION=prec, SPLIT=SPLIT_TILES["dkdv"], num_warps=warps, num_stages=stages,
-        **_regs(q, "dkdv_direct" if direct else "dkdv"))
+    launch(K._bwd_dkdv_kernel, (nt, B * H),
+           q, k, v, dout, lse, inv, delta, qpos, lo, hi, kpos, qlo, qhi, flo, fhi, dk, dv,
+           *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(dk), *_s4(dv),
+           H, T, E, S, nt, D, Dv, scale, sl2,
+           BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
+           DIRECT=direct, ADD_DK=shared, PRECISION=prec, SPLIT=SPLIT_TILES["dkdv"], num_warps=warps, num_stages=stages,
+           **_regs(q, "dkdv_direct" if direct else "dkdv"))
     empty = q.new_empty(0)
     if direct:
         return dq, (empty if shared else dk), dv
