@@ -116,7 +116,7 @@ def test_what_the_jit_specialises_on_misses_the_cache(fresh, monkeypatch, change
 
 
 @pytest.mark.parametrize("case", ["switched off", "cpu tensor", "parameter left to its default",
-                                  "interpreter", "hook set", "grid callable"])
+                                  "interpreter", "hook set", "grid callable", "unhashable argument"])
 def test_the_jit_runs_where_the_cache_must_not(fresh, monkeypatch, case):
     k = _Kernel()
     x, kw, grid = _x(), dict(BLOCK=16, FLAG=True), (1,)
@@ -130,6 +130,8 @@ def test_the_jit_runs_where_the_cache_must_not(fresh, monkeypatch, case):
         k = _Kernel(compiles=False)
     elif case == "hook set":
         monkeypatch.setattr(_launch, "_hooks_active", lambda: True)
+    elif case == "unhashable argument":
+        kw["FLAG"] = [1]
     else:
         grid = lambda meta: (1,)  # noqa: E731
     for _ in range(3):

@@ -88,7 +88,11 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
         return
     device, stream = _device_and_stream()
     key = (kernel, device, _key(args), tuple(kwargs.items()))  # constexprs and options by value
-    entry = _cache.get(key)
+    try:
+        entry = _cache.get(key)
+    except TypeError:  # an unhashable argument: only the JIT can tell what it means
+        kernel[grid](*args, **kwargs)
+        return
     if entry is None:
         compiled = kernel[grid](*args, **kwargs)  # compiles (or finds) and launches
         rest = kernel.arg_names[len(args):]
