@@ -33,10 +33,6 @@ ARGMAX_TILES = {"cuda": (128, 64, 4), "cpu": (128, 16, 4)}
 # asked for 256 KiB of shared memory, more than an H200 has (GPU tests, 2026-12-02 session 7).
 WIDE_TILES = {"cuda": (64, 32, 4), "cpu": (64, 16, 4)}
 COUNT_TILE = 64
-# Score tiles per program, (scoring passes, argmax): a program that runs several tiles loads (and, with
-# one centroid tile for all its clusters, splits) the centroids once for all of them. The interpreter
-# runs two, so that the tests cover a program's loop and its last tiles past T.
-T_TILES = {"cuda": (1, 1), "cpu": (2, 2)}
 
 # bf16 inputs: score with three bf16 products on x as it is (see _split_centroid_scores) instead of
 # tf32x3 on the normalised rows (NOTES_routing.md v8). On an H200 at T = 64k (run D's A/B) graph
@@ -46,25 +42,18 @@ BF16_SPLIT_SCORES = True
 
 
 @triton.jit
-def _centroid_pieces(cent):
-    """float32 centroids (BLOCK_C, BLOCK_D) -> c1, c2, c3 bf16 with c = c1 + c2 + c3 to ~2**-27, and
-    each row's sum (see _split_centroid_scores)."""
-    c1 = cent.to(tl.bfloat16)
-    r1 = cent - c1.to(tl.float32)
-    c2 = r1.to(tl.bfloat16)
-    c3 = (r1 - c2.to(tl.float32)).to(tl.bfloat16)
-    return c1, c2, c3, tl.sum(cent, axis=1)
-
-
-@triton.jit
-def _split_centroid_scores(x, c1, c2, c3, csum, mean, rstd, PRECISION: tl.constexpr):
-    """(BLOCK_T, BLOCK_C) scores of bf16 rows x against float32 centroids c (in _centroid_pieces), as
+def _split_centroid_scores(x, cent, mean, rstd, PRECISION: tl.constexpr):
+    """(BLOCK_T, BLOCK_C) scores of bf16 rows x against float32 centroids, as
     rstd * (x . c - mean * sum(c)): the LayerNorm folded out of the product, so the tensor cores take x
     as it is. c = c1 + c2 + c3 in bf16 pieces (each rounding leaves a residual exact in float32; the
     three hold c to ~2**-27), and a bf16 x bf16 product is exact in float32, so the three bf16 products
     carry float32's rounding -- at the price of the cancellation in the subtraction, which costs
     ~|mean| / std of extra relative error (benchmarks/NOTES_routing.md v8). "bf16x3-upcast": the same
     products in fp32 (the CPU interpreter of triton 3.9 mis-multiplies bf16 tiles)."""
+    c1 = cent.to(tl.bfloat16)
+    r1 = cent - c1.to(tl.float32)
+    c2 = r1.to(tl.bfloat16)
+    c3 = (r1 - c2.to(tl.float32)).to(tl.bfloat16)
     if PRECISION == "bf16x3-upcast":
         xf = x.to(tl.float32)
         acc = tl.dot(xf, tl.trans(c3.to(tl.float32)), input_precision="ieee")
@@ -74,20 +63,8 @@ def _split_centroid_scores(x, c1, c2, c3, csum, mean, rstd, PRECISION: tl.conste
         acc = tl.dot(x, tl.trans(c3))  # smallest pieces first
         acc = tl.dot(x, tl.trans(c2), acc)
         acc = tl.dot(x, tl.trans(c1), acc)
+    csum = tl.sum(cent, axis=1)
     return rstd[:, None] * (acc - mean[:, None] * csum[None, :])
-
-
-@triton.jit
-def _tile_scores(x_in, xn, mean, rstd, CENT, h, C, c0, c_end, offs_d, dmask, D,
-                 BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
-    """One (BLOCK_T, BLOCK_C) tile of scores against centroids c0 .. c0 + BLOCK_C - 1, loaded here."""
-    offs_c = c0 + tl.arange(0, BLOCK_C)
-    cent = tl.load(CENT + (h * C + offs_c[:, None]).to(tl.int64) * D + offs_d[None, :],
-                   mask=(offs_c < c_end)[:, None] & dmask[None, :], other=0.0)
-    if PRECISION == "bf16x3" or PRECISION == "bf16x3-upcast":
-        c1, c2, c3, csum = _centroid_pieces(cent)
-        return _split_centroid_scores(x_in, c1, c2, c3, csum, mean, rstd, PRECISION)
-    return tl.dot(xn, tl.trans(cent), input_precision=PRECISION)
 
 
 @triton.jit
@@ -96,10 +73,9 @@ def _scores_kernel(
     sxb, sxh, sxt, H, T, C, C_BEGIN, C_COUNT, D, G, eps,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_SIZE: tl.constexpr,
     WRITE: tl.constexpr, ARGMAX: tl.constexpr, PRECISION: tl.constexpr, COUNT_BINS: tl.constexpr,
-    COUNT_T: tl.constexpr, T_TILES: tl.constexpr, HOIST: tl.constexpr,
+    COUNT_T: tl.constexpr,
 ):
-    """T_TILES consecutive tiles of BLOCK_T positions of one (batch, head) against centroids
-    C_BEGIN .. C_BEGIN+C_COUNT-1.
+    """One tile of BLOCK_T positions of one (batch, head) against centroids C_BEGIN .. C_BEGIN+C_COUNT-1.
 
     WRITE: S_T (BH, C_COUNT, T) float32 scores and GMAX (BH, C_COUNT, G) the max over each GROUP_SIZE
     positions. A chunk that starts at a multiple of BLOCK_C runs exactly the tiles of the whole-C
@@ -108,8 +84,6 @@ def _scores_kernel(
     COUNT_BINS (a power of two >= C) also COUNTS (BH, COUNT_BINS, cdiv(T, COUNT_T)) int32, how many of
     each COUNT_T positions chose each cluster (the counting sort of triton_ops._nearest_indices_shared;
     BLOCK_T is a multiple of COUNT_T).
-    HOIST (C_COUNT <= BLOCK_C, bf16x3 only): the program loads and splits its centroids once for all its
-    tiles, rather than once per tile (the same values, so the same bits).
     PRECISION "tf32x3" on GPU: three tf32 tensor-core products, ~1e-7 relative error like fp32, while
     "ieee" fp32 dots ran at 12 TFLOP/s (0.74 ms at T=64k, H100), slower than the formula's matmul.
     "bf16x3" (bf16 x, BF16_SPLIT_SCORES): see _split_centroid_scores.
@@ -118,83 +92,75 @@ def _scores_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = offs_t < T
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
+    x_in = tl.load(X + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + offs_t[:, None].to(tl.int64) * sxt
+                   + offs_d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
+    x = x_in.to(tl.float32)
+    mean = tl.sum(x, axis=1) / D
+    xc = tl.where(dmask[None, :], x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / D
+    rstd = 1.0 / tl.sqrt(var + eps)
+    xn = xc * rstd[:, None]
+    best = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
+    best_c = tl.zeros([BLOCK_T], dtype=tl.int32)
     row0 = bh.to(tl.int64) * C_COUNT - C_BEGIN
     c_end = C_BEGIN + C_COUNT
-    n_tiles = tl.cdiv(T, BLOCK_T)
-    if HOIST:
-        offs_hc = C_BEGIN + tl.arange(0, BLOCK_C)
-        hcent = tl.load(CENT + (h * C + offs_hc[:, None]).to(tl.int64) * D + offs_d[None, :],
-                        mask=(offs_hc < c_end)[:, None] & dmask[None, :], other=0.0)
-        hc1, hc2, hc3, hcsum = _centroid_pieces(hcent)
-    for it in range(T_TILES):
-        tile = pid * T_TILES + it
-        offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-        tmask = offs_t < T
-        x_in = tl.load(X + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + offs_t[:, None].to(tl.int64) * sxt
-                       + offs_d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
-        x = x_in.to(tl.float32)
-        mean = tl.sum(x, axis=1) / D
-        xc = tl.where(dmask[None, :], x - mean[:, None], 0.0)
-        var = tl.sum(xc * xc, axis=1) / D
-        rstd = 1.0 / tl.sqrt(var + eps)
-        xn = xc * rstd[:, None]
-        best = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
-        best_c = tl.zeros([BLOCK_T], dtype=tl.int32)
-        for c0 in range(C_BEGIN, c_end, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            cmask = offs_c < c_end
-            if HOIST:
-                s = _split_centroid_scores(x_in, hc1, hc2, hc3, hcsum, mean, rstd, PRECISION)
-            else:
-                s = _tile_scores(x_in, xn, mean, rstd, CENT, h, C, c0, c_end, offs_d, dmask, D, BLOCK_C, PRECISION)
-            if WRITE:
-                rows = (row0 + offs_c)[None, :]
-                tl.store(S_T + rows * T + offs_t[:, None], s, mask=tmask[:, None] & cmask[None, :])
-                NG: tl.constexpr = BLOCK_T // GROUP_SIZE
-                gmax = tl.max(tl.reshape(tl.where(tmask[:, None], s, float("-inf")), [NG, GROUP_SIZE, BLOCK_C]),
-                              axis=1)
-                offs_g = tile * NG + tl.arange(0, NG)
-                tl.store(GMAX + rows * G + offs_g[:, None], gmax, mask=(offs_g[:, None] < G) & cmask[None, :])
-            if ARGMAX:
-                s = tl.where(cmask[None, :], s, float("-inf"))
-                tile_best = tl.max(s, axis=1)
-                tile_c = tl.argmax(s, axis=1, tie_break_left=True)
-                better = tile_best > best  # strict: an equal score in a later tile keeps the lower cluster
-                best_c = tl.where(better, tile_c + c0, best_c)
-                best = tl.where(better, tile_best, best)
+    for c0 in range(C_BEGIN, c_end, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        cmask = offs_c < c_end
+        cent = tl.load(CENT + (h * C + offs_c[:, None]).to(tl.int64) * D + offs_d[None, :],
+                       mask=cmask[:, None] & dmask[None, :], other=0.0)
+        if PRECISION == "bf16x3" or PRECISION == "bf16x3-upcast":
+            s = _split_centroid_scores(x_in, cent, mean, rstd, PRECISION)
+        else:
+            s = tl.dot(xn, tl.trans(cent), input_precision=PRECISION)
+        if WRITE:
+            rows = (row0 + offs_c)[None, :]
+            tl.store(S_T + rows * T + offs_t[:, None], s, mask=tmask[:, None] & cmask[None, :])
+            NG: tl.constexpr = BLOCK_T // GROUP_SIZE
+            gmax = tl.max(tl.reshape(tl.where(tmask[:, None], s, float("-inf")), [NG, GROUP_SIZE, BLOCK_C]), axis=1)
+            offs_g = pid * NG + tl.arange(0, NG)
+            tl.store(GMAX + rows * G + offs_g[:, None], gmax, mask=(offs_g[:, None] < G) & cmask[None, :])
         if ARGMAX:
-            tl.store(AMAX + bh.to(tl.int64) * T + offs_t, best_c.to(tl.int64), mask=tmask)
-            NSUB: tl.constexpr = BLOCK_T // COUNT_T
-            # Positions past T count as cluster 0 and are taken back out of bin 0 (a whole tile past T,
-            # in a program's last tiles, is not stored).
-            n_pad = BLOCK_T - tl.minimum(tl.maximum(T - tile * BLOCK_T, 0), BLOCK_T)
-            if COUNT_BINS > 0 and NSUB == 1:
-                # One count tile per score tile (on the GPU: head dims above 64): the code the GPU tests
-                # passed before count tiles existed. tl.histogram without its mask argument (not in every
-                # Triton we run on).
-                bins = tl.arange(0, COUNT_BINS)
-                hist = tl.histogram(tl.where(tmask, best_c, 0), COUNT_BINS)
-                hist = hist - tl.where(bins == 0, n_pad, 0)
-                # (BH, COUNT_BINS, tiles): cluster-major, so one flat cumsum gives each (cluster, tile) its
-                # first slot (triton_ops._nearest_slots_counting).
-                tl.store(COUNTS + (bh.to(tl.int64) * COUNT_BINS + bins) * n_tiles + tile, hist,
-                         mask=bins < tl.where(tile < n_tiles, COUNT_BINS, 0))
-            elif COUNT_BINS > 0:
-                # One histogram for the tile's NSUB count tiles: position i goes to bin
-                # (i // COUNT_T) * COUNT_BINS + cluster.
-                key = (tl.arange(0, BLOCK_T) // COUNT_T) * COUNT_BINS + best_c
-                hist = tl.histogram(tl.where(tmask, key, 0), NSUB * COUNT_BINS)
-                hist = tl.reshape(hist - tl.where(tl.arange(0, NSUB * COUNT_BINS) == 0, n_pad, 0),
-                                  [NSUB, COUNT_BINS])
-                # (BH, COUNT_BINS, count tiles): cluster-major, so one flat cumsum gives each (cluster,
-                # count tile) its first slot (triton_ops._nearest_slots_counting).
-                n_count = tl.cdiv(T, COUNT_T)
-                sub = tile * NSUB + tl.arange(0, NSUB)
-                bins = tl.arange(0, COUNT_BINS)
-                tl.store(COUNTS + (bh.to(tl.int64) * COUNT_BINS + bins[None, :]) * n_count + sub[:, None], hist,
-                         mask=(sub < n_count)[:, None])
+            s = tl.where(cmask[None, :], s, float("-inf"))
+            tile_best = tl.max(s, axis=1)
+            tile_c = tl.argmax(s, axis=1, tie_break_left=True)
+            better = tile_best > best  # strict: an equal score in a later tile keeps the lower cluster
+            best_c = tl.where(better, tile_c + c0, best_c)
+            best = tl.where(better, tile_best, best)
+    if ARGMAX:
+        tl.store(AMAX + bh.to(tl.int64) * T + offs_t, best_c.to(tl.int64), mask=tmask)
+        NSUB: tl.constexpr = BLOCK_T // COUNT_T
+        if COUNT_BINS > 0 and NSUB == 1:
+            # One count tile per score tile (on the GPU: head dims above 64): the code the GPU tests passed
+            # before count tiles existed. tl.histogram without its mask argument (not in every Triton we run
+            # on): the positions past T count as cluster 0 and are taken back out of bin 0.
+            bins = tl.arange(0, COUNT_BINS)
+            hist = tl.histogram(tl.where(tmask, best_c, 0), COUNT_BINS)
+            n_pad = BLOCK_T - tl.minimum(T - pid * BLOCK_T, BLOCK_T)
+            hist = hist - tl.where(bins == 0, n_pad, 0)
+            # (BH, COUNT_BINS, tiles): cluster-major, so one flat cumsum gives each (cluster, tile) its
+            # first slot (triton_ops._nearest_slots_counting).
+            nt = tl.num_programs(0)
+            tl.store(COUNTS + (bh.to(tl.int64) * COUNT_BINS + bins) * nt + pid, hist)
+        elif COUNT_BINS > 0:
+            # One histogram for the tile's NSUB count tiles: position i goes to bin
+            # (i // COUNT_T) * COUNT_BINS + cluster; the positions past T count in bin 0 and are taken
+            # back out of it.
+            key = (tl.arange(0, BLOCK_T) // COUNT_T) * COUNT_BINS + best_c
+            hist = tl.histogram(tl.where(tmask, key, 0), NSUB * COUNT_BINS)
+            n_pad = BLOCK_T - tl.minimum(T - pid * BLOCK_T, BLOCK_T)
+            hist = tl.reshape(hist - tl.where(tl.arange(0, NSUB * COUNT_BINS) == 0, n_pad, 0), [NSUB, COUNT_BINS])
+            # (BH, COUNT_BINS, count tiles): cluster-major, so one flat cumsum gives each (cluster, count
+            # tile) its first slot (triton_ops._nearest_slots_counting).
+            n_count = tl.cdiv(T, COUNT_T)
+            sub = pid * NSUB + tl.arange(0, NSUB)
+            bins = tl.arange(0, COUNT_BINS)
+            tl.store(COUNTS + (bh.to(tl.int64) * COUNT_BINS + bins[None, :]) * n_count + sub[:, None], hist,
+                     mask=(sub < n_count)[:, None])
 
 
 def tiles(x: torch.Tensor, argmax: bool = False) -> tuple[int, int, int]:
@@ -236,17 +202,14 @@ def _launch(x: torch.Tensor, centroids: torch.Tensor, write: bool, argmax: bool,
     count_t = count_tile(x) if count_bins else block_t  # (a constant where unused: no extra compilations)
     if block_t % count_t:
         raise ValueError(f"score tile {block_t} is not a multiple of the count tile {count_t} (ARGMAX_TILES)")
-    t_tiles = T_TILES["cuda" if gpu_plan(x) else "cpu"][1 if argmax else 0]
-    precision = _precision(x)
-    hoist = precision.startswith("bf16x3") and c_count <= block_c
-    grid = (cdiv(cdiv(T, block_t), t_tiles), B * H)
+    grid = (cdiv(T, block_t), B * H)
     counts = torch.empty((B * H, count_bins, cdiv(T, count_t)) if count_bins else (0,), dtype=torch.int32,
                          device=dev)
     launch(_scores_kernel, grid, x, cent, s_t, gmax, amax, counts, x.stride(0), x.stride(1), x.stride(2), H, T, C,
            c_begin, c_count, D, G, _EPS,
            BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_D=block_d, GROUP_SIZE=scores.GROUP,
-           WRITE=write, ARGMAX=argmax, PRECISION=precision, COUNT_BINS=count_bins,
-           COUNT_T=count_t, T_TILES=t_tiles, HOIST=hoist, num_warps=warps)
+           WRITE=write, ARGMAX=argmax, PRECISION=_precision(x), COUNT_BINS=count_bins,
+           COUNT_T=count_t, num_warps=warps)
     return s_t, gmax, amax, counts
 
 
