@@ -373,27 +373,21 @@ def sweep(T, parts=SWEEP_PARTS):
     from routeformer.ops.routing import _score_kernels as SK
 
     default_tiles, default_argmax = dict(SK.TILES), dict(SK.ARGMAX_TILES)
-    default_split, default_transposed = SK.BF16_SPLIT_SCORES, SK.TRANSPOSED_STORES
+    default_split = SK.BF16_SPLIT_SCORES
     # The bf16 split (NOTES_routing.md v8). tf32x3 on the normalised rows lost at every tile in run D
     # (argmax 0.207-0.294 ms against 0.113-0.305) and is no longer swept. Session 8 also timed the
     # centroids split once per call in torch instead of by each program: slower (argmax + counts 0.145
-    # against 0.126 ms; runs/h200_2026-12-02_7655994_scores_sweep.txt), and the code is gone; session 9
-    # programs of several tiles: no gain (runs/h200_2026-12-02_4772ec1_scores_sweep.txt).
-    # topk is timed on one pass of cluster_chunk clusters, as it runs, with and without TRANSPOSED_STORES.
-    chunk = TO.cluster_chunk(q, centroids.shape[1])
+    # against 0.126 ms; runs/h200_2026-12-02_7655994_scores_sweep.txt), and the code is gone.
     if "scores" in parts:
         SK.BF16_SPLIT_SCORES = True
         kind = " (bf16 split)"
-        for tiles in [(128, 64, 4), (128, 32, 4), (64, 32, 4), (128, 128, 8), (64, 64, 4), (128, 64, 8),
-                      (256, 64, 8), (64, 128, 4), (256, 32, 8)]:
+        for tiles in [(128, 64, 4), (128, 64, 8), (64, 32, 4), (128, 128, 8), (64, 64, 4), (128, 32, 4),
+                      (256, 64, 8), (256, 32, 8)]:
             SK.TILES["cuda"] = SK.ARGMAX_TILES["cuda"] = tiles
             try:
                 with torch.no_grad():  # graph replays: one kernel each, whose launch the host could outlast
-                    for transposed in (False, True):
-                        SK.TRANSPOSED_STORES = transposed
-                        res.append(("topk", f"fused scores, {chunk} clusters{kind}{', transposed' * transposed}",
-                                    tiles, _bench_graph(lambda: SK.fused_scores(q, centroids, 0, chunk)), math.nan))
-                    SK.TRANSPOSED_STORES = default_transposed
+                    res.append(("topk", "fused scores" + kind, tiles,
+                                _bench_graph(lambda: scores.assignment_scores(q, centroids)), math.nan))
                     # with the per-64-position cluster counts, as the counting sort calls it
                     res.append(("nearest", "fused argmax+counts" + kind, tiles,
                                 _bench_graph(lambda: SK.fused_argmax_counts(q, centroids)), math.nan))
@@ -401,7 +395,6 @@ def sweep(T, parts=SWEEP_PARTS):
                 res.append(("both", "fused kernel" + kind, tiles, math.nan, str(e)[:60]))
     SK.TILES.update(default_tiles)
     SK.ARGMAX_TILES.update(default_argmax)
-    SK.TRANSPOSED_STORES = default_transposed
     SK.BF16_SPLIT_SCORES = default_split
     for assign in ("topk", "nearest"):
         direct = assign == "nearest"

@@ -45,28 +45,22 @@ def _near_ties_only(x, centroids, s_t):
     return bool(((best - chosen) <= 1e-5 * best.abs().clamp(min=1)).all())
 
 
-@pytest.mark.parametrize("transposed", [False, True])  # _score_kernels.TRANSPOSED_STORES
 @pytest.mark.parametrize("T,D,C,dtype", [(37, 24, 5, torch.float32), (100, 8, 20, torch.bfloat16),
                                          (70, 60, 33, torch.float16)])
-def test_fused_scores_match_formula(monkeypatch, T, D, C, dtype, transposed):
-    from routeformer.ops.routing import _score_kernels as SK
-
-    monkeypatch.setattr(SK, "TRANSPOSED_STORES", transposed)
+def test_fused_scores_match_formula(monkeypatch, T, D, C, dtype):
     monkeypatch.setattr(scores, "GROUP", 4)
     x, centroids = _inputs(2, 2, T, D, C, dtype, "cpu")
     _check(x, centroids, 4)
 
 
-@pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("offset", [1.0, 8.0])
-def test_bf16_split_scores_match_formula(monkeypatch, offset, transposed):
+def test_bf16_split_scores_match_formula(monkeypatch, offset):
     """The bf16-split scores (LayerNorm folded out of three bf16 products) equal the formula within
     fp32 rounding, also with rows whose mean is several times their spread (the subtraction's
     cancellation grows with |mean| / std), and keep the group maxima and argmax exact."""
     from routeformer.ops.routing import _score_kernels as SK
 
     monkeypatch.setattr(SK, "BF16_SPLIT_SCORES", True)
-    monkeypatch.setattr(SK, "TRANSPOSED_STORES", transposed)
     monkeypatch.setattr(scores, "GROUP", 4)
     g = torch.Generator().manual_seed(4)
     for T, D, C in ((100, 24, 20), (37, 64, 5)):
@@ -103,11 +97,7 @@ def test_paths_agree_off_cuda():
 @needs_cuda
 @pytest.mark.parametrize("T,D,C,dtype", [(5000, 64, 10, torch.bfloat16), (4097, 128, 130, torch.float16),
                                          (3001, 256, 7, torch.float32), (1000, 40, 3, torch.bfloat16)])
-@pytest.mark.parametrize("transposed", [False, True])
-def test_fused_scores_match_formula_gpu(monkeypatch, T, D, C, dtype, transposed):
-    from routeformer.ops.routing import _score_kernels as SK
-
-    monkeypatch.setattr(SK, "TRANSPOSED_STORES", transposed)
+def test_fused_scores_match_formula_gpu(T, D, C, dtype):
     x, centroids = _inputs(2, 3, T, D, C, dtype, "cuda")
     _check(x, centroids, scores.GROUP)
 
@@ -115,13 +105,11 @@ def test_fused_scores_match_formula_gpu(monkeypatch, T, D, C, dtype, transposed)
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("T,D,C", [(5000, 64, 10), (4097, 128, 130), (1000, 40, 3), (65536, 64, 128)])
-@pytest.mark.parametrize("transposed", [False, True])
-def test_bf16_split_scores_match_formula_gpu(monkeypatch, T, D, C, transposed):
+def test_bf16_split_scores_match_formula_gpu(monkeypatch, T, D, C):
     """The bf16-split candidate (three bf16 tensor-core products, NOTES_routing.md v8) at real sizes."""
     from routeformer.ops.routing import _score_kernels as SK
 
     monkeypatch.setattr(SK, "BF16_SPLIT_SCORES", True)
-    monkeypatch.setattr(SK, "TRANSPOSED_STORES", transposed)
     x, centroids = _inputs(1, 2, T, D, C, torch.bfloat16, "cuda")
     assert SK._precision(x) == "bf16x3"
     _check(x, centroids, scores.GROUP)

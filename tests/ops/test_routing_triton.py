@@ -242,14 +242,11 @@ def test_group_select_equals_full_sort_gpu():
     assert torch.equal(TO.topk_index(x, centroids, 500).long(), expected)
 
 
-@pytest.mark.parametrize("transposed", [False, True])  # _score_kernels.TRANSPOSED_STORES
-def test_cluster_passes_equal_one_pass(monkeypatch, transposed):
+def test_cluster_passes_equal_one_pass(monkeypatch):
     """Scoring the clusters in passes (fused kernel, interpreter) selects what one pass selects."""
-    from routeformer.ops.routing import _score_kernels as SK
     from routeformer.ops.routing import scores
     from routeformer.ops.routing._score_kernels import fused_scores, tiles
 
-    monkeypatch.setattr(SK, "TRANSPOSED_STORES", transposed)
     monkeypatch.setattr(scores, "use_fused", lambda x: True)
     monkeypatch.setattr(scores, "GROUP", 4)
     g = torch.Generator().manual_seed(5)
@@ -295,13 +292,9 @@ def test_select_top_equals_stable_sort(monkeypatch, one_kernel):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("transposed", [False, True])  # _score_kernels.TRANSPOSED_STORES
-def test_scoring_passes_select_what_one_pass_selects_gpu(monkeypatch, transposed):
+def test_scoring_passes_select_what_one_pass_selects_gpu(monkeypatch):
     """T = 64k, C = 128, bf16 D = 64: two passes of 64 clusters, whose scores must be the bits of the
     whole-C launch (the one the reference backend takes), so both select the same positions."""
-    from routeformer.ops.routing import _score_kernels as SK
-
-    monkeypatch.setattr(SK, "TRANSPOSED_STORES", transposed)
     x = torch.randn(1, 8, 65536, 64, device="cuda", dtype=torch.bfloat16)
     centroids = torch.nn.functional.normalize(torch.randn(8, 128, 64, device="cuda"), dim=-1)
     assert TO.cluster_chunk(x, 128) == 64

@@ -33,10 +33,6 @@ ARGMAX_TILES = {"cuda": (128, 64, 4), "cpu": (128, 16, 4)}
 # asked for 256 KiB of shared memory, more than an H200 has (GPU tests, 2026-12-02 session 7).
 WIDE_TILES = {"cuda": (64, 32, 4), "cpu": (64, 16, 4)}
 COUNT_TILE = 64
-# The scoring passes (topk) as (clusters, positions) products: the float32 scores are stored
-# position-major, and in the (positions, clusters) accumulator each thread holds cluster-adjacent
-# values. Measured by benchmarks/attention.py --sweep (part "scores").
-TRANSPOSED_STORES = False
 
 # bf16 inputs: score with three bf16 products on x as it is (see _split_centroid_scores) instead of
 # tf32x3 on the normalised rows (NOTES_routing.md v8). On an H200 at T = 64k (run D's A/B) graph
@@ -72,33 +68,12 @@ def _split_centroid_scores(x, cent, mean, rstd, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _split_centroid_scores_t(x, cent, mean, rstd, PRECISION: tl.constexpr):
-    """_split_centroid_scores transposed: (BLOCK_C, BLOCK_T), the centroid pieces as the left operand."""
-    c1 = cent.to(tl.bfloat16)
-    r1 = cent - c1.to(tl.float32)
-    c2 = r1.to(tl.bfloat16)
-    c3 = (r1 - c2.to(tl.float32)).to(tl.bfloat16)
-    if PRECISION == "bf16x3-upcast":
-        xt = tl.trans(x.to(tl.float32))
-        acc = tl.dot(c3.to(tl.float32), xt, input_precision="ieee")
-        acc = tl.dot(c2.to(tl.float32), xt, acc, input_precision="ieee")
-        acc = tl.dot(c1.to(tl.float32), xt, acc, input_precision="ieee")
-    else:
-        xt = tl.trans(x)
-        acc = tl.dot(c3, xt)  # smallest pieces first
-        acc = tl.dot(c2, xt, acc)
-        acc = tl.dot(c1, xt, acc)
-    csum = tl.sum(cent, axis=1)
-    return rstd[None, :] * (acc - mean[None, :] * csum[:, None])
-
-
-@triton.jit
 def _scores_kernel(
     X, CENT, S_T, GMAX, AMAX, COUNTS,
     sxb, sxh, sxt, H, T, C, C_BEGIN, C_COUNT, D, G, eps,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_SIZE: tl.constexpr,
     WRITE: tl.constexpr, ARGMAX: tl.constexpr, PRECISION: tl.constexpr, COUNT_BINS: tl.constexpr,
-    COUNT_T: tl.constexpr, TRANSPOSE: tl.constexpr,
+    COUNT_T: tl.constexpr,
 ):
     """One tile of BLOCK_T positions of one (batch, head) against centroids C_BEGIN .. C_BEGIN+C_COUNT-1.
 
@@ -112,8 +87,6 @@ def _scores_kernel(
     PRECISION "tf32x3" on GPU: three tf32 tensor-core products, ~1e-7 relative error like fp32, while
     "ieee" fp32 dots ran at 12 TFLOP/s (0.74 ms at T=64k, H100), slower than the formula's matmul.
     "bf16x3" (bf16 x, BF16_SPLIT_SCORES): see _split_centroid_scores.
-    TRANSPOSE (WRITE only): the products as (clusters, positions) tiles, so that each thread holds
-    position-adjacent scores for the position-major stores (see TRANSPOSED_STORES).
     """
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -140,23 +113,11 @@ def _scores_kernel(
         cmask = offs_c < c_end
         cent = tl.load(CENT + (h * C + offs_c[:, None]).to(tl.int64) * D + offs_d[None, :],
                        mask=cmask[:, None] & dmask[None, :], other=0.0)
-        if TRANSPOSE:
-            if PRECISION == "bf16x3" or PRECISION == "bf16x3-upcast":
-                st = _split_centroid_scores_t(x_in, cent, mean, rstd, PRECISION)
-            else:
-                st = tl.dot(cent, tl.trans(xn), input_precision=PRECISION)
-            rows_t = (row0 + offs_c)[:, None]
-            tl.store(S_T + rows_t * T + offs_t[None, :], st, mask=cmask[:, None] & tmask[None, :])
-            NG_T: tl.constexpr = BLOCK_T // GROUP_SIZE
-            gmax_t = tl.max(tl.reshape(tl.where(tmask[None, :], st, float("-inf")), [BLOCK_C, NG_T, GROUP_SIZE]),
-                            axis=2)
-            offs_gt = pid * NG_T + tl.arange(0, NG_T)
-            tl.store(GMAX + rows_t * G + offs_gt[None, :], gmax_t, mask=cmask[:, None] & (offs_gt[None, :] < G))
-        elif PRECISION == "bf16x3" or PRECISION == "bf16x3-upcast":
+        if PRECISION == "bf16x3" or PRECISION == "bf16x3-upcast":
             s = _split_centroid_scores(x_in, cent, mean, rstd, PRECISION)
         else:
             s = tl.dot(xn, tl.trans(cent), input_precision=PRECISION)
-        if WRITE and not TRANSPOSE:
+        if WRITE:
             rows = (row0 + offs_c)[None, :]
             tl.store(S_T + rows * T + offs_t[:, None], s, mask=tmask[:, None] & cmask[None, :])
             NG: tl.constexpr = BLOCK_T // GROUP_SIZE
@@ -248,7 +209,7 @@ def _launch(x: torch.Tensor, centroids: torch.Tensor, write: bool, argmax: bool,
            c_begin, c_count, D, G, _EPS,
            BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_D=block_d, GROUP_SIZE=scores.GROUP,
            WRITE=write, ARGMAX=argmax, PRECISION=_precision(x), COUNT_BINS=count_bins,
-           COUNT_T=count_t, TRANSPOSE=write and not argmax and TRANSPOSED_STORES, num_warps=warps)
+           COUNT_T=count_t, num_warps=warps)
     return s_t, gmax, amax, counts
 
 
