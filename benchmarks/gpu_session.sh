@@ -17,7 +17,8 @@
 # Each step also has its own time limit (STEP_LIMIT_S, default 300 s); PYTEST_ARGS replaces the tests
 # step's default selection (tests/), e.g. one test id or `tests/ --deselect ID`; LOCAL_ARGS is added to
 # the local step's command (e.g. "--sweep --sweep-T 65536"); AB_ONLY limits the ab step to these
-# variants beside "all changes" (a comma list, e.g. AB_ONLY="argmax tiles 64x32").
+# variants beside "all changes" (a comma list, e.g. AB_ONLY="argmax tiles 64x32"); NCU_KERNELS replaces
+# the ncu step's kernel names (a regex alternation, e.g. "_scores_kernel").
 # The PyPI peer is installed from .whl/ when present (carry .whl):
 #   python3 -m pip download --no-deps -d .whl routing-transformer==1.6.1 local-attention==1.4.4 \
 #       product-key-memory==0.1.11 mixture-of-experts==0.2.3
@@ -117,7 +118,7 @@ for s in "${steps[@]}"; do
         ncu)
             ncu_bin="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2> /dev/null | head -1)"
             run_step ncu ncu.txt "${ncu_bin:-ncu}" --clock-control none --profile-from-start off \
-                -k 'regex:^(_fwd_kernel|_bwd_dq_kernel|_bwd_dkdv_kernel)$' \
+                -k "regex:^(${NCU_KERNELS:-_fwd_kernel|_bwd_dq_kernel|_bwd_dkdv_kernel})\$" \
                 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
                 --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section SchedulerStats \
                 --metrics 'regex:^smsp__average_warps_issue_stalled_[a-z_]+_per_issue_active\.ratio$' \
