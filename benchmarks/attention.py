@@ -290,7 +290,7 @@ def profile(T, host=False):
             print(p.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
 
 
-SWEEP_PARTS = ("assignment", "scores", "argmax", "fwd", "bwd", "regs", "dkdv")
+SWEEP_PARTS = ("assignment", "scores", "fwd", "bwd", "regs", "dkdv")
 
 
 def ncu_target(T):
@@ -393,23 +393,6 @@ def sweep(T, parts=SWEEP_PARTS):
                                 _bench_graph(lambda: SK.fused_argmax_counts(q, centroids)), math.nan))
             except Exception as e:
                 res.append(("both", "fused kernel" + kind, tiles, math.nan, str(e)[:60]))
-    # Session 9: the argmax as one packed max (SK.PACKED_ARGMAX), with and without the cluster counts.
-    default_packed = SK.PACKED_ARGMAX
-    for tiles in ([(128, 64, 4), (128, 128, 8), (128, 128, 4), (64, 64, 4), (128, 32, 4), (64, 128, 4)]
-                  if "argmax" in parts else []):
-        SK.ARGMAX_TILES["cuda"] = tiles
-        SK.BF16_SPLIT_SCORES = True
-        for packed in (False, True):
-            SK.PACKED_ARGMAX = packed
-            try:
-                with torch.no_grad():
-                    res.append(("nearest", f"fused argmax+counts{', packed' * packed}", tiles,
-                                _bench_graph(lambda: SK.fused_argmax_counts(q, centroids)), math.nan))
-                    res.append(("nearest", f"fused argmax alone{', packed' * packed}", tiles,
-                                _bench_graph(lambda: SK.fused_argmax(q, centroids)), math.nan))
-            except Exception as e:
-                res.append(("nearest", f"fused argmax{', packed' * packed}", tiles, math.nan, str(e)[:60]))
-    SK.PACKED_ARGMAX = default_packed
     SK.TILES.update(default_tiles)
     SK.ARGMAX_TILES.update(default_argmax)
     SK.BF16_SPLIT_SCORES = default_split

@@ -398,9 +398,8 @@ def test_tile_entry_ranges_equal_their_definition():
                 assert torch.equal(every[r], (e >= flo[r, i]) & (e < fhi[r, i])), (R, N, i)
 
 
-@pytest.mark.parametrize("block_t,count_t,packed", [(64, 64, False), (128, 64, False), (128, 32, False),
-                                                   (128, 64, True)])
-def test_counting_sort_slots_equal_the_sorted_slots(monkeypatch, block_t, count_t, packed):
+@pytest.mark.parametrize("block_t,count_t", [(64, 64), (128, 64), (128, 32)])
+def test_counting_sort_slots_equal_the_sorted_slots(monkeypatch, block_t, count_t):
     """Shared-QK nearest slots from the counting sort (per-tile cluster counts from the score kernel, a
     cumsum, one kernel) equal those of the stable sort of the cluster ids: several tiles and a partial
     last one, a cluster count that is not a power of two, crowded clusters (the window binds), C = 1
@@ -414,7 +413,6 @@ def test_counting_sort_slots_equal_the_sorted_slots(monkeypatch, block_t, count_
     # several count tiles per score tile (the GPU's 128 and 64), each over several score tiles.
     monkeypatch.setitem(SK.ARGMAX_TILES, "cpu", (block_t, 16, 4))
     monkeypatch.setattr(SK, "COUNT_TILE", count_t)
-    monkeypatch.setattr(SK, "PACKED_ARGMAX", packed)  # the argmax as one packed max
     g = torch.Generator().manual_seed(12)
     for T, C, W in ((150, 6, 20), (300, 40, 32), (64, 1, 16), (65, 256, 5), (70, 257, 8), (400, 7, 64)):
         x = torch.randn(2, 2, T, 24, generator=g).to(torch.bfloat16)

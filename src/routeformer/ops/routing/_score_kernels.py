@@ -33,9 +33,6 @@ ARGMAX_TILES = {"cuda": (128, 64, 4), "cpu": (128, 16, 4)}
 # asked for 256 KiB of shared memory, more than an H200 has (GPU tests, 2026-12-02 session 7).
 WIDE_TILES = {"cuda": (64, 32, 4), "cpu": (64, 16, 4)}
 COUNT_TILE = 64
-# The argmax as one max over packed (score, cluster) int64 keys instead of a max and an argmax per
-# centroid tile (see _scores_kernel); benchmarks/attention.py --sweep (part "scores") times both.
-PACKED_ARGMAX = False
 
 # bf16 inputs: score with three bf16 products on x as it is (see _split_centroid_scores) instead of
 # tf32x3 on the normalised rows (NOTES_routing.md v8). On an H200 at T = 64k (run D's A/B) graph
@@ -76,7 +73,7 @@ def _scores_kernel(
     sxb, sxh, sxt, H, T, C, C_BEGIN, C_COUNT, D, G, eps,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_SIZE: tl.constexpr,
     WRITE: tl.constexpr, ARGMAX: tl.constexpr, PRECISION: tl.constexpr, COUNT_BINS: tl.constexpr,
-    COUNT_T: tl.constexpr, PACKED: tl.constexpr,
+    COUNT_T: tl.constexpr,
 ):
     """One tile of BLOCK_T positions of one (batch, head) against centroids C_BEGIN .. C_BEGIN+C_COUNT-1.
 
@@ -109,7 +106,6 @@ def _scores_kernel(
     xn = xc * rstd[:, None]
     best = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
     best_c = tl.zeros([BLOCK_T], dtype=tl.int32)
-    best_packed = tl.full([BLOCK_T], -9223372036854775807 - 1, dtype=tl.int64)
     row0 = bh.to(tl.int64) * C_COUNT - C_BEGIN
     c_end = C_BEGIN + C_COUNT
     for c0 in range(C_BEGIN, c_end, BLOCK_C):
@@ -128,16 +124,7 @@ def _scores_kernel(
             gmax = tl.max(tl.reshape(tl.where(tmask[:, None], s, float("-inf")), [NG, GROUP_SIZE, BLOCK_C]), axis=1)
             offs_g = pid * NG + tl.arange(0, NG)
             tl.store(GMAX + rows * G + offs_g[:, None], gmax, mask=(offs_g[:, None] < G) & cmask[None, :])
-        if ARGMAX and PACKED:
-            # One max over (the score's bits, made to order as signed ints) << 32 | (2**31 - 1 - cluster):
-            # the highest score, and among equal scores the lowest cluster, in one reduction (and no
-            # compare across centroid tiles). -0.0 becomes +0.0 first: torch.argmax ties them.
-            bits = tl.where(s == 0.0, 0.0, s).to(tl.int32, bitcast=True)
-            order = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-            packed = (order.to(tl.int64) << 32) | (0x7FFFFFFF - offs_c)[None, :].to(tl.int64)
-            packed = tl.where(cmask[None, :], packed, -9223372036854775807 - 1)
-            best_packed = tl.maximum(best_packed, tl.max(packed, axis=1))
-        elif ARGMAX:
+        if ARGMAX:
             s = tl.where(cmask[None, :], s, float("-inf"))
             tile_best = tl.max(s, axis=1)
             tile_c = tl.argmax(s, axis=1, tie_break_left=True)
@@ -145,8 +132,6 @@ def _scores_kernel(
             best_c = tl.where(better, tile_c + c0, best_c)
             best = tl.where(better, tile_best, best)
     if ARGMAX:
-        if PACKED:
-            best_c = 0x7FFFFFFF - (best_packed & 0xFFFFFFFF).to(tl.int32)
         tl.store(AMAX + bh.to(tl.int64) * T + offs_t, best_c.to(tl.int64), mask=tmask)
         NSUB: tl.constexpr = BLOCK_T // COUNT_T
         if COUNT_BINS > 0 and NSUB == 1:
@@ -224,7 +209,7 @@ def _launch(x: torch.Tensor, centroids: torch.Tensor, write: bool, argmax: bool,
            c_begin, c_count, D, G, _EPS,
            BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_D=block_d, GROUP_SIZE=scores.GROUP,
            WRITE=write, ARGMAX=argmax, PRECISION=_precision(x), COUNT_BINS=count_bins,
-           COUNT_T=count_t, PACKED=argmax and PACKED_ARGMAX, num_warps=warps)
+           COUNT_T=count_t, num_warps=warps)
     return s_t, gmax, amax, counts
 
 
