@@ -290,7 +290,7 @@ def profile(T, host=False):
             print(p.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
 
 
-SWEEP_PARTS = ("assignment", "scores", "fwd", "bwd", "regs", "dkdv")
+SWEEP_PARTS = ("assignment", "scores", "argmax", "fwd", "bwd", "regs", "dkdv")
 
 
 def ncu_target(T):
@@ -393,6 +393,25 @@ def sweep(T, parts=SWEEP_PARTS):
                                 _bench_graph(lambda: SK.fused_argmax_counts(q, centroids)), math.nan))
             except Exception as e:
                 res.append(("both", "fused kernel" + kind, tiles, math.nan, str(e)[:60]))
+    # Session 9: nearest's argmax with and without its LayerNorm statistics (SK.CENTRED_ARGMAX), with and
+    # without the cluster counts. (The argmax as one packed int64 max was slower at every tile:
+    # runs/h200_2026-12-02_1534a89_argmax_sweep.txt.)
+    default_centred = SK.CENTRED_ARGMAX
+    for tiles in ([(128, 64, 4), (128, 128, 8), (128, 32, 4), (64, 64, 4), (256, 64, 8)]
+                  if "argmax" in parts else []):
+        SK.ARGMAX_TILES["cuda"] = tiles
+        SK.BF16_SPLIT_SCORES = True
+        for centred in (False, True):
+            SK.CENTRED_ARGMAX = centred
+            try:
+                with torch.no_grad():
+                    res.append(("nearest", f"fused argmax+counts{', centred' * centred}", tiles,
+                                _bench_graph(lambda: SK.fused_argmax_counts(q, centroids)), math.nan))
+                    res.append(("nearest", f"fused argmax alone{', centred' * centred}", tiles,
+                                _bench_graph(lambda: SK.fused_argmax(q, centroids)), math.nan))
+            except Exception as e:
+                res.append(("nearest", f"fused argmax{', centred' * centred}", tiles, math.nan, str(e)[:60]))
+    SK.CENTRED_ARGMAX = default_centred
     SK.TILES.update(default_tiles)
     SK.ARGMAX_TILES.update(default_argmax)
     SK.BF16_SPLIT_SCORES = default_split

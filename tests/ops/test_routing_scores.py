@@ -53,14 +53,16 @@ def test_fused_scores_match_formula(monkeypatch, T, D, C, dtype):
     _check(x, centroids, 4)
 
 
+@pytest.mark.parametrize("centred", [False, True])  # _score_kernels.CENTRED_ARGMAX
 @pytest.mark.parametrize("offset", [1.0, 8.0])
-def test_bf16_split_scores_match_formula(monkeypatch, offset):
+def test_bf16_split_scores_match_formula(monkeypatch, offset, centred):
     """The bf16-split scores (LayerNorm folded out of three bf16 products) equal the formula within
     fp32 rounding, also with rows whose mean is several times their spread (the subtraction's
     cancellation grows with |mean| / std), and keep the group maxima and argmax exact."""
     from routeformer.ops.routing import _score_kernels as SK
 
     monkeypatch.setattr(SK, "BF16_SPLIT_SCORES", True)
+    monkeypatch.setattr(SK, "CENTRED_ARGMAX", centred)
     monkeypatch.setattr(scores, "GROUP", 4)
     g = torch.Generator().manual_seed(4)
     for T, D, C in ((100, 24, 20), (37, 64, 5)):
@@ -70,8 +72,10 @@ def test_bf16_split_scores_match_formula(monkeypatch, offset):
         _check(x, centroids, 4)
 
 
-def test_argmax_ties_go_to_the_lower_cluster():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the centred argmax
+def test_argmax_ties_go_to_the_lower_cluster(dtype):
     x, centroids = _inputs(1, 2, 40, 16, 20, torch.float32, "cpu", seed=1)
+    x = x.to(dtype)
     centroids[:, 17] = centroids[:, 3]  # identical centroids in different C tiles (16 per tile on CPU)
     centroids[:, 5] = centroids[:, 3]
     got = fused_argmax(x, centroids)
@@ -105,11 +109,13 @@ def test_fused_scores_match_formula_gpu(T, D, C, dtype):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("T,D,C", [(5000, 64, 10), (4097, 128, 130), (1000, 40, 3), (65536, 64, 128)])
-def test_bf16_split_scores_match_formula_gpu(monkeypatch, T, D, C):
+@pytest.mark.parametrize("centred", [False, True])  # _score_kernels.CENTRED_ARGMAX
+def test_bf16_split_scores_match_formula_gpu(monkeypatch, T, D, C, centred):
     """The bf16-split candidate (three bf16 tensor-core products, NOTES_routing.md v8) at real sizes."""
     from routeformer.ops.routing import _score_kernels as SK
 
     monkeypatch.setattr(SK, "BF16_SPLIT_SCORES", True)
+    monkeypatch.setattr(SK, "CENTRED_ARGMAX", centred)
     x, centroids = _inputs(1, 2, T, D, C, torch.bfloat16, "cuda")
     assert SK._precision(x) == "bf16x3"
     _check(x, centroids, scores.GROUP)

@@ -33,6 +33,9 @@ ARGMAX_TILES = {"cuda": (128, 64, 4), "cpu": (128, 16, 4)}
 # asked for 256 KiB of shared memory, more than an H200 has (GPU tests, 2026-12-02 session 7).
 WIDE_TILES = {"cuda": (64, 32, 4), "cpu": (64, 16, 4)}
 COUNT_TILE = 64
+# bf16 argmax without the scores (nearest): the argmax of x . (c - mean(c)), no LayerNorm statistics of x
+# (see _centred_split_scores). Measured by benchmarks/attention.py --sweep (part "argmax").
+CENTRED_ARGMAX = True
 
 # bf16 inputs: score with three bf16 products on x as it is (see _split_centroid_scores) instead of
 # tf32x3 on the normalised rows (NOTES_routing.md v8). On an H200 at T = 64k (run D's A/B) graph
@@ -68,12 +71,37 @@ def _split_centroid_scores(x, cent, mean, rstd, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _centred_split_scores(x, cent, dmask, D, PRECISION: tl.constexpr):
+    """(BLOCK_T, BLOCK_C) x . (c - mean(c)) for bf16 rows x: for each row, LayerNorm(x) . c up to the
+    row's positive factor rstd, so the same argmax over c, with no statistics of x at all. Because
+    (x - mean(x)) . c = x . (c - mean(c)), the centring moves to the centroids; the three bf16 pieces of
+    the centred centroids (see _split_centroid_scores) keep the products at float32's rounding, and no
+    cancellation against mean(x) is left."""
+    csum = tl.sum(cent, axis=1)
+    centred = tl.where(dmask[None, :], cent - csum[:, None] / D, 0.0)  # head-dim padding stays 0
+    c1 = centred.to(tl.bfloat16)
+    r1 = centred - c1.to(tl.float32)
+    c2 = r1.to(tl.bfloat16)
+    c3 = (r1 - c2.to(tl.float32)).to(tl.bfloat16)
+    if PRECISION == "bf16x3-upcast":
+        xf = x.to(tl.float32)
+        acc = tl.dot(xf, tl.trans(c3.to(tl.float32)), input_precision="ieee")
+        acc = tl.dot(xf, tl.trans(c2.to(tl.float32)), acc, input_precision="ieee")
+        acc = tl.dot(xf, tl.trans(c1.to(tl.float32)), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(x, tl.trans(c3))  # smallest pieces first
+        acc = tl.dot(x, tl.trans(c2), acc)
+        acc = tl.dot(x, tl.trans(c1), acc)
+    return acc
+
+
+@triton.jit
 def _scores_kernel(
     X, CENT, S_T, GMAX, AMAX, COUNTS,
     sxb, sxh, sxt, H, T, C, C_BEGIN, C_COUNT, D, G, eps,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_SIZE: tl.constexpr,
     WRITE: tl.constexpr, ARGMAX: tl.constexpr, PRECISION: tl.constexpr, COUNT_BINS: tl.constexpr,
-    COUNT_T: tl.constexpr,
+    COUNT_T: tl.constexpr, CENTRED: tl.constexpr,
 ):
     """One tile of BLOCK_T positions of one (batch, head) against centroids C_BEGIN .. C_BEGIN+C_COUNT-1.
 
@@ -87,6 +115,8 @@ def _scores_kernel(
     PRECISION "tf32x3" on GPU: three tf32 tensor-core products, ~1e-7 relative error like fp32, while
     "ieee" fp32 dots ran at 12 TFLOP/s (0.74 ms at T=64k, H100), slower than the formula's matmul.
     "bf16x3" (bf16 x, BF16_SPLIT_SCORES): see _split_centroid_scores.
+    CENTRED (ARGMAX without WRITE, bf16x3): the argmax of x . (c - mean(c)), which is the argmax of the
+    scores without computing them (_centred_split_scores).
     """
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -98,12 +128,13 @@ def _scores_kernel(
     dmask = offs_d < D
     x_in = tl.load(X + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + offs_t[:, None].to(tl.int64) * sxt
                    + offs_d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
-    x = x_in.to(tl.float32)
-    mean = tl.sum(x, axis=1) / D
-    xc = tl.where(dmask[None, :], x - mean[:, None], 0.0)
-    var = tl.sum(xc * xc, axis=1) / D
-    rstd = 1.0 / tl.sqrt(var + eps)
-    xn = xc * rstd[:, None]
+    if not CENTRED:
+        x = x_in.to(tl.float32)
+        mean = tl.sum(x, axis=1) / D
+        xc = tl.where(dmask[None, :], x - mean[:, None], 0.0)
+        var = tl.sum(xc * xc, axis=1) / D
+        rstd = 1.0 / tl.sqrt(var + eps)
+        xn = xc * rstd[:, None]
     best = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
     best_c = tl.zeros([BLOCK_T], dtype=tl.int32)
     row0 = bh.to(tl.int64) * C_COUNT - C_BEGIN
@@ -113,7 +144,9 @@ def _scores_kernel(
         cmask = offs_c < c_end
         cent = tl.load(CENT + (h * C + offs_c[:, None]).to(tl.int64) * D + offs_d[None, :],
                        mask=cmask[:, None] & dmask[None, :], other=0.0)
-        if PRECISION == "bf16x3" or PRECISION == "bf16x3-upcast":
+        if CENTRED:
+            s = _centred_split_scores(x_in, cent, dmask, D, PRECISION)
+        elif PRECISION == "bf16x3" or PRECISION == "bf16x3-upcast":
             s = _split_centroid_scores(x_in, cent, mean, rstd, PRECISION)
         else:
             s = tl.dot(xn, tl.trans(cent), input_precision=PRECISION)
@@ -126,8 +159,7 @@ def _scores_kernel(
             tl.store(GMAX + rows * G + offs_g[:, None], gmax, mask=(offs_g[:, None] < G) & cmask[None, :])
         if ARGMAX:
             s = tl.where(cmask[None, :], s, float("-inf"))
-            tile_best = tl.max(s, axis=1)
-            tile_c = tl.argmax(s, axis=1, tie_break_left=True)
+            tile_best, tile_c = tl.max(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
             better = tile_best > best  # strict: an equal score in a later tile keeps the lower cluster
             best_c = tl.where(better, tile_c + c0, best_c)
             best = tl.where(better, tile_best, best)
@@ -203,13 +235,15 @@ def _launch(x: torch.Tensor, centroids: torch.Tensor, write: bool, argmax: bool,
     if block_t % count_t:
         raise ValueError(f"score tile {block_t} is not a multiple of the count tile {count_t} (ARGMAX_TILES)")
     grid = (cdiv(T, block_t), B * H)
+    precision = _precision(x)
     counts = torch.empty((B * H, count_bins, cdiv(T, count_t)) if count_bins else (0,), dtype=torch.int32,
                          device=dev)
     launch(_scores_kernel, grid, x, cent, s_t, gmax, amax, counts, x.stride(0), x.stride(1), x.stride(2), H, T, C,
            c_begin, c_count, D, G, _EPS,
            BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_D=block_d, GROUP_SIZE=scores.GROUP,
-           WRITE=write, ARGMAX=argmax, PRECISION=_precision(x), COUNT_BINS=count_bins,
-           COUNT_T=count_t, num_warps=warps)
+           WRITE=write, ARGMAX=argmax, PRECISION=precision, COUNT_BINS=count_bins,
+           COUNT_T=count_t, CENTRED=CENTRED_ARGMAX and argmax and not write and precision.startswith("bf16x3"),
+           num_warps=warps)
     return s_t, gmax, amax, counts
 
 
