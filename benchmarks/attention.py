@@ -458,7 +458,7 @@ def sweep(T, parts=SWEEP_PARTS):
 AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through the dispatcher", "torch index ops",
                "masked tiles", "unmasked tiles everywhere", "candidate gather ops", "sorted cluster ids",
                "tf32x3 scores", "argmax tiles 64x32", "score tiles 64x32",
-               "jit launches")
+               "jit launches", "uncentred argmax", "whole-row entry searches")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -491,7 +491,9 @@ def _variant(name):
     from routeformer.ops.routing import triton_ops as TO
 
     saved = (_launch.FAST_LAUNCH, TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES,
-             TO.FUSED_CANDIDATES, TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, dict(SK.TILES), dict(SK.ARGMAX_TILES))
+             TO.FUSED_CANDIDATES, TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, dict(SK.TILES), dict(SK.ARGMAX_TILES),
+             SK.CENTRED_ARGMAX, TO.tile_entry_ranges)
+    entry_ranges = TO.tile_entry_ranges
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
         TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = (
@@ -516,13 +518,18 @@ def _variant(name):
         _launch.FAST_LAUNCH = False
     elif name == "score tiles 64x32":  # topk's scoring passes on run D's tile, as before session 8
         SK.TILES["cuda"] = (64, 32, 4)
+    elif name == "uncentred argmax":  # nearest's argmax on the LayerNorm scores, as before session 9
+        SK.CENTRED_ARGMAX = False
+    elif name == "whole-row entry searches":  # nearest's tile_entry_ranges unbounded, as before session 9
+        TO.tile_entry_ranges = lambda lo, hi, nt, bn, S, nearest_window=0: entry_ranges(lo, hi, nt, bn, S)
     elif name == "through the dispatcher":
         _dispatch.tracing = lambda: True  # eager calls take the custom ops, as before ops/_dispatch.py
     try:
         yield
     finally:
         (_launch.FAST_LAUNCH, TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES,
-         TO.FUSED_CANDIDATES, TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, tiles, argmax_tiles) = saved
+         TO.FUSED_CANDIDATES, TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, tiles, argmax_tiles, SK.CENTRED_ARGMAX,
+         TO.tile_entry_ranges) = saved
         SK.TILES.clear()
         SK.TILES.update(tiles)
         SK.ARGMAX_TILES.clear()

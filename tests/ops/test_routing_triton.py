@@ -398,6 +398,22 @@ def test_tile_entry_ranges_equal_their_definition():
                 assert torch.equal(every[r], (e >= flo[r, i]) & (e < fhi[r, i])), (R, N, i)
 
 
+def test_nearest_tile_entry_ranges_equal_the_searches():
+    """Shared-QK nearest slots: the window-bounded searches (nearest_window) give the whole-row searches'
+    ranges; crowded and sparse clusters, windows below and above the cluster sizes and T, partial last
+    tiles."""
+    g = torch.Generator().manual_seed(13)
+    for T, C, W, bn in ((150, 6, 20, 16), (300, 3, 64, 32), (97, 40, 5, 8), (64, 1, 200, 16), (33, 7, 1, 16)):
+        x = torch.randn(2, 2, T, 24, generator=g)
+        centroids = torch.randn(2, C, 24, generator=g)
+        _, lo, hi, _ = TO._nearest_indices_shared(x, centroids, W)
+        nt = -(-T // bn)
+        want = TO.tile_entry_ranges(lo, hi, nt, bn, T)
+        got = TO.tile_entry_ranges(lo, hi, nt, bn, T, nearest_window=W)
+        for name, a, b in zip(("qlo", "qhi", "flo", "fhi"), got, want):
+            assert torch.equal(a, b), (T, C, W, name)
+
+
 @pytest.mark.parametrize("block_t,count_t", [(64, 64), (128, 64), (128, 32)])
 def test_counting_sort_slots_equal_the_sorted_slots(monkeypatch, block_t, count_t):
     """Shared-QK nearest slots from the counting sort (per-tile cluster counts from the score kernel, a

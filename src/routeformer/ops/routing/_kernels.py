@@ -396,31 +396,50 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _tile_entry_ranges_kernel(
     LO, HI, QLO, QHI, FLO, FHI,
-    N, M, BN, S,
-    BLOCK: tl.constexpr, STEPS: tl.constexpr,
+    N, M, BN, S, W,
+    BLOCK: tl.constexpr, STEPS: tl.constexpr, NEAREST: tl.constexpr,
 ):
     """For key tile i of each row (slots [i * BN, min(i * BN + BN, S)), first f and last l), the
     entry ranges of the dk/dv kernel, from LO and HI (R, N) non-decreasing:
     QLO = #(HI <= f), QHI = #(LO <= l): [QLO, QHI) are the entries that see a slot of the tile;
     FLO = #(HI <= l), FHI = #(LO <= f): [FLO, FHI) are those that see all of it (empty if FLO >= FHI).
-    One launch for the four (vectorised binary searches of STEPS >= bit length of N halvings)."""
+    One launch for the four (vectorised binary searches of STEPS >= bit length of N halvings).
+
+    NEAREST (shared-QK nearest, window W): entry e is slot e, HI[e] = e + 1 and LO[e] = max(first slot of
+    its cluster, e + 1 - W), so QLO = f and FLO = l exactly, and since LO[e] <= e and LO[e] > e - W,
+    #(LO <= v) lies in [v + 1, v + W]: two searches of STEPS >= bit length of W halvings instead of four
+    over the whole row."""
     row = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
     first = offs * BN
     last = tl.minimum(first + BN, S) - 1
     out = row * M + offs
-    tl.store(QLO + out, _count_le(HI + row * N, N, first, mask, BLOCK, STEPS), mask=mask)
-    tl.store(QHI + out, _count_le(LO + row * N, N, last, mask, BLOCK, STEPS), mask=mask)
-    tl.store(FLO + out, _count_le(HI + row * N, N, last, mask, BLOCK, STEPS), mask=mask)
-    tl.store(FHI + out, _count_le(LO + row * N, N, first, mask, BLOCK, STEPS), mask=mask)
+    if NEAREST:
+        tl.store(QLO + out, first, mask=mask)
+        tl.store(FLO + out, last, mask=mask)
+        tl.store(QHI + out, _count_le_in(LO + row * N, last + 1, tl.minimum(last + W, N), last, mask, STEPS),
+                 mask=mask)
+        tl.store(FHI + out, _count_le_in(LO + row * N, first + 1, tl.minimum(first + W, N), first, mask, STEPS),
+                 mask=mask)
+    else:
+        tl.store(QLO + out, _count_le(HI + row * N, N, first, mask, BLOCK, STEPS), mask=mask)
+        tl.store(QHI + out, _count_le(LO + row * N, N, last, mask, BLOCK, STEPS), mask=mask)
+        tl.store(FLO + out, _count_le(HI + row * N, N, last, mask, BLOCK, STEPS), mask=mask)
+        tl.store(FHI + out, _count_le(LO + row * N, N, first, mask, BLOCK, STEPS), mask=mask)
 
 
 @triton.jit
 def _count_le(X, N, v, mask, BLOCK: tl.constexpr, STEPS: tl.constexpr):
     """#(X[j] <= v) per lane, X sorted ascending (N of them): torch.searchsorted(X, v, right=True)."""
-    lo = tl.zeros([BLOCK], dtype=tl.int32)  # invariant: the answer lies in [lo, hi]
-    hi = tl.zeros([BLOCK], dtype=tl.int32) + N
+    return _count_le_in(X, tl.zeros([BLOCK], dtype=tl.int32), tl.zeros([BLOCK], dtype=tl.int32) + N, v, mask,
+                        STEPS)
+
+
+@triton.jit
+def _count_le_in(X, lo, hi, v, mask, STEPS: tl.constexpr):
+    """_count_le where the answer is known to lie in [lo, hi] (per lane); STEPS >= bit length of
+    max(hi - lo) halvings."""
     for _ in tl.static_range(STEPS):
         mid = (lo + hi) // 2  # < hi <= N whenever lo < hi
         go = lo < hi

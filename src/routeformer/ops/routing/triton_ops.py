@@ -426,16 +426,19 @@ def _(x, m, step, offset, limit, right):
     return x.new_empty((x.shape[0], m), dtype=torch.int32)
 
 
-def tile_entry_ranges(lo: torch.Tensor, hi: torch.Tensor, nt: int, bn: int, S: int):
+def tile_entry_ranges(lo: torch.Tensor, hi: torch.Tensor, nt: int, bn: int, S: int, nearest_window: int = 0):
     """(qlo, qhi, flo, fhi), each (R, nt) int32: for key tile i (slots [i * bn, min(i * bn + bn, S))),
     the entries [qlo, qhi) that see one of its slots and [flo, fhi) that see all of them; lo and hi
-    (R, N) are non-decreasing in the entry (see _kernels._tile_entry_ranges_kernel). Called inside
-    routing_bwd only, so a plain function rather than a custom op."""
+    (R, N) are non-decreasing in the entry (see _kernels._tile_entry_ranges_kernel). nearest_window W > 0:
+    lo and hi are shared-QK nearest slots of window W, which bound the searches by W (on an H200 at
+    T = 64k the four whole-row searches took 17 us). Called inside routing_bwd only, so a plain function
+    rather than a custom op."""
     R, N = lo.shape
     out = _new((4, R, nt), torch.int32, lo.device)
     block = 256
+    steps = max(1, (min(nearest_window, N) if nearest_window > 0 else N).bit_length())
     launch(K._tile_entry_ranges_kernel, (cdiv(nt, block), R), lo, hi, out[0], out[1], out[2], out[3], N, nt, bn, S,
-           BLOCK=block, STEPS=max(1, N.bit_length()), num_warps=4)
+           max(nearest_window, 1), BLOCK=block, STEPS=steps, NEAREST=nearest_window > 0, num_warps=4)
     return out.unbind(0)
 
 
@@ -500,12 +503,13 @@ def routing_indices(q, k, centroids, window: int, causal: bool, assign: str):
 
 @custom_op("routeformer::routing_fwd")
 def _routing_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor, lo: torch.Tensor,
-                 hi: torch.Tensor, kpos: torch.Tensor, scale: float, direct: bool, shared: bool
+                 hi: torch.Tensor, kpos: torch.Tensor, scale: float, direct: bool, shared: bool, window: int = 0
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (out (B,H,T,Dv), o_entries, lse (BH,E), inv_n (BH,T), perm (BH,E), rowptr (BH,T+1)).
 
     direct (nearest): o_entries, inv_n, perm and rowptr are empty placeholders. shared (k is q) is
-    only recorded for the backward: identity of inputs is not visible through torch.compile.
+    only recorded for the backward: identity of inputs is not visible through torch.compile. window
+    (nearest's W, 0 if unknown) too: it bounds the backward's searches of tile_entry_ranges.
     """
     T = q.shape[2]
     o_e, lse = attention_fwd(q, k, v, qpos, lo, hi, kpos, scale, direct)
@@ -518,7 +522,7 @@ def _routing_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.
 
 
 @_routing_fwd.op.register_fake
-def _(q, k, v, qpos, lo, hi, kpos, scale, direct, shared):
+def _(q, k, v, qpos, lo, hi, kpos, scale, direct, shared, window=0):
     B, H, T, _ = q.shape
     Dv, E = v.shape[-1], qpos.shape[1]
     out = q.new_empty((B, H, T, Dv))
@@ -534,8 +538,9 @@ def _(q, k, v, qpos, lo, hi, kpos, scale, direct, shared):
 def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  o_e: torch.Tensor, lse: torch.Tensor, inv_n: torch.Tensor, qpos: torch.Tensor, lo: torch.Tensor,
                  hi: torch.Tensor, kpos: torch.Tensor, perm: torch.Tensor, rowptr: torch.Tensor, scale: float,
-                 direct: bool, shared: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (dq, dk, dv); with shared QK dq already holds dk and dk is an empty placeholder."""
+                 direct: bool, shared: bool, window: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dq, dk, dv); with shared QK dq already holds dk and dk is an empty placeholder. window: see
+    routing_fwd."""
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     E, S = qpos.shape[1], kpos.shape[1]
@@ -560,7 +565,7 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
 
     bm, bn, warps, stages = _cfg(q, "dkdv")
     nt = cdiv(S, bn)
-    qlo, qhi, flo, fhi = tile_entry_ranges(lo, hi, nt, bn, S)
+    qlo, qhi, flo, fhi = tile_entry_ranges(lo, hi, nt, bn, S, window if direct and shared else 0)
     # Shared QK: entry e and slot e are the same (cluster, rank) or token, so the dk/dv kernel adds
     # dk into the dq buffer in place and one buffer holds the whole gradient of q.
     if direct:
@@ -594,16 +599,18 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
 
 
 @_routing_bwd.op.register_fake
-def _(dout, q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, perm, rowptr, scale, direct, shared):
+def _(dout, q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, perm, rowptr, scale, direct, shared, window=0):
     # The real op returns fresh contiguous tensors; empty_like would keep a transposed input's strides.
     return q.new_empty(q.shape), (q.new_empty(0) if shared else k.new_empty(k.shape)), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, qpos, lo, hi, kpos, scale, direct, shared = inputs
+    q, k, v, qpos, lo, hi, kpos, scale, direct, shared, *window = inputs
     out, o_e, lse, inv_n, perm, rowptr = output
     ctx.save_for_backward(q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, perm, rowptr)
     ctx.scale, ctx.direct = scale, direct
+    ctx.window = window[0] if window else 0
+    ctx.n_inputs = len(inputs)
     # Shared QK: one gradient (dq + dk), summed by the kernels instead of autograd.
     ctx.shared = shared
     ctx.mark_non_differentiable(*output[1:])
@@ -611,11 +618,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, *_unused):
     if dout is None:  # only the non-differentiable outputs were used
-        return (None,) * 10
+        return (None,) * ctx.n_inputs
     q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, perm, rowptr = ctx.saved_tensors
     dq, dk, dv = _routing_bwd(dout, q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, perm, rowptr,
-                              ctx.scale, ctx.direct, ctx.shared)
-    return dq, (None if ctx.shared else dk), dv, None, None, None, None, None, None, None
+                              ctx.scale, ctx.direct, ctx.shared, ctx.window)
+    return (dq, (None if ctx.shared else dk), dv) + (None,) * (ctx.n_inputs - 3)
 
 
 _routing = with_autograd(_routing_fwd, _backward, _setup_context)
@@ -642,4 +649,4 @@ def routing_attention_triton(q, k, v, centroids, *, window, causal, assign, scal
     q, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, v))
     k = q if shared else (k if k.stride(-1) == 1 else k.contiguous())
     qpos, lo, hi, kpos = routing_indices(q, k, centroids, window, causal, assign)
-    return _routing(q, k, v, qpos, lo, hi, kpos, scale, assign == "nearest", shared)[0]
+    return _routing(q, k, v, qpos, lo, hi, kpos, scale, assign == "nearest", shared, window)[0]
