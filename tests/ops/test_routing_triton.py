@@ -399,9 +399,9 @@ def test_tile_entry_ranges_equal_their_definition():
 
 
 def test_nearest_tile_entry_ranges_equal_the_searches():
-    """Shared-QK nearest slots: the window-bounded searches (nearest_window) give the whole-row searches'
-    ranges; crowded and sparse clusters, windows below and above the cluster sizes and T, partial last
-    tiles."""
+    """Shared-QK nearest slots, and shared-QK causal topk slots: the window-bounded searches
+    (nearest_window) give the whole-row searches' ranges; crowded and sparse clusters, windows below and
+    above the cluster sizes and T, partial last tiles."""
     g = torch.Generator().manual_seed(13)
     for T, C, W, bn in ((150, 6, 20, 16), (300, 3, 64, 32), (97, 40, 5, 8), (64, 1, 200, 16), (33, 7, 1, 16)):
         x = torch.randn(2, 2, T, 24, generator=g)
@@ -412,6 +412,14 @@ def test_nearest_tile_entry_ranges_equal_the_searches():
         got = TO.tile_entry_ranges(lo, hi, nt, bn, T, nearest_window=W)
         for name, a, b in zip(("qlo", "qhi", "flo", "fhi"), got, want):
             assert torch.equal(a, b), (T, C, W, name)
+        # Shared-QK causal topk slots: clusters of min(W, T) entries, each seeing its cluster's prefix.
+        w = min(W, T)
+        lo, hi = TO.topk_slot_bounds(x, 4, C * w, w, True)
+        nt = -(-(C * w) // bn)
+        want = TO.tile_entry_ranges(lo, hi, nt, bn, C * w)
+        got = TO.tile_entry_ranges(lo, hi, nt, bn, C * w, nearest_window=W)
+        for name, a, b in zip(("qlo", "qhi", "flo", "fhi"), got, want):
+            assert torch.equal(a, b), ("topk", T, C, W, name)
 
 
 @pytest.mark.parametrize("block_t,count_t", [(64, 64), (128, 64), (128, 32)])

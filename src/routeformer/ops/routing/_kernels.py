@@ -405,8 +405,8 @@ def _tile_entry_ranges_kernel(
     FLO = #(HI <= l), FHI = #(LO <= f): [FLO, FHI) are those that see all of it (empty if FLO >= FHI).
     One launch for the four (vectorised binary searches of STEPS >= bit length of N halvings).
 
-    NEAREST (shared-QK nearest, window W): entry e is slot e, HI[e] = e + 1 and LO[e] = max(first slot of
-    its cluster, e + 1 - W), so QLO = f and FLO = l exactly, and since LO[e] <= e and LO[e] > e - W,
+    NEAREST (shared-QK nearest of window W, or shared-QK causal topk with clusters of at most W): entry e
+    is slot e, HI[e] = e + 1 and LO[e] = max(first slot of its cluster, e + 1 - W), so QLO = f and FLO = l exactly, and since LO[e] <= e and LO[e] > e - W,
     #(LO <= v) lies in [v + 1, v + W]: two searches of STEPS >= bit length of W halvings instead of four
     over the whole row."""
     row = tl.program_id(1).to(tl.int64)

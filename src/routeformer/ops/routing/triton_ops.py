@@ -430,9 +430,10 @@ def tile_entry_ranges(lo: torch.Tensor, hi: torch.Tensor, nt: int, bn: int, S: i
     """(qlo, qhi, flo, fhi), each (R, nt) int32: for key tile i (slots [i * bn, min(i * bn + bn, S))),
     the entries [qlo, qhi) that see one of its slots and [flo, fhi) that see all of them; lo and hi
     (R, N) are non-decreasing in the entry (see _kernels._tile_entry_ranges_kernel). nearest_window W > 0:
-    lo and hi are shared-QK nearest slots of window W, which bound the searches by W (on an H200 at
-    T = 64k the four whole-row searches took 17 us). Called inside routing_bwd only, so a plain function
-    rather than a custom op."""
+    entry e is slot e, hi = e + 1 and lo = max(first slot of e's cluster, e + 1 - W) (shared-QK nearest
+    slots of window W; shared-QK causal topk slots of clusters of at most W), which bounds the searches
+    by W (on an H200 at T = 64k the four whole-row searches took 17 us for nearest, 16 for topk). Called
+    inside routing_bwd only, so a plain function rather than a custom op."""
     R, N = lo.shape
     out = _new((4, R, nt), torch.int32, lo.device)
     block = 256
@@ -509,7 +510,9 @@ def _routing_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.
 
     direct (nearest): o_entries, inv_n, perm and rowptr are empty placeholders. shared (k is q) is
     only recorded for the backward: identity of inputs is not visible through torch.compile. window
-    (nearest's W, 0 if unknown) too: it bounds the backward's searches of tile_entry_ranges.
+    too: W > 0 says that entry e is slot e with HI = e + 1 and LO = max(first slot of its cluster,
+    e + 1 - W) (shared-QK nearest; shared-QK causal topk, whose clusters hold at most W), which bounds
+    the backward's searches of tile_entry_ranges; 0: nothing known.
     """
     T = q.shape[2]
     o_e, lse = attention_fwd(q, k, v, qpos, lo, hi, kpos, scale, direct)
@@ -565,7 +568,7 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
 
     bm, bn, warps, stages = _cfg(q, "dkdv")
     nt = cdiv(S, bn)
-    qlo, qhi, flo, fhi = tile_entry_ranges(lo, hi, nt, bn, S, window if direct and shared else 0)
+    qlo, qhi, flo, fhi = tile_entry_ranges(lo, hi, nt, bn, S, window)
     # Shared QK: entry e and slot e are the same (cluster, rank) or token, so the dk/dv kernel adds
     # dk into the dq buffer in place and one buffer holds the whole gradient of q.
     if direct:
@@ -649,4 +652,7 @@ def routing_attention_triton(q, k, v, centroids, *, window, causal, assign, scal
     q, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, v))
     k = q if shared else (k if k.stride(-1) == 1 else k.contiguous())
     qpos, lo, hi, kpos = routing_indices(q, k, centroids, window, causal, assign)
-    return _routing(q, k, v, qpos, lo, hi, kpos, scale, assign == "nearest", shared, window)[0]
+    # The slot structure that bounds tile_entry_ranges' searches (see routing_fwd): shared QK, and for
+    # topk causal (without the mask a cluster's entries all see the whole cluster).
+    band = window if shared and (assign == "nearest" or causal) else 0
+    return _routing(q, k, v, qpos, lo, hi, kpos, scale, assign == "nearest", shared, band)[0]
