@@ -406,9 +406,10 @@ def _tile_entry_ranges_kernel(
     One launch for the four (vectorised binary searches of STEPS >= bit length of N halvings).
 
     NEAREST (shared-QK nearest of window W, or shared-QK causal topk with clusters of at most W): entry e
-    is slot e, HI[e] = e + 1 and LO[e] = max(first slot of its cluster, e + 1 - W), so QLO = f and FLO = l exactly, and since LO[e] <= e and LO[e] > e - W,
-    #(LO <= v) lies in [v + 1, v + W]: two searches of STEPS >= bit length of W halvings instead of four
-    over the whole row."""
+    is slot e, HI[e] = e + 1 and LO[e] = max(first slot of its cluster, e + 1 - W). So QLO = f and
+    FLO = l exactly, and since LO[e] <= e and LO[e] > e - W, #(LO <= v) lies in [v + 1, v + W]: two
+    searches of STEPS >= bit length of W halvings instead of four over the whole row (W <= N, so that
+    v + W cannot overflow int32)."""
     row = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M

@@ -437,9 +437,10 @@ def tile_entry_ranges(lo: torch.Tensor, hi: torch.Tensor, nt: int, bn: int, S: i
     R, N = lo.shape
     out = _new((4, R, nt), torch.int32, lo.device)
     block = 256
-    steps = max(1, (min(nearest_window, N) if nearest_window > 0 else N).bit_length())
+    # A window past the row bounds nothing more than the row does (and v + W must stay inside int32).
+    w = min(nearest_window, N) if nearest_window > 0 else N
     launch(K._tile_entry_ranges_kernel, (cdiv(nt, block), R), lo, hi, out[0], out[1], out[2], out[3], N, nt, bn, S,
-           max(nearest_window, 1), BLOCK=block, STEPS=steps, NEAREST=nearest_window > 0, num_warps=4)
+           max(w, 1), BLOCK=block, STEPS=max(1, w.bit_length()), NEAREST=nearest_window > 0, num_warps=4)
     return out.unbind(0)
 
 
