@@ -458,7 +458,7 @@ def sweep(T, parts=SWEEP_PARTS):
 AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through the dispatcher", "torch index ops",
                "masked tiles", "unmasked tiles everywhere", "candidate gather ops", "sorted cluster ids",
                "tf32x3 scores", "argmax tiles 64x32", "score tiles 64x32",
-               "jit launches", "uncentred argmax", "whole-row entry searches", "per-token combine")
+               "jit launches", "uncentred argmax", "whole-row entry searches")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -492,7 +492,7 @@ def _variant(name):
 
     saved = (_launch.FAST_LAUNCH, TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES,
              TO.FUSED_CANDIDATES, TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, dict(SK.TILES), dict(SK.ARGMAX_TILES),
-             SK.CENTRED_ARGMAX, TO.tile_entry_ranges, TO.SORTED_COMBINE)
+             SK.CENTRED_ARGMAX, TO.tile_entry_ranges)
     entry_ranges = TO.tile_entry_ranges
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
@@ -522,8 +522,6 @@ def _variant(name):
         SK.CENTRED_ARGMAX = False
     elif name == "whole-row entry searches":  # nearest's tile_entry_ranges unbounded, as before session 9
         TO.tile_entry_ranges = lambda lo, hi, nt, bn, S, nearest_window=0: entry_ranges(lo, hi, nt, bn, S)
-    elif name == "per-token combine":  # topk's per-token sums by a loop per token, as before session 10
-        TO.SORTED_COMBINE = False
     elif name == "through the dispatcher":
         _dispatch.tracing = lambda: True  # eager calls take the custom ops, as before ops/_dispatch.py
     try:
@@ -531,7 +529,7 @@ def _variant(name):
     finally:
         (_launch.FAST_LAUNCH, TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES,
          TO.FUSED_CANDIDATES, TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, tiles, argmax_tiles, SK.CENTRED_ARGMAX,
-         TO.tile_entry_ranges, TO.SORTED_COMBINE) = saved
+         TO.tile_entry_ranges) = saved
         SK.TILES.clear()
         SK.TILES.update(tiles)
         SK.ARGMAX_TILES.clear()

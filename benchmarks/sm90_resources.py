@@ -54,7 +54,7 @@ def _kernel_slots():
     from routeformer.ops.routing import _kernels as K
     from routeformer.ops.routing import _score_kernels as S
 
-    routing = [(K, n) for n in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_combine_kernel", "_combine_sorted_kernel",
+    routing = [(K, n) for n in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_combine_kernel",
                                 "_topk_compact_kernel", "_gather_groups_kernel", "_select_rows_kernel",
                                 "_count_below_kernel", "_slot_bounds_kernel", "_tile_entry_ranges_kernel",
                                 "_nearest_slots_kernel")]

@@ -73,14 +73,13 @@ def test_switch_variants_flip_their_switch_and_restore_it():
                         ("score tiles 64x32", lambda: SK.TILES["cuda"] == (64, 32, 4)),
                         ("jit launches", lambda: not _launch.FAST_LAUNCH),
                         ("uncentred argmax", lambda: not SK.CENTRED_ARGMAX),
-                        ("whole-row entry searches", lambda: TO.tile_entry_ranges is not entry_ranges),
-                        ("per-token combine", lambda: not TO.SORTED_COMBINE)):
+                        ("whole-row entry searches", lambda: TO.tile_entry_ranges is not entry_ranges)):
         with bench._variant(name):
             assert check(), name
         assert SK.BF16_SPLIT_SCORES and TO.COUNTING_SORT and TO.SPLIT_TILES == default_split, name
         assert SK.TILES == default_tiles and SK.ARGMAX_TILES == default_argmax, name
         assert _launch.FAST_LAUNCH, name
-        assert SK.CENTRED_ARGMAX and TO.tile_entry_ranges is entry_ranges and TO.SORTED_COMBINE, name
+        assert SK.CENTRED_ARGMAX and TO.tile_entry_ranges is entry_ranges, name
 
 
 def test_table_shares_the_assignment_of_the_graph_forward():

@@ -473,59 +473,6 @@ def test_unmasked_tiles_give_what_masked_tiles_give(assign):
         assert ((fhi - flo) >= 32).any()
 
 
-def _combine_case(BH, T, E, Dx, dtype, device, seed):
-    """Entries at random positions: some tokens with none, one token with more entries than a chunk
-    of the sorted kernel holds, and entries without a key (HI <= LO), which the mean does not count."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    pos = torch.randint(0, T, (BH, E), generator=g, dtype=torch.int32)
-    pos[:, : E // 3] = T // 2  # a crowded token: its entries span several chunks
-    pos[:, -1] = T - 1
-    lo = torch.randint(0, 5, (BH, E), generator=g, dtype=torch.int32)
-    hi = lo + torch.randint(-1, 3, (BH, E), generator=g, dtype=torch.int32)
-    x = torch.randn(1, BH, E, Dx, generator=g).to(dtype)
-    return [t.to(device) for t in (x, pos, lo, hi)]
-
-
-def _combine_definition(x, pos, lo, hi, T, mean):
-    """The per-token sum (mean: over the entries with a key) in float64, by index_add."""
-    _, BH, E, Dx = x.shape
-    y = torch.zeros(BH, T, Dx, dtype=torch.float64, device=x.device)
-    n = torch.zeros(BH, T, dtype=torch.float64, device=x.device)
-    for r in range(BH):
-        y[r].index_add_(0, pos[r].long(), x[0, r].double())
-        n[r].index_add_(0, pos[r].long(), (hi[r] > lo[r]).double())
-    return (y / n.clamp_min(1)[..., None] if mean else y)[None], 1 / n.clamp_min(1)
-
-
-def _check_combines(monkeypatch, BH, T, E, Dx, dtype, device):
-    x, pos, lo, hi = _combine_case(BH, T, E, Dx, dtype, device, seed=T)
-    perm, rowptr = TO._inverse(pos, T)
-    for mean in (False, True):
-        want, want_inv = _combine_definition(x, pos, lo, hi, T, mean)
-        for sorted_combine in (True, False):
-            monkeypatch.setattr(TO, "POISON", True)
-            monkeypatch.setattr(TO, "SORTED_COMBINE", sorted_combine)
-            y, inv = TO._combine(x, perm, rowptr, pos, lo, hi, T, mean, dtype)
-            tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
-            torch.testing.assert_close(y.double(), want.to(y.device), **tol, msg=f"{sorted_combine=} {mean=}")
-            if mean:
-                torch.testing.assert_close(inv.double(), want_inv, msg=f"{sorted_combine=}")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_combines_equal_the_per_token_sum(monkeypatch, dtype):
-    """Both per-token combines (the sorted one-hot walk and the per-token loop) against index_add:
-    T and head dim that are not multiples of the tiles."""
-    _check_combines(monkeypatch, 3, 37, 90, 24, dtype, "cpu")
-
-
-@gpu
-@needs_cuda
-def test_combines_equal_the_per_token_sum_gpu(monkeypatch):
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        _check_combines(monkeypatch, 4, 20001, 30000, 72, dtype, "cuda")
-
-
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("C", [40, 300])  # uint8 and int16 cluster ids

@@ -596,59 +596,6 @@ def _combine_kernel(
 
 
 @triton.jit
-def _combine_sorted_kernel(
-    X, PERM, ROWPTR, POS, LO, HI, Y, INV_N,
-    sxb, sxh, sxe, syb, syh, syt,
-    H, T, E, D,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, MEAN: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """_combine_kernel's result, walking the tile's entries instead of its tokens: the entries at the
-    BLOCK_T positions of the tile are one contiguous run [ROWPTR[t0], ROWPTR[t0 + BLOCK_T]) of the
-    position-sorted PERM, taken BLOCK_E at a time and summed per token by a one-hot product
-    Y += (POS[e] == t) @ X[e]. The per-token loop runs max(count) steps over the tile with one lane
-    of BLOCK_T busy per entry; here every lane of a chunk holds an entry (topk: one per token on
-    average). The one-hot factor is exact in every dtype, so each sum is of the same terms in fp32.
-    """
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    # int64: b * stride overflows int32 once a tensor passes 2**31 elements.
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    t0 = pid * BLOCK_T
-    offs_t = t0 + tl.arange(0, BLOCK_T)
-    tmask = offs_t < T
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d[None, :] < D
-    rbase = bh.to(tl.int64) * (T + 1)
-    ibase = bh.to(tl.int64) * E
-    r0 = tl.load(ROWPTR + rbase + t0)
-    r1 = tl.load(ROWPTR + rbase + tl.minimum(t0 + BLOCK_T, T))
-    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    nk = tl.zeros([BLOCK_T], dtype=tl.float32)
-    xbase = X + b * sxb + h * sxh
-    for j0 in range(r0, r1, BLOCK_E):
-        offs_j = j0 + tl.arange(0, BLOCK_E)
-        jm = offs_j < r1
-        e = tl.load(PERM + ibase + offs_j, mask=jm, other=0).to(tl.int64)
-        pos = tl.load(POS + ibase + e, mask=jm, other=-1)  # -1 matches no token
-        x = tl.load(xbase + e[:, None] * sxe + offs_d[None, :], mask=jm[:, None] & dmask, other=0.0)
-        onehot = offs_t[:, None] == pos[None, :]
-        # (through float32: the CPU interpreter of triton 3.9 turns a bool tile cast to bf16 into zeros)
-        acc += _dot(tl.where(onehot, 1.0, 0.0).to(x.dtype), x, PRECISION)
-        if MEAN:
-            lo = tl.load(LO + ibase + e, mask=jm, other=0)
-            hi = tl.load(HI + ibase + e, mask=jm, other=0)
-            nk += tl.sum((onehot & (hi > lo)[None, :]).to(tl.float32), axis=1)
-    if MEAN:
-        inv = 1.0 / tl.maximum(nk, 1.0)
-        acc = acc * inv[:, None]
-        tl.store(INV_N + bh.to(tl.int64) * T + offs_t, inv, mask=tmask)
-    tl.store(Y + b * syb + h * syh + offs_t[:, None] * syt + offs_d[None, :], acc.to(Y.dtype.element_ty),
-             mask=tmask[:, None] & dmask)
-
-
-@triton.jit
 def _topk_compact_kernel(
     SCORES, KTH, NEED, OUT,
     T, C, W,

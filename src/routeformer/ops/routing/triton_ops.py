@@ -40,18 +40,10 @@ CONFIG = {
     # the forward on 2 stages (topk 0.197 -> 0.190 ms, nearest 0.226 -> 0.220) and dk/dv on 32 x 64
     # tiles, 1 stage, 128 registers (MAXNREG) took the backward 0.810 -> 0.727 ms (topk) and 0.781 ->
     # 0.713 (nearest), against (32, 128, 4, 3) at 255 registers (2 programs per SM).
-    "cuda": dict(fwd=(64, 64, 4, 2), dq=(64, 64, 4, 3), dkdv=(32, 64, 4, 1), combine=(32, 4),
-                 sorted_combine=(64, 64, 4)),
+    "cuda": dict(fwd=(64, 64, 4, 2), dq=(64, 64, 4, 3), dkdv=(32, 64, 4, 1), combine=(32, 4)),
     # The interpreter runs tiles as numpy arrays: small tiles exercise the multi-tile paths on tiny T.
-    "cpu": dict(fwd=(16, 16, 4, 1), dq=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), combine=(16, 4),
-                sorted_combine=(16, 16, 4)),
+    "cpu": dict(fwd=(16, 16, 4, 1), dq=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), combine=(16, 4)),
 }
-# topk's per-token sums (the forward's scatter-mean, the backward's dq and dv): walk each tile's entries
-# in position order and sum them by a one-hot product (_kernels._combine_sorted_kernel, BLOCK_T, BLOCK_E,
-# warps in CONFIG "sorted_combine") instead of a loop per token of max(count) steps (_combine_kernel,
-# CONFIG "combine"). On an H200 at T = 64k the per-token kernel took 3 x 58 us of topk's fwd+bwd
-# (run J's kernel profile). benchmarks/attention.py --ab variant "per-token combine" switches it off.
-SORTED_COMBINE = True
 
 # Per kernel: run the slot (or entry) tiles that every row sees whole without masks (NOTES_routing.md
 # v8). Measured on an H200 at T = 64k (run D): it took dk/dv 479 -> 435 us for topk but made the forward
@@ -473,19 +465,10 @@ def _s4(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _combine(x, perm, rowptr, pos, lo, hi, T, mean, out_dtype):
-    """y (B, H, T, Dx): the sum (mean: the mean over entries that had a key) of x's entries per
-    position; perm and rowptr from _inverse(pos)."""
+def _combine(x, perm, rowptr, lo, hi, T, mean, out_dtype):
     B, H, E, Dx = x.shape
     y = _new((B, H, T, Dx), out_dtype, x.device)
     inv_n = _new((B * H, T), torch.float32, x.device) if mean else y
-    if SORTED_COMBINE:
-        block_t, block_e, warps = _cfg(x, "sorted_combine")
-        launch(K._combine_sorted_kernel, (cdiv(T, block_t), B * H), x, perm, rowptr, pos, lo, hi, y, inv_n,
-               *_s4(x), *_s4(y), H, T, E, Dx,
-               BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=_pow2(Dx), MEAN=mean, PRECISION=_precision(x),
-               num_warps=warps)
-        return y, (inv_n if mean else None)
     block_t, warps = _cfg(x, "combine")
     grid = (cdiv(T, block_t), B * H)
     launch(K._combine_kernel, grid, x, perm, rowptr, lo, hi, y, inv_n,
@@ -538,7 +521,7 @@ def _routing_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.
         o_ph, n_ph, p_ph, r_ph = _placeholders(q)
         return o_e, o_ph, lse, n_ph, p_ph, r_ph
     perm, rowptr = _inverse(qpos, T)
-    out, inv_n = _combine(o_e, perm, rowptr, qpos, lo, hi, T, True, q.dtype)
+    out, inv_n = _combine(o_e, perm, rowptr, lo, hi, T, True, q.dtype)
     return out, o_e, lse, inv_n, perm, rowptr
 
 
@@ -608,16 +591,15 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     # Each per-entry buffer is dropped as soon as it is summed per token, so that the partials and the
     # summed gradients are never all alive at once (peak memory).
     kperm, krowptr = (perm, rowptr) if shared else _inverse(kpos, T)
-    ksort = qpos if shared else kpos  # what kperm sorts
-    dq_t = _combine(dq, perm, rowptr, qpos, lo, hi, T, False, q.dtype)[0]
+    dq_t = _combine(dq, perm, rowptr, lo, hi, T, False, q.dtype)[0]
     del dq
     if shared:
         del dk  # the same buffer as dq
-    dv_t = _combine(dv, kperm, krowptr, ksort, lo, hi, T, False, q.dtype)[0]
+    dv_t = _combine(dv, kperm, krowptr, lo, hi, T, False, q.dtype)[0]
     del dv
     if shared:
         return dq_t, empty, dv_t
-    return dq_t, _combine(dk, kperm, krowptr, ksort, lo, hi, T, False, q.dtype)[0], dv_t
+    return dq_t, _combine(dk, kperm, krowptr, lo, hi, T, False, q.dtype)[0], dv_t
 
 
 @_routing_bwd.op.register_fake
