@@ -473,6 +473,51 @@ def test_unmasked_tiles_give_what_masked_tiles_give(assign):
         assert ((fhi - flo) >= 32).any()
 
 
+def _combine_case(BH, T, E, Dx, dtype, device, seed):
+    """Entries at random positions: some tokens with none, one token with many (the per-token loop runs
+    that many steps for its whole tile), and entries without a key (HI <= LO), which the mean does not
+    count."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    pos = torch.randint(0, T, (BH, E), generator=g, dtype=torch.int32)
+    pos[:, : min(E // 3, 200)] = T // 2
+    pos[:, -1] = T - 1
+    lo = torch.randint(0, 5, (BH, E), generator=g, dtype=torch.int32)
+    hi = lo + torch.randint(-1, 3, (BH, E), generator=g, dtype=torch.int32)
+    x = torch.randn(1, BH, E, Dx, generator=g).to(dtype)
+    return [t.to(device) for t in (x, pos, lo, hi)]
+
+
+def _check_combine(BH, T, E, Dx, dtype, device):
+    """_combine (topk's per-token sums) against the float64 sum by index_add; the mean counts only the
+    entries that had a key."""
+    x, pos, lo, hi = _combine_case(BH, T, E, Dx, dtype, device, seed=T)
+    perm, rowptr = TO._inverse(pos, T)
+    want = torch.zeros(BH, T, Dx, dtype=torch.float64, device=device)
+    n = torch.zeros(BH, T, dtype=torch.float64, device=device)
+    for r in range(BH):
+        want[r].index_add_(0, pos[r].long(), x[0, r].double())
+        n[r].index_add_(0, pos[r].long(), (hi[r] > lo[r]).double())
+    tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    for mean in (False, True):
+        y, inv = TO._combine(x, perm, rowptr, lo, hi, T, mean, dtype)
+        expected = want / n.clamp_min(1)[..., None] if mean else want
+        torch.testing.assert_close(y[0].double(), expected, **tol, msg=f"{mean=}")
+        if mean:
+            torch.testing.assert_close(inv.double(), 1 / n.clamp_min(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_equals_the_per_token_sum(dtype):
+    _check_combine(3, 37, 90, 24, dtype, "cpu")  # T and head dim that are not multiples of the tiles
+
+
+@gpu
+@needs_cuda
+def test_combine_equals_the_per_token_sum_gpu():
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        _check_combine(4, 20001, 30000, 72, dtype, "cuda")
+
+
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("C", [40, 300])  # uint8 and int16 cluster ids
