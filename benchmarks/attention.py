@@ -290,7 +290,7 @@ def profile(T, host=False):
             print(p.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
 
 
-SWEEP_PARTS = ("assignment", "scores", "argmax", "fwd", "bwd", "regs", "dkdv")
+SWEEP_PARTS = ("assignment", "scores", "argmax", "fwd", "bwd", "regs", "dkdv", "slots")
 
 
 def ncu_target(T):
@@ -412,6 +412,24 @@ def sweep(T, parts=SWEEP_PARTS):
             except Exception as e:
                 res.append(("nearest", f"fused argmax{', centred' * centred}", tiles, math.nan, str(e)[:60]))
     SK.CENTRED_ARGMAX = default_centred
+    # Session 10: the counting sort's slot kernel (45 us at 64k in run J) on other warp counts. The
+    # timing includes the argmax and the cumsum, the same in every row; the slots must not change.
+    want = TO._nearest_slots_counting(q, centroids, WINDOW) if "slots" in parts else None
+    default_warps = TO.SLOT_WARPS
+    for warps in ((default_warps, 2, 4, default_warps) if "slots" in parts else ()):
+        TO.SLOT_WARPS = warps
+        try:
+            with torch.no_grad():
+                got = TO._nearest_slots_counting(q, centroids, WINDOW)
+                same = all(torch.equal(a, b) for a, b in zip(got, want))
+                res.append(("nearest", f"argmax+cumsum+slots, slot warps{'' if same else ' (SLOTS DIFFER)'}",
+                            warps, _bench_graph(lambda: TO._nearest_slots_counting(q, centroids, WINDOW)),
+                            math.nan))
+        except Exception as e:
+            res.append(("nearest", "slots", warps, math.nan, str(e)[:60]))
+    TO.SLOT_WARPS = default_warps
+    # (Register budgets of 96-128 on the score kernel, same call: argmax 0.109-0.115 ms against 0.110,
+    # topk's pass 0.159-0.172 against 0.159; no gain, and the knob is gone.)
     SK.TILES.update(default_tiles)
     SK.ARGMAX_TILES.update(default_argmax)
     SK.BF16_SPLIT_SCORES = default_split

@@ -344,6 +344,11 @@ def _nearest_indices_shared(x, centroids, window):
 # the sort, for benchmarks/attention.py --ab.
 COUNTING_SORT = True
 COUNTING_SORT_MAX_C = 256
+# Warps of the counting sort's slot kernel (64-position tiles). On an H200 at T = 64k (session 10,
+# `--sweep-parts slots`, runs/h200_2026-12-02_slots_sweep.txt) argmax + cumsum + slots took 0.141 ms on
+# 1 warp against 0.150 on 2, 0.161 on 4 (the earlier default) and 0.178 on 8; ncu had the 4-warp
+# kernel at 88% of L1 throughput (its (64, 64) rank matrix crosses warps).
+SLOT_WARPS = 1
 
 
 @custom_op("routeformer::nearest_slots_counting")
@@ -362,7 +367,7 @@ def _nearest_slots_counting(x: torch.Tensor, centroids: torch.Tensor, window: in
     block_t = count_tile(x)
     c_bins, nb = counts.shape[1], counts.shape[2]
     launch(K._nearest_slots_kernel, (nb, B * H), cluster, counts, cum, qpos, lo, hi, T, nb, window,
-           BLOCK_T=block_t, C_BINS=c_bins, num_warps=4 if block_t <= 64 else 8)
+           BLOCK_T=block_t, C_BINS=c_bins, num_warps=SLOT_WARPS)
     return qpos, lo, hi
 
 
