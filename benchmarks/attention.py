@@ -332,7 +332,7 @@ def sweep(T, parts=SWEEP_PARTS):
     dq_cfgs = [(64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3), (64, 64, 8, 3)]
     dkdv_cfgs = [(32, 64, 4, 1, 128), (32, 128, 4, 3), (32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3),
                  (16, 128, 4, 3), (32, 128, 4, 4), (64, 64, 4, 3)]
-    # (BLOCK_T, warps) of topk's per-token sums, the default first and last; 1 warp since session 10
+    # (BLOCK_T, warps) of topk's per-token sums, the default first and last (1-warp settings: session 10)
     combine_cfgs = [(32, 4), (64, 4), (16, 2), (32, 2), (16, 1), (32, 1), (8, 1), (32, 4)]
     # Register budgets that would fit more programs per SM (ncu, 64k: fwd and dq at 128 registers run 4
     # programs of 4 warps per SM, dk/dv at 255 only 2, and all three are latency-bound).
