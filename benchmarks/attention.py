@@ -477,7 +477,7 @@ def sweep(T, parts=SWEEP_PARTS):
 AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through the dispatcher", "torch index ops",
                "masked tiles", "unmasked tiles everywhere", "candidate gather ops", "sorted cluster ids",
                "tf32x3 scores", "argmax tiles 64x32", "score tiles 64x32",
-               "jit launches", "uncentred argmax", "whole-row entry searches")
+               "jit launches", "uncentred argmax", "whole-row entry searches", "split loops", "one-loop dk/dv")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -522,9 +522,13 @@ def _variant(name):
     elif name == "torch.topk select":
         TO.SELECT_ROWS_MAX = 0
     elif name == "masked tiles":  # every attention tile masked, as before NOTES_routing.md v8
-        TO.SPLIT_TILES = dict.fromkeys(TO.SPLIT_TILES, False)
-    elif name == "unmasked tiles everywhere":  # also the forward's and dq's, measured slower in v8
-        TO.SPLIT_TILES = dict.fromkeys(TO.SPLIT_TILES, True)
+        TO.SPLIT_TILES = dict.fromkeys(TO.SPLIT_TILES, TO.ALL_MASKED)
+    elif name == "unmasked tiles everywhere":  # three loops in every kernel, measured slower in v8
+        TO.SPLIT_TILES = dict.fromkeys(TO.SPLIT_TILES, TO.THREE_LOOPS)
+    elif name == "split loops":  # the forward and dq all masked, dk/dv in three loops: before session 11
+        TO.SPLIT_TILES = {"fwd": TO.ALL_MASKED, "dq": TO.ALL_MASKED, "dkdv": TO.THREE_LOOPS}
+    elif name == "one-loop dk/dv":  # dk/dv also in one loop with a branch per entry tile
+        TO.SPLIT_TILES = {**TO.SPLIT_TILES, "dkdv": TO.TILE_BRANCH}
     elif name == "candidate gather ops":  # topk's second stage as before v8 (gather kernel + torch ops)
         TO.FUSED_CANDIDATES = False
     elif name == "sorted cluster ids":  # nearest's slots from the radix sort, as before v8

@@ -450,27 +450,62 @@ def test_counting_sort_slots_equal_the_sorted_slots(monkeypatch, block_t, count_
             assert a.dtype == b.dtype and torch.equal(a, b), (T, C, name)
 
 
-@pytest.mark.parametrize("assign", ["topk", "nearest"])
-def test_unmasked_tiles_give_what_masked_tiles_give(assign):
-    """The tiles every row sees whole run without masks (SPLIT_TILES); the same op with every tile
-    masked must give the same outputs and gradients. Window 56 over 16-wide tiles: most tiles are
-    whole, and rows of a cluster tail or a short cluster still need masked ones."""
-    q, _, v, centroids = _inputs(2, 2, 150, 24, 24, 3, True, torch.float32, "cpu", 8)
+def _split_modes_agree(assign, split, q, v, centroids, window, tile):
+    """The op under SPLIT_TILES = `split` in every kernel against every tile masked: the same outputs
+    and gradients, bit for bit (both paths compute p from the same FMA; the mask only selects)."""
     results = []
     default = dict(TO.SPLIT_TILES)
-    for split in (True, False):
-        TO.SPLIT_TILES = dict.fromkeys(default, split)
+    dout = torch.randn(v.shape, generator=torch.Generator().manual_seed(3)).to(v)
+    for mode in (getattr(TO, split), TO.ALL_MASKED):
+        TO.SPLIT_TILES = dict.fromkeys(default, mode)
         try:
-            out = routing_attention(q, q, v, centroids, window=56, causal=True, assign=assign, backend="triton")
-            results.append((out, *torch.autograd.grad(out, (q, v), torch.ones_like(out))))
+            out = routing_attention(q, q, v, centroids, window=window, causal=True, assign=assign, backend="triton")
+            results.append((out, *torch.autograd.grad(out, (q, v), dout)))
         finally:
             TO.SPLIT_TILES = default
     for a, b in zip(*results):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
     with torch.no_grad():  # the case has whole tiles to run unmasked, else the test shows nothing
-        qpos, lo, hi, kpos = TO.routing_indices(q, q, centroids, 56, True, assign)
-        qlo, qhi, flo, fhi = TO.tile_entry_ranges(lo, hi, -(-kpos.shape[1] // 16), 16, kpos.shape[1])
-        assert ((fhi - flo) >= 32).any()
+        qpos, lo, hi, kpos = TO.routing_indices(q, q, centroids, window, True, assign)
+        qlo, qhi, flo, fhi = TO.tile_entry_ranges(lo, hi, -(-kpos.shape[1] // tile), tile, kpos.shape[1])
+        assert ((fhi - flo) >= 2 * tile).any()
+
+
+@pytest.mark.parametrize("split", ["THREE_LOOPS", "TILE_BRANCH"])
+@pytest.mark.parametrize("assign", ["topk", "nearest"])
+def test_unmasked_tiles_give_what_masked_tiles_give(assign, split):
+    """The tiles every row sees whole run without masks (SPLIT_TILES: in loops of their own, or
+    branching around the mask in one loop). Window 56 over 16-wide tiles: most tiles are whole, and
+    rows of a cluster tail or a short cluster still need masked ones."""
+    q, _, v, centroids = _inputs(2, 2, 150, 24, 24, 3, True, torch.float32, "cpu", 8)
+    _split_modes_agree(assign, split, q, v, centroids, 56, 16)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("split", ["THREE_LOOPS", "TILE_BRANCH"])
+@pytest.mark.parametrize("assign", ["topk", "nearest"])
+def test_unmasked_tiles_give_what_masked_tiles_give_gpu(assign, split):
+    """As above on the GPU's tiles (64 wide), bf16, window 500 over T = 5000 (nothing a multiple)."""
+    q, _, v, centroids = _inputs(1, 2, 5000, 64, 64, 10, True, torch.bfloat16, "cuda", 9)
+    _split_modes_agree(assign, split, q, v, centroids, 500, 64)
+
+
+@pytest.mark.parametrize("assign", ["topk", "nearest"])
+def test_int64_row_offsets_give_what_int32_offsets_give(assign, monkeypatch):
+    """Rows are gathered with int32 offsets unless a tensor may pass 2**31 elements (_row64); the
+    int64 path, which only such sizes take, gives the same bits on a small case."""
+    q, _, v, centroids = _inputs(1, 2, 90, 24, 24, 3, True, torch.float32, "cpu", 10)
+    assert not TO._row64(q, v)
+    assert TO._row64(torch.empty(1, 1, 2**21, 1024, device="meta"))
+    dout = torch.randn(v.shape, generator=torch.Generator().manual_seed(4))
+    results = []
+    for wide in (False, True):
+        monkeypatch.setattr(TO, "_row64", lambda *ts, wide=wide: wide)
+        out = routing_attention(q, q, v, centroids, window=24, causal=True, assign=assign, backend="triton")
+        results.append((out, *torch.autograd.grad(out, (q, v), dout)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 def _combine_case(BH, T, E, Dx, dtype, device, seed):

@@ -45,11 +45,17 @@ CONFIG = {
     "cpu": dict(fwd=(16, 16, 4, 1), dq=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), combine=(16, 4)),
 }
 
-# Per kernel: run the slot (or entry) tiles that every row sees whole without masks (NOTES_routing.md
-# v8). Measured on an H200 at T = 64k (run D): it took dk/dv 479 -> 435 us for topk but made the forward
-# (+25..30 us) and dq (+0..38 us) slower, so only dk/dv splits. benchmarks/attention.py --ab switches
-# all three (variants "masked tiles" and "unmasked tiles everywhere").
-SPLIT_TILES = {"fwd": False, "dq": False, "dkdv": True}
+# Per kernel, how the slot (or entry) tiles that every row sees whole skip the per-element mask
+# (the kernels' SPLIT): ALL_MASKED, every tile masked; THREE_LOOPS, masked tiles before and after an
+# unmasked loop (NOTES_routing.md v8); TILE_BRANCH, one loop in which each tile branches around its
+# mask (session 11). Run D (H200, 64k): three loops took dk/dv 479 -> 435 us for topk but made the
+# forward (+25..30 us) and dq (+0..38 us) slower than all masked, as their loops run ~5 tiles, too
+# few to pipeline three times; TILE_BRANCH keeps one pipelined loop. dk/dv runs on 1 stage (nothing
+# to pipeline), and its unmasked loop needs no entry bounds at all, so it keeps three loops.
+# benchmarks/attention.py --ab switches them ("masked tiles", "unmasked tiles everywhere", "split
+# loops", "one-loop dk/dv").
+ALL_MASKED, THREE_LOOPS, TILE_BRANCH = 0, 1, 2
+SPLIT_TILES = {"fwd": TILE_BRANCH, "dq": TILE_BRANCH, "dkdv": THREE_LOOPS}
 
 # Per attention kernel: a register budget per thread (ptx .maxnreg) on CUDA, or None for the
 # compiler's choice. dk/dv at 128 lets 4 programs share an SM (ncu: at 255 registers it ran 2, with
@@ -470,6 +476,12 @@ def _s4(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _row64(*ts) -> bool:
+    """Whether the attention kernels must offset gathered rows in int64: a (B, H, T, D) tensor whose
+    rows (position * stride(2) + column, batch and head offsets aside) may pass 2**31 elements."""
+    return any(t.shape[2] * t.stride(2) + t.shape[3] >= 2**31 for t in ts)
+
+
 def _combine(x, perm, rowptr, lo, hi, T, mean, out_dtype):
     B, H, E, Dx = x.shape
     y = _new((B, H, T, Dx), out_dtype, x.device)
@@ -496,7 +508,8 @@ def attention_fwd(q, k, v, qpos, lo, hi, kpos, scale: float, direct: bool):
            H, E, S, D, Dv, scale * math.log2(math.e),
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=_precision(q),
-           SPLIT=SPLIT_TILES["fwd"], num_warps=warps, num_stages=stages, **_regs(q, "fwd"))
+           SPLIT=SPLIT_TILES["fwd"], ROW64=_row64(q, k, v, o), num_warps=warps, num_stages=stages,
+           **_regs(q, "fwd"))
     return o, lse
 
 
@@ -570,7 +583,7 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
            H, T, E, S, D, Dv, scale, sl2,
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=prec, SPLIT=SPLIT_TILES["dq"],
-           num_warps=warps, num_stages=stages, **_regs(q, "dq"))
+           ROW64=_row64(q, k, v, dout, o_rows, dq), num_warps=warps, num_stages=stages, **_regs(q, "dq"))
 
     bm, bn, warps, stages = _cfg(q, "dkdv")
     nt = cdiv(S, bn)
@@ -588,7 +601,8 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
            *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(dk), *_s4(dv),
            H, T, E, S, nt, D, Dv, scale, sl2,
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
-           DIRECT=direct, ADD_DK=shared, PRECISION=prec, SPLIT=SPLIT_TILES["dkdv"], num_warps=warps, num_stages=stages,
+           DIRECT=direct, ADD_DK=shared, PRECISION=prec, SPLIT=SPLIT_TILES["dkdv"],
+           ROW64=_row64(q, k, v, dout, dk, dv), num_warps=warps, num_stages=stages,
            **_regs(q, "dkdv_direct" if direct else "dkdv"))
     empty = q.new_empty(0)
     if direct:
