@@ -290,7 +290,7 @@ def profile(T, host=False):
             print(p.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
 
 
-SWEEP_PARTS = ("assignment", "scores", "argmax", "fwd", "bwd", "regs", "dkdv", "slots")
+SWEEP_PARTS = ("assignment", "scores", "argmax", "fwd", "bwd", "regs", "dkdv", "slots", "split")
 
 
 def ncu_target(T):
@@ -447,6 +447,30 @@ def sweep(T, parts=SWEEP_PARTS):
                 res.append((assign, "fwd", cfg, float("nan"), str(e)[:60]))
         TO.CONFIG["cuda"] = dict(default)
         set_regs()
+        # Session 11: how the forward and dq skip their masks (SPLIT_TILES), with a register budget
+        # (MAXNREG) and int32 or int64 row offsets (_row64); (mode, budget, int64), the default first
+        # and last. dq is timed as the whole backward.
+        default_split, row64 = dict(TO.SPLIT_TILES), TO._row64
+        split_cfgs = [(TO.TILE_BRANCH, None, False), (TO.ALL_MASKED, None, False), (TO.TILE_BRANCH, 128, False),
+                      (TO.ALL_MASKED, 128, False), (TO.TILE_BRANCH, None, True), (TO.ALL_MASKED, None, True),
+                      (TO.TILE_BRANCH, 168, False), (TO.TILE_BRANCH, None, False)]
+        for name in (("fwd", "dq") if "split" in parts else ()):
+            saved = TO._routing_fwd(q.detach(), q.detach(), v.detach(), *idx, scale, direct, True)
+            for mode, regs, wide in split_cfgs:
+                TO.SPLIT_TILES[name], TO.MAXNREG[name] = mode, regs
+                TO._row64 = lambda *ts, wide=wide: wide
+                fn = ((lambda: TO.attention_fwd(q, q, v, *idx, scale, direct)) if name == "fwd" else
+                      (lambda: TO._routing_bwd(dout, q.detach(), q.detach(), v.detach(), saved[0], saved[1], saved[2],
+                                               saved[3], *idx, saved[4], saved[5], scale, direct, True)))
+                try:
+                    res.append((assign, f"{name} split/regs/int64" if name == "fwd" else "bwd(dq split/regs/int64)",
+                                (mode, regs, wide), _bench(fn), math.nan))
+                except Exception as e:
+                    res.append((assign, name, (mode, regs, wide), float("nan"), str(e)[:60]))
+                finally:
+                    TO.SPLIT_TILES.update(default_split)
+                    TO._row64 = row64
+                    set_regs()
         saved = TO._routing_fwd(q.detach(), q.detach(), v.detach(), *idx, scale, direct, True)
         varied = []
         if "bwd" in parts:
