@@ -491,6 +491,17 @@ def test_unmasked_tiles_give_what_masked_tiles_give_gpu(assign, split):
     _split_modes_agree(assign, split, q, v, centroids, 500, 64)
 
 
+def _row_offsets_agree(q, v, centroids, window, assign, monkeypatch):
+    dout = torch.randn(v.shape, generator=torch.Generator().manual_seed(4)).to(v)
+    results = []
+    for wide in (False, True):
+        monkeypatch.setattr(TO, "_row64", lambda *ts, wide=wide: wide)
+        out = routing_attention(q, q, v, centroids, window=window, causal=True, assign=assign, backend="triton")
+        results.append((out, *torch.autograd.grad(out, (q, v), dout)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("assign", ["topk", "nearest"])
 def test_int64_row_offsets_give_what_int32_offsets_give(assign, monkeypatch):
     """Rows are gathered with int32 offsets unless a tensor may pass 2**31 elements (_row64); the
@@ -498,14 +509,16 @@ def test_int64_row_offsets_give_what_int32_offsets_give(assign, monkeypatch):
     q, _, v, centroids = _inputs(1, 2, 90, 24, 24, 3, True, torch.float32, "cpu", 10)
     assert not TO._row64(q, v)
     assert TO._row64(torch.empty(1, 1, 2**21, 1024, device="meta"))
-    dout = torch.randn(v.shape, generator=torch.Generator().manual_seed(4))
-    results = []
-    for wide in (False, True):
-        monkeypatch.setattr(TO, "_row64", lambda *ts, wide=wide: wide)
-        out = routing_attention(q, q, v, centroids, window=24, causal=True, assign=assign, backend="triton")
-        results.append((out, *torch.autograd.grad(out, (q, v), dout)))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    _row_offsets_agree(q, v, centroids, 24, assign, monkeypatch)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("assign", ["topk", "nearest"])
+def test_int64_row_offsets_give_what_int32_offsets_give_gpu(assign, monkeypatch):
+    """As above, compiled for the GPU (the interpreter does not type-check the JIT's returns)."""
+    q, _, v, centroids = _inputs(1, 2, 3000, 64, 64, 6, True, torch.bfloat16, "cuda", 11)
+    _row_offsets_agree(q, v, centroids, 500, assign, monkeypatch)
 
 
 def _combine_case(BH, T, E, Dx, dtype, device, seed):

@@ -66,7 +66,10 @@ SPLIT_TILES = {"fwd": TILE_BRANCH, "dq": TILE_BRANCH, "dkdv": THREE_LOOPS}
 # 38-41 stores under 128 on sm_90 against topk's 16-19; the H200 sweep of 2026-12-02 session 7
 # (`--sweep-parts dkdv`, NOTES_routing.md) timed its backward at 0.690 ms under 168, 0.693 with no
 # budget and 0.712 under 128 (topk: 0.725 under 128, 0.746 under 168, 0.849 with none).
-MAXNREG = {"fwd": None, "dq": None, "dkdv": 128, "dkdv_direct": 168}
+# Session 11 (H200, `--sweep-parts split`): after TILE_BRANCH the forward and dq compiled to 158-168
+# registers (ncu), so 3 programs per SM where 128 had allowed 4; under 128 the forward took 0.226 ->
+# 0.194 ms (nearest) and 0.191 -> 0.164 (topk) at 64k, the backward 0.684 -> 0.655 and 0.701 -> 0.675.
+MAXNREG = {"fwd": 128, "dq": 128, "dkdv": 128, "dkdv_direct": 168}
 
 
 def _regs(t: torch.Tensor, name: str) -> dict:
