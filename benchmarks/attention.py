@@ -328,8 +328,11 @@ def sweep(T, parts=SWEEP_PARTS):
         for key in ((name, name + "_direct") if name else ()):  # dk/dv has a budget per mode
             if key in TO.MAXNREG:
                 TO.MAXNREG[key] = cfg[4] if len(cfg) > 4 else None
-    fwd_cfgs = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3), (128, 64, 8, 3)]
-    dq_cfgs = [(64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3), (64, 64, 8, 3)]
+    # Session 11: the forward and dq run under a 128-register budget (the fifth entry); the default first.
+    fwd_cfgs = [(64, 64, 4, 2, 128), (64, 64, 4, 3, 128), (64, 64, 4, 1, 128), (64, 64, 4, 4, 128),
+                (64, 32, 4, 2, 128), (64, 32, 4, 3, 128), (128, 64, 8, 2, 128), (64, 64, 4, 2)]
+    dq_cfgs = [(64, 64, 4, 3, 128), (64, 64, 4, 2, 128), (64, 64, 4, 4, 128), (64, 32, 4, 3, 128),
+               (64, 64, 4, 1, 128), (128, 64, 8, 3, 128), (64, 64, 4, 3)]
     dkdv_cfgs = [(32, 64, 4, 1, 128), (32, 128, 4, 3), (32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3),
                  (16, 128, 4, 3), (32, 128, 4, 4), (64, 64, 4, 3)]
     # (BLOCK_T, warps) of topk's per-token sums, the default first and last (1-warp settings: session 10)
