@@ -504,7 +504,8 @@ def sweep(T, parts=SWEEP_PARTS):
 AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through the dispatcher", "torch index ops",
                "masked tiles", "unmasked tiles everywhere", "candidate gather ops", "sorted cluster ids",
                "tf32x3 scores", "argmax tiles 64x32", "score tiles 64x32",
-               "jit launches", "uncentred argmax", "whole-row entry searches", "split loops", "one-loop dk/dv")
+               "jit launches", "uncentred argmax", "whole-row entry searches", "split loops", "one-loop dk/dv",
+               "head-dim masks")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -536,7 +537,7 @@ def _variant(name):
     from routeformer.ops.routing import _score_kernels as SK
     from routeformer.ops.routing import triton_ops as TO
 
-    saved = (_launch.FAST_LAUNCH, TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES,
+    saved = (TO.FOLD_EVEN_D, _launch.FAST_LAUNCH, TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES,
              TO.FUSED_CANDIDATES, TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, dict(SK.TILES), dict(SK.ARGMAX_TILES),
              SK.CENTRED_ARGMAX, TO.tile_entry_ranges)
     entry_ranges = TO.tile_entry_ranges
@@ -554,6 +555,8 @@ def _variant(name):
         TO.SPLIT_TILES = dict.fromkeys(TO.SPLIT_TILES, TO.THREE_LOOPS)
     elif name == "split loops":  # the forward and dq all masked, dk/dv in three loops: before session 11
         TO.SPLIT_TILES = {"fwd": TO.ALL_MASKED, "dq": TO.ALL_MASKED, "dkdv": TO.THREE_LOOPS}
+    elif name == "head-dim masks":  # the column masks kept where head dims equal their tiles (session 11)
+        TO.FOLD_EVEN_D = False
     elif name == "one-loop dk/dv":  # dk/dv also in one loop with a branch per entry tile
         TO.SPLIT_TILES = {**TO.SPLIT_TILES, "dkdv": TO.TILE_BRANCH}
     elif name == "candidate gather ops":  # topk's second stage as before v8 (gather kernel + torch ops)
@@ -577,7 +580,7 @@ def _variant(name):
     try:
         yield
     finally:
-        (_launch.FAST_LAUNCH, TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES,
+        (TO.FOLD_EVEN_D, _launch.FAST_LAUNCH, TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES,
          TO.FUSED_CANDIDATES, TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, tiles, argmax_tiles, SK.CENTRED_ARGMAX,
          TO.tile_entry_ranges) = saved
         SK.TILES.clear()

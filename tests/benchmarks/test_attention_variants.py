@@ -71,6 +71,7 @@ def test_switch_variants_flip_their_switch_and_restore_it():
                         ("unmasked tiles everywhere", lambda: set(TO.SPLIT_TILES.values()) == {TO.THREE_LOOPS}),
                         ("split loops", lambda: TO.SPLIT_TILES == {"fwd": 0, "dq": 0, "dkdv": 1}),
                         ("one-loop dk/dv", lambda: TO.SPLIT_TILES["dkdv"] == TO.TILE_BRANCH),
+                        ("head-dim masks", lambda: not TO.FOLD_EVEN_D),
                         ("argmax tiles 64x32", lambda: SK.ARGMAX_TILES["cuda"] == (64, 32, 4)),
                         ("score tiles 64x32", lambda: SK.TILES["cuda"] == (64, 32, 4)),
                         ("jit launches", lambda: not _launch.FAST_LAUNCH),
@@ -81,7 +82,7 @@ def test_switch_variants_flip_their_switch_and_restore_it():
         assert SK.BF16_SPLIT_SCORES and TO.COUNTING_SORT and TO.SPLIT_TILES == default_split, name
         assert SK.TILES == default_tiles and SK.ARGMAX_TILES == default_argmax, name
         assert _launch.FAST_LAUNCH, name
-        assert SK.CENTRED_ARGMAX and TO.tile_entry_ranges is entry_ranges, name
+        assert SK.CENTRED_ARGMAX and TO.tile_entry_ranges is entry_ranges and TO.FOLD_EVEN_D, name
 
 
 def test_table_shares_the_assignment_of_the_graph_forward():

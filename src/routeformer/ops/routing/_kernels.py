@@ -178,8 +178,11 @@ def _fwd_kernel(
     H, E, S, D, DV, sm_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DIRECT: tl.constexpr, SKIP_EMPTY: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
-    ROW64: tl.constexpr,
+    ROW64: tl.constexpr, EVEN_D: tl.constexpr,
 ):
+    if EVEN_D:  # head dims equal to their tiles: the column masks fold away (fewer live predicates)
+        D = BLOCK_D
+        DV = BLOCK_DV
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     # int64: b * stride overflows int32 once a tensor passes 2**31 elements.
@@ -245,13 +248,16 @@ def _bwd_dq_kernel(
     H, T, E, S, D, DV, sm_scale, sm_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DIRECT: tl.constexpr, SKIP_EMPTY: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
-    ROW64: tl.constexpr,
+    ROW64: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """dq per query entry; also stores DELTA = rowsum(dO * O_entry) for the dk/dv kernel.
 
     With topk the entry's output is scaled by 1/n (scatter-mean); the kernels keep dO unscaled and
     multiply ds by INV_N instead, which saves a rounding of dO.
     """
+    if EVEN_D:  # head dims equal to their tiles: the column masks fold away (fewer live predicates)
+        D = BLOCK_D
+        DV = BLOCK_DV
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     # int64: b * stride overflows int32 once a tensor passes 2**31 elements.
@@ -369,7 +375,7 @@ def _bwd_dkdv_kernel(
     H, T, E, S, NT, D, DV, sm_scale, sm_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DIRECT: tl.constexpr, ADD_DK: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
-    ROW64: tl.constexpr,
+    ROW64: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """dk, dv per slot tile, looping over the contiguous entry range [QLO, QHI) that attends it.
 
@@ -378,6 +384,9 @@ def _bwd_dkdv_kernel(
     ADD_DK (shared QK): DK is the dq buffer, which holds dq at these rows (token positions if DIRECT,
     else entries, which are the slots); add dk to it, so one rounding covers dq + dk.
     """
+    if EVEN_D:  # head dims equal to their tiles: the column masks fold away (fewer live predicates)
+        D = BLOCK_D
+        DV = BLOCK_DV
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     # int64: b * stride overflows int32 once a tensor passes 2**31 elements.

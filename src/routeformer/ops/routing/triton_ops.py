@@ -479,6 +479,16 @@ def _s4(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+# Whether head dims equal to their power-of-two tiles let the attention kernels drop the column
+# masks (EVEN_D). Session 11, sm_90 SASS: 499 -> 460 instructions per forward tile; the ab variant
+# "head-dim masks" turns it off.
+FOLD_EVEN_D = True
+
+
+def _even_d(D: int, Dv: int) -> bool:
+    return FOLD_EVEN_D and D == _pow2(D) and Dv == _pow2(Dv)
+
+
 def _row64(*ts) -> bool:
     """Whether the attention kernels must offset gathered rows in int64: a (B, H, T, D) tensor whose
     rows (position * stride(2) + column, batch and head offsets aside) may pass 2**31 elements."""
@@ -511,7 +521,8 @@ def attention_fwd(q, k, v, qpos, lo, hi, kpos, scale: float, direct: bool):
            H, E, S, D, Dv, scale * math.log2(math.e),
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=_precision(q),
-           SPLIT=SPLIT_TILES["fwd"], ROW64=_row64(q, k, v, o), num_warps=warps, num_stages=stages,
+           SPLIT=SPLIT_TILES["fwd"], ROW64=_row64(q, k, v, o), EVEN_D=_even_d(D, Dv),
+           num_warps=warps, num_stages=stages,
            **_regs(q, "fwd"))
     return o, lse
 
@@ -586,7 +597,8 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
            H, T, E, S, D, Dv, scale, sl2,
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=prec, SPLIT=SPLIT_TILES["dq"],
-           ROW64=_row64(q, k, v, dout, o_rows, dq), num_warps=warps, num_stages=stages, **_regs(q, "dq"))
+           ROW64=_row64(q, k, v, dout, o_rows, dq), EVEN_D=_even_d(D, Dv), num_warps=warps, num_stages=stages,
+           **_regs(q, "dq"))
 
     bm, bn, warps, stages = _cfg(q, "dkdv")
     nt = cdiv(S, bn)
@@ -605,7 +617,7 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
            H, T, E, S, nt, D, Dv, scale, sl2,
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, ADD_DK=shared, PRECISION=prec, SPLIT=SPLIT_TILES["dkdv"],
-           ROW64=_row64(q, k, v, dout, dk, dv), num_warps=warps, num_stages=stages,
+           ROW64=_row64(q, k, v, dout, dk, dv), EVEN_D=_even_d(D, Dv), num_warps=warps, num_stages=stages,
            **_regs(q, "dkdv_direct" if direct else "dkdv"))
     empty = q.new_empty(0)
     if direct:
