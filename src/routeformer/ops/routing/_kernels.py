@@ -52,6 +52,20 @@ def _in_band(offs, lo, hi):
 
 
 @triton.jit
+def _gather_slots(kbase, vbase, kpos_ptr, offs_s, offs_d, offs_dv, band_hi, skt, svt, D, DV,
+                  CLAMP: tl.constexpr, ROW64: tl.constexpr):
+    """The k and v rows of slots offs_s. CLAMP: a tile that may pass the band's end reads its last
+    slot in their place rather than masking the loads: every row masks slots past band_hi (hi <=
+    band_hi), so their values never count, and unpredicated gathers keep the loop short."""
+    if CLAMP:
+        offs_s = tl.minimum(offs_s, band_hi - 1)
+    kpos = _rows(tl.load(kpos_ptr + offs_s), ROW64)
+    k = tl.load(kbase + kpos[:, None] * skt + offs_d[None, :], mask=offs_d[None, :] < D, other=0.0)
+    v = tl.load(vbase + kpos[:, None] * svt + offs_dv[None, :], mask=offs_dv[None, :] < DV, other=0.0)
+    return k, v
+
+
+@triton.jit
 def _fwd_step(q, kbase, vbase, kpos_ptr, s0, band_hi, lo, hi, m_i, l_i, acc,
               skt, svt, D, DV, sm_scale_log2, edge,
               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
@@ -59,24 +73,16 @@ def _fwd_step(q, kbase, vbase, kpos_ptr, s0, band_hi, lo, hi, m_i, l_i, acc,
     """One slot tile of the online softmax: returns the updated (m_i, l_i, acc).
 
     MASKED 0: the caller knows every row may see every slot of the tile (and that the tile ends
-    inside the band), so neither rows nor elements are masked. 1: both are. 2: the loads are masked
-    and the elements only where the run-time flag `edge` says a row does not see the whole tile (a
-    branch around the select, so one loop serves both kinds of tile and keeps its pipelining).
+    inside the band), so nothing is masked. 1: the elements are (and slots past the band clamped,
+    see _gather_slots). 2: slots are clamped, and the elements masked only where the run-time flag
+    `edge` says a row does not see the whole tile (a branch around the select, so one loop serves
+    both kinds of tile and keeps its pipelining).
     """
     offs_s = s0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    if MASKED != 0:
-        smask = offs_s < band_hi
-        kpos = _rows(tl.load(kpos_ptr + offs_s, mask=smask, other=0), ROW64)
-        k = tl.load(kbase + kpos[:, None] * skt + offs_d[None, :],
-                    mask=smask[:, None] & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(vbase + kpos[:, None] * svt + offs_dv[None, :],
-                    mask=smask[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    else:  # s0 + BLOCK_N <= band_hi: no row mask
-        kpos = _rows(tl.load(kpos_ptr + offs_s), ROW64)
-        k = tl.load(kbase + kpos[:, None] * skt + offs_d[None, :], mask=offs_d[None, :] < D, other=0.0)
-        v = tl.load(vbase + kpos[:, None] * svt + offs_dv[None, :], mask=offs_dv[None, :] < DV, other=0.0)
+    k, v = _gather_slots(kbase, vbase, kpos_ptr, offs_s, offs_d, offs_dv, band_hi, skt, svt, D, DV,
+                         MASKED != 0, ROW64)
     qk = _dot(q, tl.trans(k), PRECISION)
     # The scale stays out of the select, so the exponent's argument is one FMA either way.
     if MASKED == 1:
@@ -101,17 +107,8 @@ def _dq_step(q, do, kbase, vbase, kpos_ptr, s0, band_hi, lo, hi, lse, delta, dq,
     offs_s = s0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    if MASKED != 0:
-        smask = offs_s < band_hi
-        kpos = _rows(tl.load(kpos_ptr + offs_s, mask=smask, other=0), ROW64)
-        k = tl.load(kbase + kpos[:, None] * skt + offs_d[None, :],
-                    mask=smask[:, None] & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(vbase + kpos[:, None] * svt + offs_dv[None, :],
-                    mask=smask[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    else:
-        kpos = _rows(tl.load(kpos_ptr + offs_s), ROW64)
-        k = tl.load(kbase + kpos[:, None] * skt + offs_d[None, :], mask=offs_d[None, :] < D, other=0.0)
-        v = tl.load(vbase + kpos[:, None] * svt + offs_dv[None, :], mask=offs_dv[None, :] < DV, other=0.0)
+    k, v = _gather_slots(kbase, vbase, kpos_ptr, offs_s, offs_d, offs_dv, band_hi, skt, svt, D, DV,
+                         MASKED != 0, ROW64)
     qk = _dot(q, tl.trans(k), PRECISION)
     p = tl.exp2(qk * sm_scale_log2 - lse[:, None])
     if MASKED == 1:
@@ -208,7 +205,9 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    if SPLIT == 2:  # one loop; each tile decides at run time whether it needs the mask
+    # One loop, each tile deciding at run time whether it needs the mask; not with SKIP_EMPTY, whose
+    # per-tile test around the whole step is what the masked-tile loops below are for.
+    if SPLIT == 2 and not SKIP_EMPTY:
         full_lo, full_hi = _full_slot_tiles(lo, hi, emask, band_lo, band_hi, BLOCK_N)
         for s0 in range(band_lo, band_hi, BLOCK_N):
             m_i, l_i, acc = _fwd_step(q, kbase, vbase, KPOS + sbase, s0, band_hi, lo, hi, m_i, l_i, acc,
@@ -293,7 +292,7 @@ def _bwd_dq_kernel(
     vbase = V + b * svb + h * svh
     sbase = bh.to(tl.int64) * S
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if SPLIT == 2:  # one loop, the mask decided per tile (as in _fwd_kernel)
+    if SPLIT == 2 and not SKIP_EMPTY:  # one loop, the mask decided per tile (as in _fwd_kernel)
         full_lo, full_hi = _full_slot_tiles(lo, hi, emask, band_lo, band_hi, BLOCK_N)
         for s0 in range(band_lo, band_hi, BLOCK_N):
             dq = _dq_step(q, do, kbase, vbase, KPOS + sbase, s0, band_hi, lo, hi, lse, delta, dq,
@@ -335,23 +334,18 @@ def _dkdv_step(e0, end, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LSE, 
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     if MASKED != 0:
-        emask = offs_e < end
-        qpos = _rows(tl.load(QPOS + ibase + offs_e, mask=emask, other=0), ROW64)
-        lo = tl.load(LO + ibase + offs_e, mask=emask, other=S)
-        hi = tl.load(HI + ibase + offs_e, mask=emask, other=0)
-        lse = tl.load(LSE + ibase + offs_e, mask=emask, other=float("inf"))
-        delta = tl.load(DELTA + ibase + offs_e, mask=emask, other=0.0)
-        q = tl.load(qbase + qpos[:, None] * sqt + offs_d[None, :],
-                    mask=emask[:, None] & (offs_d[None, :] < D), other=0.0)
-        do = tl.load(dobase + qpos[:, None] * sdot + offs_dv[None, :],
-                     mask=emask[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        # Entries from `end` on (the next loop's, or past E) read entry end - 1 in their place and get
+        # an empty slot range, so that no load needs a predicate: the mask drops them.
+        offs_c = tl.minimum(offs_e, end - 1)
+        lo = tl.load(LO + ibase + offs_c)
+        hi = tl.where(offs_e < end, tl.load(HI + ibase + offs_c), lo)
     else:
-        emask = offs_e >= 0
-        qpos = _rows(tl.load(QPOS + ibase + offs_e), ROW64)
-        lse = tl.load(LSE + ibase + offs_e)
-        delta = tl.load(DELTA + ibase + offs_e)
-        q = tl.load(qbase + qpos[:, None] * sqt + offs_d[None, :], mask=offs_d[None, :] < D, other=0.0)
-        do = tl.load(dobase + qpos[:, None] * sdot + offs_dv[None, :], mask=offs_dv[None, :] < DV, other=0.0)
+        offs_c = offs_e
+    qpos = _rows(tl.load(QPOS + ibase + offs_c), ROW64)
+    lse = tl.load(LSE + ibase + offs_c)
+    delta = tl.load(DELTA + ibase + offs_c)
+    q = tl.load(qbase + qpos[:, None] * sqt + offs_d[None, :], mask=offs_d[None, :] < D, other=0.0)
+    do = tl.load(dobase + qpos[:, None] * sdot + offs_dv[None, :], mask=offs_dv[None, :] < DV, other=0.0)
     qkT = _dot(k, tl.trans(q), PRECISION)
     pT = tl.exp2(qkT * sm_scale_log2 - lse[None, :])
     if MASKED == 1:
@@ -360,7 +354,7 @@ def _dkdv_step(e0, end, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LSE, 
         if edge:
             pT = tl.where(_in_band(offs_s[:, None], lo[None, :], hi[None, :]), pT, 0.0)
     if not DIRECT:
-        pT = pT * tl.load(INV_N + nbase + qpos, mask=emask, other=0.0)[None, :]
+        pT = pT * tl.load(INV_N + nbase + qpos)[None, :]
     dv = dv + _dot(pT.to(do.dtype), do, PRECISION)
     dpT = _dot(v, tl.trans(do), PRECISION)
     dsT = pT * (dpT - delta[None, :])
