@@ -214,7 +214,9 @@ def _fwd_kernel(
                                       skt, svt, D, DV, sm_scale_log2, (s0 < full_lo) | (s0 >= full_hi),
                                       BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, 2, ROW64)
     else:
-        if SPLIT:  # masked tiles before and after the ones every row sees whole
+        # masked tiles before and after the ones every row sees whole (with SKIP_EMPTY, TILE_BRANCH
+        # falls back to all masked tiles, as before it existed)
+        if SPLIT == 1:
             full_lo, full_hi = _full_slot_tiles(lo, hi, emask, band_lo, band_hi, BLOCK_N)
         else:
             full_lo, full_hi = band_lo, band_lo
@@ -299,7 +301,7 @@ def _bwd_dq_kernel(
                           skt, svt, D, DV, sm_scale_log2, (s0 < full_lo) | (s0 >= full_hi),
                           BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, 2, ROW64)
     else:
-        if SPLIT:
+        if SPLIT == 1:  # (TILE_BRANCH with SKIP_EMPTY: all masked, as in _fwd_kernel)
             full_lo, full_hi = _full_slot_tiles(lo, hi, emask, band_lo, band_hi, BLOCK_N)
         else:
             full_lo, full_hi = band_lo, band_lo
