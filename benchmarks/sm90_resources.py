@@ -1,8 +1,15 @@
 """Compile every Triton kernel of the benchmark setting for sm_90 (H100 / H200) on this machine, no GPU
 needed, and report each one's registers, stack frame and spill instructions (STL / LDL in the SASS:
-ptxas spills to the stack, and LOCAL stays 0) and shared memory.
+ptxas spills to the stack, and LOCAL stays 0), shared memory, and the size of each loop in SASS
+instructions (with the spill instructions inside loops).
 
     TRITON_INTERPRET=0 PYTHONPATH=src python benchmarks/sm90_resources.py [--T 65536] [--json FILE]
+        [--sass DIR] [--only NAME]
+
+Loop sizes are the per-tile cost of a kernel's inner loops: session 11 (NOTES_routing.md) found its
+mask and addressing changes by counting them (576 -> 379 instructions per unmasked forward tile).
+The device's Triton may compile differently, so the GPU's timings decide. --sass writes each
+kernel's SASS to DIR for reading; --only keeps the kernels whose name contains NAME.
 
 The launchers run for real on meta tensors (shapes and dtypes, no data; ops._checks.gpu_plan makes
 them choose GPU tiles, warps and precisions for meta tensors), with every Triton kernel replaced by a
@@ -175,7 +182,26 @@ def _cuobjdump() -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
 
 
-def compile_launch(fn, args, kwargs) -> dict:
+_ADDRESS = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", re.M)
+_SPILL = re.compile(r"\b(?:STL|LDL)(?:\.|\s)")
+
+
+def sass_loops(sass: str) -> list[dict]:
+    """Each loop of a kernel's SASS: a branch back to an earlier address closes one. -> [{"start", "end",
+    "instructions", "spills"}] in address order (an outer loop's count includes its inner loops)."""
+    ins = [(int(a, 16), text) for a, text in _ADDRESS.findall(sass)]
+    loops = []
+    for addr, text in ins:
+        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < addr:
+            lo = int(target.group(1), 16)
+            body = [t for a, t in ins if lo <= a <= addr]
+            loops.append({"start": lo, "end": addr, "instructions": len(body),
+                          "spills": sum(1 for t in body if _SPILL.search(t))})
+    return sorted(loops, key=lambda r: r["start"])
+
+
+def compile_launch(fn, args, kwargs, sass_dir: str = "") -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -196,9 +222,15 @@ def compile_launch(fn, args, kwargs) -> dict:
     mma = {op: len(re.findall(rf"\b{op}\.", sass)) for op in ("HGMMA", "HMMA")}
     # Register spills go to the per-thread stack frame (STACK; LOCAL stays 0): count its stores and loads.
     spills = {"STL": len(re.findall(r"\bSTL(?:\.|\s)", sass)), "LDL": len(re.findall(r"\bLDL(?:\.|\s)", sass))}
+    loops = sass_loops(sass)
     flags = {k: v for k, v in constexprs.items() if not k.startswith("BLOCK") and k not in ("BM", "BN", "BD", "BDV")}
     tiles = {k: v for k, v in constexprs.items() if k not in flags}
+    if sass_dir:
+        name = "_".join([fn.fn.__module__.rsplit(".", 2)[-2], fn.__name__] +
+                        [f"{k}{v}" for k, v in {**flags, **tiles}.items()] + [f"w{options['num_warps']}"])
+        Path(sass_dir, re.sub(r"[^A-Za-z0-9_.-]", "", name) + ".sass").write_text(sass)
     return {"kernel": fn.__name__, "module": fn.fn.__module__.rsplit(".", 2)[-2], "flags": flags, "tiles": tiles,
+            "loops": [r["instructions"] for r in loops], "loop_spills": sum(r["spills"] for r in loops),
             **options, "regs": int(res.get("REG", -1)), "local_bytes": int(res.get("LOCAL", 0)),
             "stack_bytes": int(res.get("STACK", 0)), "shared_bytes": kernel.metadata.shared, **mma, **spills,
             "compile_s": round(seconds, 2)}
@@ -219,26 +251,30 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--T", type=int, default=65536, help="sequence length of the recorded launches")
     p.add_argument("--json", default="", help="write the rows here")
+    p.add_argument("--sass", default="", help="write each kernel's SASS into this folder")
+    p.add_argument("--only", default="", help="only the kernels whose name contains this")
     args = p.parse_args(argv)
+    if args.sass:
+        Path(args.sass).mkdir(parents=True, exist_ok=True)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("run with TRITON_INTERPRET=0: the interpreter's kernels cannot be compiled")
-    launches = distinct(record_launches(args.T))
+    launches = [x for x in distinct(record_launches(args.T)) if args.only in x[0].__name__]
     rows, failures = [], []
     for fn, a, kw in launches:
         try:
-            rows.append(compile_launch(fn, a, kw))
+            rows.append(compile_launch(fn, a, kw, args.sass))
         except Exception as err:  # one kernel's failure is a row, and the exit code says so
             failures.append(f"{fn.fn.__module__}.{fn.__name__}: {type(err).__name__}: {str(err)[:300]}")
     import triton
 
     print(f"sm_90 resources, triton {triton.__version__}, T={args.T}, bf16 H={H} D={D} W={WINDOW}")
     print("| module | kernel | flags | tiles | warps | stages | regs | stack B | spill st / ld | shared KiB "
-          "| HGMMA / HMMA |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| HGMMA / HMMA | loop instructions (spills in loops) |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         print(f"| {r['module']} | {r['kernel']} | {r['flags']} | {r['tiles']} | {r['num_warps']} | {r['num_stages']} "
               f"| {r['regs']} | {r['stack_bytes']} | {r['STL']} / {r['LDL']} | {r['shared_bytes'] / 1024:.1f} "
-              f"| {r['HGMMA']} / {r['HMMA']} |")
+              f"| {r['HGMMA']} / {r['HMMA']} | {', '.join(map(str, r['loops'])) or '-'} ({r['loop_spills']}) |")
     for f in failures:
         print("FAILED", f)
     if args.json:

@@ -38,3 +38,5 @@ def test_every_gpu_launch_compiles_for_sm90(tmp_path):
         assert ("local", name) in kernels, name
     for r in report["rows"]:
         assert 0 < r["regs"] <= 255 and r["shared_bytes"] <= 227 * 1024, r  # an H100 block's limits
+        if r["module"] == "routing" and r["kernel"] in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"):
+            assert r["loops"] and min(r["loops"]) > 50, r  # the slot / entry loops were found in the SASS
