@@ -148,7 +148,8 @@ def _fwd_masked_tiles(q, kbase, vbase, kpos_ptr, start, end, band_hi, lo, hi, m_
                                           BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, 1, ROW64)
         else:
             m_i, l_i, acc = _fwd_step(q, kbase, vbase, kpos_ptr, s0, band_hi, lo, hi, m_i, l_i, acc,
-                                      skt, svt, D, DV, sm_scale_log2, True, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, 1, ROW64)
+                                      skt, svt, D, DV, sm_scale_log2, True,
+                                      BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, 1, ROW64)
     return m_i, l_i, acc
 
 
@@ -225,7 +226,8 @@ def _fwd_kernel(
                                           BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, SKIP_EMPTY, ROW64)
         for s0 in range(full_lo, full_hi, BLOCK_N):
             m_i, l_i, acc = _fwd_step(q, kbase, vbase, KPOS + sbase, s0, band_hi, lo, hi, m_i, l_i, acc,
-                                      skt, svt, D, DV, sm_scale_log2, False, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, 0, ROW64)
+                                      skt, svt, D, DV, sm_scale_log2, False,
+                                      BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, 0, ROW64)
         m_i, l_i, acc = _fwd_masked_tiles(q, kbase, vbase, KPOS + sbase, full_hi, band_hi, band_hi, lo, hi,
                                           m_i, l_i, acc, skt, svt, D, DV, sm_scale_log2,
                                           BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, SKIP_EMPTY, ROW64)
@@ -306,12 +308,14 @@ def _bwd_dq_kernel(
         else:
             full_lo, full_hi = band_lo, band_lo
         dq = _dq_masked_tiles(q, do, kbase, vbase, KPOS + sbase, band_lo, full_lo, band_hi, lo, hi, lse, delta,
-                              dq, skt, svt, D, DV, sm_scale_log2, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, SKIP_EMPTY, ROW64)
+                              dq, skt, svt, D, DV, sm_scale_log2,
+                              BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, SKIP_EMPTY, ROW64)
         for s0 in range(full_lo, full_hi, BLOCK_N):
             dq = _dq_step(q, do, kbase, vbase, KPOS + sbase, s0, band_hi, lo, hi, lse, delta, dq,
                           skt, svt, D, DV, sm_scale_log2, False, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, 0, ROW64)
         dq = _dq_masked_tiles(q, do, kbase, vbase, KPOS + sbase, full_hi, band_hi, band_hi, lo, hi, lse, delta,
-                              dq, skt, svt, D, DV, sm_scale_log2, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, SKIP_EMPTY, ROW64)
+                              dq, skt, svt, D, DV, sm_scale_log2,
+                              BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, SKIP_EMPTY, ROW64)
     dq = dq * (sm_scale * inv_n)[:, None]
     if DIRECT:
         drow = qpos
@@ -418,7 +422,8 @@ def _bwd_dkdv_kernel(
         for e0 in range(qlo, qhi, BLOCK_M):
             dk, dv = _dkdv_step(e0, qhi, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LSE, DELTA, INV_N,
                                 ibase, nbase, sqt, sdot, S, D, DV, sm_scale_log2,
-                                (e0 < full_lo) | (e0 >= full_hi), BLOCK_M, BLOCK_D, BLOCK_DV, DIRECT, PRECISION, 2, ROW64)
+                                (e0 < full_lo) | (e0 >= full_hi),
+                                BLOCK_M, BLOCK_D, BLOCK_DV, DIRECT, PRECISION, 2, ROW64)
     else:
         for e0 in range(qlo, full_lo, BLOCK_M):
             dk, dv = _dkdv_step(e0, full_lo, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LSE, DELTA, INV_N,
