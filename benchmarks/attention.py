@@ -397,24 +397,27 @@ def sweep(T, parts=SWEEP_PARTS):
                                 _bench_graph(lambda: SK.fused_argmax_counts(q, centroids)), math.nan))
             except Exception as e:
                 res.append(("both", "fused kernel" + kind, tiles, math.nan, str(e)[:60]))
-    # Session 9: nearest's argmax with and without its LayerNorm statistics (SK.CENTRED_ARGMAX), with and
-    # without the cluster counts. (The argmax as one packed int64 max was slower at every tile:
-    # runs/h200_2026-12-02_1534a89_argmax_sweep.txt.)
-    default_centred = SK.CENTRED_ARGMAX
+    # Session 9: nearest's argmax with and without its LayerNorm statistics (SK.CENTRED_ARGMAX; the
+    # centred one won and is the default), with and without the cluster counts. (The argmax as one
+    # packed int64 max was slower at every tile: runs/h200_2026-12-02_1534a89_argmax_sweep.txt.)
+    # Session 12: the centroid pieces made once per call by a Triton kernel (SK.PRESPLIT_CENTROIDS)
+    # against in every program, at 2 and 3 stages (SK.PRESPLIT_STAGES).
+    default_centred, default_presplit = SK.CENTRED_ARGMAX, (SK.PRESPLIT_CENTROIDS, SK.PRESPLIT_STAGES)
     for tiles in ([(128, 64, 4), (128, 128, 8), (128, 32, 4), (64, 64, 4), (256, 64, 8)]
                   if "argmax" in parts else []):
         SK.ARGMAX_TILES["cuda"] = tiles
         SK.BF16_SPLIT_SCORES = True
-        for centred in (False, True):
-            SK.CENTRED_ARGMAX = centred
+        SK.CENTRED_ARGMAX = True
+        for presplit, stages in ((False, 3), (True, 2), (True, 3)):
+            SK.PRESPLIT_CENTROIDS, SK.PRESPLIT_STAGES = presplit, stages
+            how = f"presplit, {stages} stages" if presplit else "split per program"
             try:
                 with torch.no_grad():
-                    res.append(("nearest", f"fused argmax+counts{', centred' * centred}", tiles,
+                    res.append(("nearest", f"fused argmax+counts, {how}", tiles,
                                 _bench_graph(lambda: SK.fused_argmax_counts(q, centroids)), math.nan))
-                    res.append(("nearest", f"fused argmax alone{', centred' * centred}", tiles,
-                                _bench_graph(lambda: SK.fused_argmax(q, centroids)), math.nan))
             except Exception as e:
-                res.append(("nearest", f"fused argmax{', centred' * centred}", tiles, math.nan, str(e)[:60]))
+                res.append(("nearest", f"fused argmax, {how}", tiles, math.nan, str(e)[:60]))
+    SK.PRESPLIT_CENTROIDS, SK.PRESPLIT_STAGES = default_presplit
     SK.CENTRED_ARGMAX = default_centred
     # Session 10: the counting sort's slot kernel (45 us at 64k in run J) on other warp counts. The
     # timing includes the argmax and the cumsum, the same in every row; the slots must not change.
@@ -505,7 +508,7 @@ AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through 
                "masked tiles", "unmasked tiles everywhere", "candidate gather ops", "sorted cluster ids",
                "tf32x3 scores", "argmax tiles 64x32", "score tiles 64x32",
                "jit launches", "uncentred argmax", "whole-row entry searches", "split loops", "one-loop dk/dv",
-               "head-dim masks")
+               "head-dim masks", "in-kernel centroid split")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -539,7 +542,7 @@ def _variant(name):
 
     saved = (TO.FOLD_EVEN_D, _launch.FAST_LAUNCH, TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing,
              TO.SPLIT_TILES, TO.FUSED_CANDIDATES, TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, dict(SK.TILES),
-             dict(SK.ARGMAX_TILES), SK.CENTRED_ARGMAX, TO.tile_entry_ranges)
+             dict(SK.ARGMAX_TILES), SK.CENTRED_ARGMAX, TO.tile_entry_ranges, SK.PRESPLIT_CENTROIDS)
     entry_ranges = TO.tile_entry_ranges
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
@@ -571,6 +574,8 @@ def _variant(name):
         _launch.FAST_LAUNCH = False
     elif name == "score tiles 64x32":  # topk's scoring passes on run D's tile, as before session 8
         SK.TILES["cuda"] = (64, 32, 4)
+    elif name == "in-kernel centroid split":  # every score program splits the centroids, as before session 12
+        SK.PRESPLIT_CENTROIDS = False
     elif name == "uncentred argmax":  # nearest's argmax on the LayerNorm scores, as before session 9
         SK.CENTRED_ARGMAX = False
     elif name == "whole-row entry searches":  # nearest's tile_entry_ranges unbounded, as before session 9
@@ -582,7 +587,7 @@ def _variant(name):
     finally:
         (TO.FOLD_EVEN_D, _launch.FAST_LAUNCH, TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES,
          TO.FUSED_CANDIDATES, TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, tiles, argmax_tiles, SK.CENTRED_ARGMAX,
-         TO.tile_entry_ranges) = saved
+         TO.tile_entry_ranges, SK.PRESPLIT_CENTROIDS) = saved
         SK.TILES.clear()
         SK.TILES.update(tiles)
         SK.ARGMAX_TILES.clear()

@@ -66,7 +66,7 @@ def _kernel_slots():
                                 "_count_below_kernel", "_slot_bounds_kernel", "_tile_entry_ranges_kernel",
                                 "_nearest_slots_kernel")]
     local = [(L, n) for n in ("_fwd_kernel", "_fwd_bands_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")]
-    return routing + [(S, "_scores_kernel")] + local
+    return routing + [(S, "_scores_kernel"), (S, "_centroid_pieces_kernel")] + local
 
 
 @contextlib.contextmanager

@@ -64,7 +64,7 @@ def test_switch_variants_flip_their_switch_and_restore_it():
 
     default_split, default_tiles, default_argmax = dict(TO.SPLIT_TILES), dict(SK.TILES), dict(SK.ARGMAX_TILES)
     entry_ranges = TO.tile_entry_ranges
-    assert SK.BF16_SPLIT_SCORES and TO.COUNTING_SORT and SK.CENTRED_ARGMAX
+    assert SK.BF16_SPLIT_SCORES and TO.COUNTING_SORT and SK.CENTRED_ARGMAX and SK.PRESPLIT_CENTROIDS
     for name, check in (("tf32x3 scores", lambda: not SK.BF16_SPLIT_SCORES),
                         ("sorted cluster ids", lambda: not TO.COUNTING_SORT),
                         ("masked tiles", lambda: not any(TO.SPLIT_TILES.values())),
@@ -76,6 +76,7 @@ def test_switch_variants_flip_their_switch_and_restore_it():
                         ("score tiles 64x32", lambda: SK.TILES["cuda"] == (64, 32, 4)),
                         ("jit launches", lambda: not _launch.FAST_LAUNCH),
                         ("uncentred argmax", lambda: not SK.CENTRED_ARGMAX),
+                        ("in-kernel centroid split", lambda: not SK.PRESPLIT_CENTROIDS),
                         ("whole-row entry searches", lambda: TO.tile_entry_ranges is not entry_ranges)):
         with bench._variant(name):
             assert check(), name
@@ -83,6 +84,7 @@ def test_switch_variants_flip_their_switch_and_restore_it():
         assert SK.TILES == default_tiles and SK.ARGMAX_TILES == default_argmax, name
         assert _launch.FAST_LAUNCH, name
         assert SK.CENTRED_ARGMAX and TO.tile_entry_ranges is entry_ranges and TO.FOLD_EVEN_D, name
+        assert SK.PRESPLIT_CENTROIDS, name
 
 
 def test_table_shares_the_assignment_of_the_graph_forward():

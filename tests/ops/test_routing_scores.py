@@ -119,3 +119,51 @@ def test_bf16_split_scores_match_formula_gpu(monkeypatch, T, D, C, centred):
     x, centroids = _inputs(1, 2, T, D, C, torch.bfloat16, "cuda")
     assert SK._precision(x) == "bf16x3"
     _check(x, centroids, scores.GROUP)
+
+
+def _presplit_against_in_kernel(monkeypatch, x, centroids, exact):
+    """Scores, group maxima, argmax (centred and not) and counts with the centroid pieces made once per
+    call (PRESPLIT_CENTROIDS) against the pieces made in every program. exact: the same bits (the
+    interpreter reduces each row's sum in one order in both); on the GPU the two kernels may reduce
+    sum(c) in different register layouts, so the scores agree within fp32 rounding and the argmax
+    differs on near-ties only."""
+    from routeformer.ops.routing import _score_kernels as SK
+
+    monkeypatch.setattr(SK, "BF16_SPLIT_SCORES", True)
+    block_c = SK.tiles(x)[1]
+    results = {}
+    for presplit in (True, False):
+        monkeypatch.setattr(SK, "PRESPLIT_CENTROIDS", presplit)
+        out = list(fused_scores(x, centroids))
+        if centroids.shape[1] > block_c:  # a later scoring pass, as topk_index makes them
+            out += list(fused_scores(x, centroids, block_c))
+        for centred in (True, False):
+            monkeypatch.setattr(SK, "CENTRED_ARGMAX", centred)
+            out += [fused_argmax(x, centroids), *SK.fused_argmax_counts(x, centroids)]
+        results[presplit] = out
+    if exact:
+        for got, expected in zip(results[True], results[False]):
+            assert torch.equal(got, expected)
+        return
+    s_t, D = results[True][0], x.shape[-1]
+    torch.testing.assert_close(s_t, results[False][0], atol=2e-5 * D ** 0.5, rtol=1e-5)
+    best = s_t.amax(dim=2)
+    for got in results[True][-6::3] + results[False][-6::3]:  # the argmax of each centred setting
+        chosen = s_t.gather(2, got[:, :, None]).squeeze(2)
+        assert ((best - chosen) <= 1e-5 * best.abs().clamp(min=1)).all()
+
+
+@pytest.mark.parametrize("T,D,C", [(100, 24, 20), (37, 64, 35), (130, 60, 17)])
+def test_presplit_centroids_same_bits(monkeypatch, T, D, C):
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 3, T, D, generator=g) + 2).to(torch.bfloat16)
+    centroids = torch.randn(3, C, D, generator=g) * 2 + 0.5
+    _presplit_against_in_kernel(monkeypatch, x, centroids, exact=True)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("T,D,C", [(5000, 64, 10), (4097, 128, 130), (1000, 40, 3), (65536, 64, 128)])
+def test_presplit_centroids_match_gpu(monkeypatch, T, D, C):
+    x, centroids = _inputs(1, 2, T, D, C, torch.bfloat16, "cuda", seed=6)
+    _presplit_against_in_kernel(monkeypatch, x, centroids + 0.5, exact=False)

@@ -34,10 +34,25 @@ ARGMAX_TILES = {"cuda": (128, 64, 4), "cpu": (128, 16, 4)}
 WIDE_TILES = {"cuda": (64, 32, 4), "cpu": (64, 16, 4)}
 COUNT_TILE = 64
 # bf16 argmax without the scores (nearest): the argmax of x . (c - mean(c)), no LayerNorm statistics of x
-# (see _centred_split_scores). Measured by benchmarks/attention.py --sweep (part "argmax").
+# (see _scores_kernel, CENTRED). Measured by benchmarks/attention.py --sweep (part "argmax").
 CENTRED_ARGMAX = True
+# bf16 inputs: the centroids' three bf16 pieces (and their row sums) made once per call by
+# _centroid_pieces_kernel, instead of by every program of the scoring kernel for every cluster tile.
+# At T = 64k every program split the same (C, D) centroids again: ~470 of the argmax loop's 971 SASS
+# instructions per 64-cluster tile (benchmarks/sm90_resources.py, Triton 3.9; the loop is now 510), in
+# a kernel bound by instruction issue (ncu, session 8). On an H200 at T = 64k (session 12, call 1,
+# runs/h200_2026-12-02_presplit-*): argmax + counts 0.110 -> 0.090 ms, graph fwd+bwd nearest 0.911 ->
+# 0.892 ms and topk 1.384 -> 1.366 (A/B "in-kernel centroid split"). (Session 8's torch version, before
+# the centred argmax, lost: five small kernels and an argmax then bound by the LayerNorm statistics.)
+# The pieces equal the in-kernel ones up to the order sum(c) is reduced in.
+PRESPLIT_CENTROIDS = True
+# Pipeline stages of the scoring kernel on pre-split pieces: each stage holds a cluster tile's three bf16
+# pieces (6 bytes per element against the float32 tile's 4), so three stages of the argmax's 64-cluster
+# tile took 88 KiB of shared memory, two programs per SM, where the in-kernel split ran three on 72.
+# Two stages: 64 KiB (sm90_resources.py); argmax + counts 0.090 ms against 0.095 at three (same call).
+PRESPLIT_STAGES = 2
 
-# bf16 inputs: score with three bf16 products on x as it is (see _split_centroid_scores) instead of
+# bf16 inputs: score with three bf16 products on x as it is (see _scores_kernel, bf16x3) instead of
 # tf32x3 on the normalised rows (NOTES_routing.md v8). On an H200 at T = 64k (run D's A/B) graph
 # fwd+bwd took topk 1.617 ms with it against 1.703 without, nearest 1.192 against 1.261;
 # benchmarks/attention.py --ab variant "tf32x3 scores" switches it off.
@@ -45,44 +60,21 @@ BF16_SPLIT_SCORES = True
 
 
 @triton.jit
-def _split_centroid_scores(x, cent, mean, rstd, PRECISION: tl.constexpr):
-    """(BLOCK_T, BLOCK_C) scores of bf16 rows x against float32 centroids, as
-    rstd * (x . c - mean * sum(c)): the LayerNorm folded out of the product, so the tensor cores take x
-    as it is. c = c1 + c2 + c3 in bf16 pieces (each rounding leaves a residual exact in float32; the
-    three hold c to ~2**-27), and a bf16 x bf16 product is exact in float32, so the three bf16 products
-    carry float32's rounding -- at the price of the cancellation in the subtraction, which costs
-    ~|mean| / std of extra relative error (benchmarks/NOTES_routing.md v8). "bf16x3-upcast": the same
-    products in fp32 (the CPU interpreter of triton 3.9 mis-multiplies bf16 tiles)."""
-    c1 = cent.to(tl.bfloat16)
-    r1 = cent - c1.to(tl.float32)
+def _bf16_pieces(c):
+    """c = c1 + c2 + c3 in bf16 pieces: each rounding leaves a residual exact in float32, and the three
+    hold c to ~2**-27 (benchmarks/NOTES_routing.md v8)."""
+    c1 = c.to(tl.bfloat16)
+    r1 = c - c1.to(tl.float32)
     c2 = r1.to(tl.bfloat16)
     c3 = (r1 - c2.to(tl.float32)).to(tl.bfloat16)
-    if PRECISION == "bf16x3-upcast":
-        xf = x.to(tl.float32)
-        acc = tl.dot(xf, tl.trans(c3.to(tl.float32)), input_precision="ieee")
-        acc = tl.dot(xf, tl.trans(c2.to(tl.float32)), acc, input_precision="ieee")
-        acc = tl.dot(xf, tl.trans(c1.to(tl.float32)), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(x, tl.trans(c3))  # smallest pieces first
-        acc = tl.dot(x, tl.trans(c2), acc)
-        acc = tl.dot(x, tl.trans(c1), acc)
-    csum = tl.sum(cent, axis=1)
-    return rstd[:, None] * (acc - mean[:, None] * csum[None, :])
+    return c1, c2, c3
 
 
 @triton.jit
-def _centred_split_scores(x, cent, dmask, D, PRECISION: tl.constexpr):
-    """(BLOCK_T, BLOCK_C) x . (c - mean(c)) for bf16 rows x: for each row, LayerNorm(x) . c up to the
-    row's positive factor rstd, so the same argmax over c, with no statistics of x at all. Because
-    (x - mean(x)) . c = x . (c - mean(c)), the centring moves to the centroids; the three bf16 pieces of
-    the centred centroids (see _split_centroid_scores) keep the products at float32's rounding, and no
-    cancellation against mean(x) is left."""
-    csum = tl.sum(cent, axis=1)
-    centred = tl.where(dmask[None, :], cent - csum[:, None] / D, 0.0)  # head-dim padding stays 0
-    c1 = centred.to(tl.bfloat16)
-    r1 = centred - c1.to(tl.float32)
-    c2 = r1.to(tl.bfloat16)
-    c3 = (r1 - c2.to(tl.float32)).to(tl.bfloat16)
+def _piece_products(x, c1, c2, c3, PRECISION: tl.constexpr):
+    """(BLOCK_T, BLOCK_C) x . (c1 + c2 + c3) for bf16 rows x and bf16 pieces (BLOCK_C, BLOCK_D): a bf16 x
+    bf16 product is exact in float32, so the three products carry float32's rounding. "bf16x3-upcast":
+    the same products in fp32 (the CPU interpreter of triton 3.9 mis-multiplies bf16 tiles)."""
     if PRECISION == "bf16x3-upcast":
         xf = x.to(tl.float32)
         acc = tl.dot(xf, tl.trans(c3.to(tl.float32)), input_precision="ieee")
@@ -96,12 +88,42 @@ def _centred_split_scores(x, cent, dmask, D, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _centred(cent, dmask, D):
+    """c - mean(c) per centroid row, head-dim padding left 0, and the row sums of c."""
+    csum = tl.sum(cent, axis=1)
+    return tl.where(dmask[None, :], cent - csum[:, None] / D, 0.0), csum
+
+
+@triton.jit
+def _centroid_pieces_kernel(CENT, PIECES, CSUM, R, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                            CENTRED: tl.constexpr):
+    """The three bf16 pieces of BLOCK_R float32 centroid rows (of R = H * C): PIECES (3, R, D) bf16 and
+    CSUM (R,) float32 their row sums. CENTRED: the pieces of c - mean(c) (_scores_kernel, CENTRED)."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    mask = (offs_r < R)[:, None] & dmask[None, :]
+    at = offs_r[:, None] * D + offs_d[None, :]
+    cent = tl.load(CENT + at, mask=mask, other=0.0)
+    if CENTRED:
+        c, csum = _centred(cent, dmask, D)
+    else:
+        c = cent
+        csum = tl.sum(cent, axis=1)
+    c1, c2, c3 = _bf16_pieces(c)
+    tl.store(PIECES + at, c1, mask=mask)
+    tl.store(PIECES + R * D + at, c2, mask=mask)
+    tl.store(PIECES + 2 * R * D + at, c3, mask=mask)
+    tl.store(CSUM + offs_r, csum, mask=offs_r < R)
+
+
+@triton.jit
 def _scores_kernel(
-    X, CENT, S_T, GMAX, AMAX, COUNTS,
+    X, CENT, PIECES, CSUM, S_T, GMAX, AMAX, COUNTS,
     sxb, sxh, sxt, H, T, C, C_BEGIN, C_COUNT, D, G, eps,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_SIZE: tl.constexpr,
     WRITE: tl.constexpr, ARGMAX: tl.constexpr, PRECISION: tl.constexpr, COUNT_BINS: tl.constexpr,
-    COUNT_T: tl.constexpr, CENTRED: tl.constexpr,
+    COUNT_T: tl.constexpr, CENTRED: tl.constexpr, PRESPLIT: tl.constexpr,
 ):
     """One tile of BLOCK_T positions of one (batch, head) against centroids C_BEGIN .. C_BEGIN+C_COUNT-1.
 
@@ -114,9 +136,15 @@ def _scores_kernel(
     BLOCK_T is a multiple of COUNT_T).
     PRECISION "tf32x3" on GPU: three tf32 tensor-core products, ~1e-7 relative error like fp32, while
     "ieee" fp32 dots ran at 12 TFLOP/s (0.74 ms at T=64k, H100), slower than the formula's matmul.
-    "bf16x3" (bf16 x, BF16_SPLIT_SCORES): see _split_centroid_scores.
-    CENTRED (ARGMAX without WRITE, bf16x3): the argmax of x . (c - mean(c)), which is the argmax of the
-    scores without computing them (_centred_split_scores).
+    "bf16x3" (bf16 x, BF16_SPLIT_SCORES): the scores as rstd * (x . c - mean * sum(c)), the LayerNorm
+    folded out of the product so the tensor cores take x as it is, with c in three bf16 pieces
+    (_bf16_pieces, _piece_products): float32's rounding, at the price of the cancellation in the
+    subtraction, ~|mean| / std of extra relative error (benchmarks/NOTES_routing.md v8).
+    CENTRED (ARGMAX without WRITE, bf16x3): the argmax of x . (c - mean(c)). Because
+    (x - mean(x)) . c = x . (c - mean(c)), that is LayerNorm(x) . c up to each row's positive factor
+    rstd: the same argmax, with no statistics of x and no cancellation against mean(x).
+    PRESPLIT (bf16x3): the pieces of c (or of c - mean(c)) and sum(c) come ready in PIECES (3, H*C, D)
+    and CSUM (H*C,) from _centroid_pieces_kernel (PRESPLIT_CENTROIDS); otherwise they are made here.
     """
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -142,13 +170,28 @@ def _scores_kernel(
     for c0 in range(C_BEGIN, c_end, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         cmask = offs_c < c_end
-        cent = tl.load(CENT + (h * C + offs_c[:, None]).to(tl.int64) * D + offs_d[None, :],
-                       mask=cmask[:, None] & dmask[None, :], other=0.0)
-        if CENTRED:
-            s = _centred_split_scores(x_in, cent, dmask, D, PRECISION)
-        elif PRECISION == "bf16x3" or PRECISION == "bf16x3-upcast":
-            s = _split_centroid_scores(x_in, cent, mean, rstd, PRECISION)
+        at = (h * C + offs_c[:, None]).to(tl.int64) * D + offs_d[None, :]
+        cdmask = cmask[:, None] & dmask[None, :]
+        if PRECISION == "bf16x3" or PRECISION == "bf16x3-upcast":
+            if PRESPLIT:
+                HCD = H * C * D
+                c1 = tl.load(PIECES + at, mask=cdmask, other=0.0)
+                c2 = tl.load(PIECES + HCD + at, mask=cdmask, other=0.0)
+                c3 = tl.load(PIECES + 2 * HCD + at, mask=cdmask, other=0.0)
+                if not CENTRED:
+                    csum = tl.load(CSUM + h * C + offs_c, mask=cmask, other=0.0)
+            else:
+                cent = tl.load(CENT + at, mask=cdmask, other=0.0)
+                if CENTRED:
+                    c1, c2, c3 = _bf16_pieces(_centred(cent, dmask, D)[0])
+                else:
+                    c1, c2, c3 = _bf16_pieces(cent)
+                    csum = tl.sum(cent, axis=1)
+            s = _piece_products(x_in, c1, c2, c3, PRECISION)
+            if not CENTRED:
+                s = rstd[:, None] * (s - mean[:, None] * csum[None, :])
         else:
+            cent = tl.load(CENT + at, mask=cdmask, other=0.0)
             s = tl.dot(xn, tl.trans(cent), input_precision=PRECISION)
         if WRITE:
             rows = (row0 + offs_c)[None, :]
@@ -238,12 +281,23 @@ def _launch(x: torch.Tensor, centroids: torch.Tensor, write: bool, argmax: bool,
     precision = _precision(x)
     counts = torch.empty((B * H, count_bins, cdiv(T, count_t)) if count_bins else (0,), dtype=torch.int32,
                          device=dev)
-    launch(_scores_kernel, grid, x, cent, s_t, gmax, amax, counts, x.stride(0), x.stride(1), x.stride(2), H, T, C,
-           c_begin, c_count, D, G, _EPS,
+    split = precision.startswith("bf16x3")
+    centred = CENTRED_ARGMAX and argmax and not write and split
+    presplit = PRESPLIT_CENTROIDS and split
+    if presplit:
+        pieces = torch.empty((3, H * C, D), dtype=torch.bfloat16, device=dev)
+        csum = torch.empty((H * C,), dtype=torch.float32, device=dev)
+        # The scoring kernel's cluster tile and warps: the row sums reduce in the same order as there.
+        launch(_centroid_pieces_kernel, (cdiv(H * C, block_c),), cent, pieces, csum, H * C, D,
+               BLOCK_R=block_c, BLOCK_D=block_d, CENTRED=centred, num_warps=warps)
+    else:
+        pieces = csum = cent  # unread
+    launch(_scores_kernel, grid, x, cent, pieces, csum, s_t, gmax, amax, counts, x.stride(0), x.stride(1),
+           x.stride(2), H, T, C, c_begin, c_count, D, G, _EPS,
            BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_D=block_d, GROUP_SIZE=scores.GROUP,
            WRITE=write, ARGMAX=argmax, PRECISION=precision, COUNT_BINS=count_bins,
-           COUNT_T=count_t, CENTRED=CENTRED_ARGMAX and argmax and not write and precision.startswith("bf16x3"),
-           num_warps=warps)
+           COUNT_T=count_t, CENTRED=centred, PRESPLIT=presplit, num_warps=warps,
+           num_stages=PRESPLIT_STAGES if presplit else 3)
     return s_t, gmax, amax, counts
 
 
