@@ -508,7 +508,7 @@ AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through 
                "masked tiles", "unmasked tiles everywhere", "candidate gather ops", "sorted cluster ids",
                "tf32x3 scores", "argmax tiles 64x32", "score tiles 64x32",
                "jit launches", "uncentred argmax", "whole-row entry searches", "split loops", "one-loop dk/dv",
-               "head-dim masks", "in-kernel centroid split")
+               "head-dim masks", "in-kernel centroid split", "fixed tiles", "argmax reduction")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -542,7 +542,8 @@ def _variant(name):
 
     saved = (TO.FOLD_EVEN_D, _launch.FAST_LAUNCH, TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing,
              TO.SPLIT_TILES, TO.FUSED_CANDIDATES, TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, dict(SK.TILES),
-             dict(SK.ARGMAX_TILES), SK.CENTRED_ARGMAX, TO.tile_entry_ranges, SK.PRESPLIT_CENTROIDS)
+             dict(SK.ARGMAX_TILES), SK.CENTRED_ARGMAX, TO.tile_entry_ranges, SK.PRESPLIT_CENTROIDS,
+             TO.CLUSTER_TILES, SK.ARGMAX_BY_EQUALITY)
     entry_ranges = TO.tile_entry_ranges
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
@@ -574,12 +575,17 @@ def _variant(name):
         _launch.FAST_LAUNCH = False
     elif name == "score tiles 64x32":  # topk's scoring passes on run D's tile, as before session 8
         SK.TILES["cuda"] = (64, 32, 4)
+    elif name == "fixed tiles":  # nearest's entry and slot tiles every BLOCK entries, as before session 12
+        TO.CLUSTER_TILES = False
+    elif name == "argmax reduction":  # the argmax by one (value, index) reduction, as before session 12
+        SK.ARGMAX_BY_EQUALITY = False
     elif name == "in-kernel centroid split":  # every score program splits the centroids, as before session 12
         SK.PRESPLIT_CENTROIDS = False
     elif name == "uncentred argmax":  # nearest's argmax on the LayerNorm scores, as before session 9
         SK.CENTRED_ARGMAX = False
     elif name == "whole-row entry searches":  # nearest's tile_entry_ranges unbounded, as before session 9
-        TO.tile_entry_ranges = lambda lo, hi, nt, bn, S, nearest_window=0: entry_ranges(lo, hi, nt, bn, S)
+        TO.tile_entry_ranges = (lambda lo, hi, nt, bn, S, nearest_window=0, tiles=None:
+                                entry_ranges(lo, hi, nt, bn, S, 0, tiles))
     elif name == "through the dispatcher":
         _dispatch.tracing = lambda: True  # eager calls take the custom ops, as before ops/_dispatch.py
     try:
@@ -587,7 +593,7 @@ def _variant(name):
     finally:
         (TO.FOLD_EVEN_D, _launch.FAST_LAUNCH, TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES,
          TO.FUSED_CANDIDATES, TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, tiles, argmax_tiles, SK.CENTRED_ARGMAX,
-         TO.tile_entry_ranges, SK.PRESPLIT_CENTROIDS) = saved
+         TO.tile_entry_ranges, SK.PRESPLIT_CENTROIDS, TO.CLUSTER_TILES, SK.ARGMAX_BY_EQUALITY) = saved
         SK.TILES.clear()
         SK.TILES.update(tiles)
         SK.ARGMAX_TILES.clear()

@@ -132,6 +132,68 @@ def test_matches_reference_bf16(assign, shared):
     _check(1, 2, 100, 24, 24, 4, 32, assign, True, shared, torch.bfloat16, "cpu", seed=1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,D,C,window", [(150, 24, 6, 20), (97, 20, 9, 16), (70, 16, 1, 32)])
+def test_cluster_tiles_match_reference(monkeypatch, T, D, C, window, dtype):
+    """Shared-QK nearest on the counting sort, whose entry and slot tiles are cut per cluster
+    (CLUSTER_TILES): outputs and gradients against the reference, partial tiles of every size, a
+    single cluster, and empty tiles at the end of each row (their programs must store nothing).
+    Head dims stay small: random shared q = k attend almost only to themselves once D grows (the
+    diagonal scores |q|^2 / sqrt(D) = sqrt(D)), where dq's bf16 error, like FlashAttention's, grows
+    past twice plain PyTorch's (delta = rowsum(dO * O) is taken from the rounded output;
+    benchmarks/NOTES_routing.md, session 12)."""
+    from routeformer.ops.routing import scores
+
+    monkeypatch.setattr(scores, "use_fused", lambda x: True)
+    assert TO.CLUSTER_TILES
+    _check(1, 2, T, D, D, C, window, "nearest", True, True, dtype, "cpu", seed=T)
+
+
+def _check_cluster_tiles(x, centroids):
+    """The tiles of each row cover every slot once, in order, each inside one cluster and at most
+    cluster_tile(x) long, with every cluster's tiles full but its last; the rest are empty [T, T)."""
+    from routeformer.ops.routing import scores
+
+    B, H, T, _ = x.shape
+    C = centroids.shape[1]
+    qpos, lo, hi, kpos, tiles = TO.routing_indices(x, x, centroids, 8, True, "nearest")
+    bm = TO.cluster_tile(x)
+    assert tiles.shape == (B * H, -(-T // bm) + C, 2)
+    cluster = scores.nearest_clusters(x, centroids).reshape(B * H, T)
+    for r in range(B * H):
+        sorted_cluster = cluster[r][qpos[r].long()]  # the cluster of each slot
+        n = int(((tiles[r, :, 1] - tiles[r, :, 0]) > 0).sum())
+        starts, ends = tiles[r, :n, 0].long(), tiles[r, :n, 1].long()
+        assert starts[0] == 0 and ends[-1] == T and torch.equal(starts[1:], ends[:-1]), (T, C, r)
+        assert ((ends - starts) <= bm).all()
+        assert torch.equal(sorted_cluster[starts], sorted_cluster[ends - 1])  # one cluster per tile
+        short = (ends - starts) < bm  # only a cluster's last tile may be short
+        last_of_cluster = (ends == T) | (sorted_cluster[ends.clamp(max=T - 1)] != sorted_cluster[starts])
+        assert not (short & ~last_of_cluster).any()
+        assert (tiles[r, n:] == T).all()
+
+
+def test_cluster_tiles_partition_each_cluster(monkeypatch):
+    from routeformer.ops.routing import scores
+
+    monkeypatch.setattr(scores, "use_fused", lambda x: True)
+    g = torch.Generator().manual_seed(14)
+    for T, C in ((150, 6), (300, 40), (64, 1), (65, 256), (33, 7)):
+        x = torch.randn(2, 2, T, 24, generator=g).to(torch.bfloat16)
+        centroids = torch.randn(2, C, 24, generator=g)
+        centroids[:, C // 2:] *= 0.05  # some clusters empty or nearly so
+        _check_cluster_tiles(x, centroids)
+
+
+@gpu
+@needs_cuda
+def test_cluster_tiles_partition_each_cluster_gpu():
+    x = torch.randn(1, 4, 20000, 64, device="cuda", dtype=torch.bfloat16)
+    centroids = torch.nn.functional.normalize(torch.randn(4, 40, 64, device="cuda"), dim=-1)
+    centroids[:, 20:] *= 0.05
+    _check_cluster_tiles(x, centroids)
+
+
 def test_topk_index_exact_with_ties():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 2, 97, 24, generator=g)
@@ -353,12 +415,12 @@ def test_topk_slot_bounds():
     x = torch.randn(2, 2, 61, 8, generator=g)
     centroids = torch.randn(2, 4, 8, generator=g)
     starts = (torch.arange(4, dtype=torch.int32) * 20).repeat_interleave(20).expand(4, 80)
-    qpos, lo, hi, kpos = TO._topk_indices(x, x, centroids, 20, causal=True)
+    qpos, lo, hi, kpos, _ = TO._topk_indices(x, x, centroids, 20, causal=True)
     ends = torch.searchsorted(kpos.view(4, 4, 20), qpos.view(4, 4, 20), right=True, out_int32=True)
     assert torch.equal(lo, starts)
     assert torch.equal(hi, (lo.view(4, 4, 20) + ends).view_as(hi))
     for keys in (x, torch.randn(2, 2, 61, 8, generator=g)):  # no causal mask: the whole cluster
-        qpos, lo, hi, kpos = TO._topk_indices(x, keys, centroids, 20, causal=False)
+        qpos, lo, hi, kpos, _ = TO._topk_indices(x, keys, centroids, 20, causal=False)
         assert torch.equal(lo, starts) and torch.equal(hi, starts + 20)
 
 
@@ -406,7 +468,7 @@ def test_nearest_tile_entry_ranges_equal_the_searches():
     for T, C, W, bn in ((150, 6, 20, 16), (300, 3, 64, 32), (97, 40, 5, 8), (64, 1, 200, 16), (33, 7, 1, 16)):
         x = torch.randn(2, 2, T, 24, generator=g)
         centroids = torch.randn(2, C, 24, generator=g)
-        _, lo, hi, _ = TO._nearest_indices_shared(x, centroids, W)
+        _, lo, hi, _, _ = TO._nearest_indices_shared(x, centroids, W)
         nt = -(-T // bn)
         want = TO.tile_entry_ranges(lo, hi, nt, bn, T)
         got = TO.tile_entry_ranges(lo, hi, nt, bn, T, nearest_window=W)
@@ -466,7 +528,7 @@ def _split_modes_agree(assign, split, q, v, centroids, window, tile):
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     with torch.no_grad():  # the case has whole tiles to run unmasked, else the test shows nothing
-        qpos, lo, hi, kpos = TO.routing_indices(q, q, centroids, window, True, assign)
+        qpos, lo, hi, kpos, _ = TO.routing_indices(q, q, centroids, window, True, assign)
         qlo, qhi, flo, fhi = TO.tile_entry_ranges(lo, hi, -(-kpos.shape[1] // tile), tile, kpos.shape[1])
         assert ((fhi - flo) >= 2 * tile).any()
 
@@ -579,7 +641,7 @@ def test_index_structures_equal_the_specification_gpu(C):
     expected = (a.key_order, a.key_start.gather(2, a.key_order), a.key_end.gather(2, a.key_order), a.key_order)
     for name, got, want in zip(("qpos", "lo", "hi", "kpos"), TO._nearest_indices(x, x, centroids, 500), expected):
         assert torch.equal(got, flat(want)), name
-    qpos, lo, hi, kpos = TO._topk_indices(x, x, centroids[:, :39], 512, causal=True)
+    qpos, lo, hi, kpos, _ = TO._topk_indices(x, x, centroids[:, :39], 512, causal=True)
     E = 39 * 512
     ends = torch.searchsorted(kpos.view(8, 39, 512), qpos.view(8, 39, 512), right=True, out_int32=True)
     starts = (torch.arange(39, device="cuda", dtype=torch.int32) * 512).repeat_interleave(512).expand(8, E)

@@ -170,14 +170,30 @@ def _dq_masked_tiles(q, do, kbase, vbase, kpos_ptr, start, end, band_hi, lo, hi,
 
 
 @triton.jit
+def _entry_tile(TILES, bh, pid, NTILES, E, BLOCK: tl.constexpr, TILED: tl.constexpr):
+    """(offsets, mask) of tile pid's BLOCK entries (or slots): [pid * BLOCK, + BLOCK) below E, or with
+    TILED [first, end) = TILES[bh, pid] (a tile of one cluster; first = end: an empty tile, whose
+    program loads nothing and stores nothing)."""
+    if TILED:
+        at = (bh.to(tl.int64) * NTILES + pid) * 2
+        first = tl.load(TILES + at)
+        offs = first + tl.arange(0, BLOCK)
+        return offs, offs < tl.load(TILES + at + 1)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < E
+
+
+@triton.jit
 def _fwd_kernel(
-    Q, K, V, QPOS, LO, HI, KPOS, O, LSE,
+    Q, K, V, QPOS, LO, HI, KPOS, TILES, O, LSE,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-    H, E, S, D, DV, sm_scale_log2,
+    H, E, S, D, DV, NTILES, sm_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DIRECT: tl.constexpr, SKIP_EMPTY: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
-    ROW64: tl.constexpr, EVEN_D: tl.constexpr,
+    ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr,
 ):
+    """Attention of the entry tile pid_m: entries [pid_m * BLOCK_M, + BLOCK_M), or with TILED the
+    tile's [first, end) from TILES (R, NTILES, 2) (see _write_cluster_tiles)."""
     if EVEN_D:  # head dims equal to their tiles: the column masks fold away (fewer live predicates)
         D = BLOCK_D
         DV = BLOCK_DV
@@ -186,8 +202,7 @@ def _fwd_kernel(
     # int64: b * stride overflows int32 once a tensor passes 2**31 elements.
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    offs_e = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    emask = offs_e < E
+    offs_e, emask = _entry_tile(TILES, bh, pid_m, NTILES, E, BLOCK_M, TILED)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     ibase = bh.to(tl.int64) * E
@@ -246,14 +261,15 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, O, LSE, INV_N, QPOS, LO, HI, KPOS, DELTA, DQ,
+    Q, K, V, DO, O, LSE, INV_N, QPOS, LO, HI, KPOS, TILES, DELTA, DQ,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sob, soh, sot, sdqb, sdqh, sdqt,
-    H, T, E, S, D, DV, sm_scale, sm_scale_log2,
+    H, T, E, S, D, DV, NTILES, sm_scale, sm_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DIRECT: tl.constexpr, SKIP_EMPTY: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
-    ROW64: tl.constexpr, EVEN_D: tl.constexpr,
+    ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr,
 ):
-    """dq per query entry; also stores DELTA = rowsum(dO * O_entry) for the dk/dv kernel.
+    """dq per query entry (entry tiles as in _fwd_kernel); also stores DELTA = rowsum(dO * O_entry) for
+    the dk/dv kernel.
 
     With topk the entry's output is scaled by 1/n (scatter-mean); the kernels keep dO unscaled and
     multiply ds by INV_N instead, which saves a rounding of dO.
@@ -266,8 +282,7 @@ def _bwd_dq_kernel(
     # int64: b * stride overflows int32 once a tensor passes 2**31 elements.
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    offs_e = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    emask = offs_e < E
+    offs_e, emask = _entry_tile(TILES, bh, pid_m, NTILES, E, BLOCK_M, TILED)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     ibase = bh.to(tl.int64) * E
@@ -370,14 +385,16 @@ def _dkdv_step(e0, end, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LSE, 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, INV_N, DELTA, QPOS, LO, HI, KPOS, QLO, QHI, FLO, FHI, DK, DV_OUT,
+    Q, K, V, DO, LSE, INV_N, DELTA, QPOS, LO, HI, KPOS, TILES, QLO, QHI, FLO, FHI, DK, DV_OUT,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
     H, T, E, S, NT, D, DV, sm_scale, sm_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DIRECT: tl.constexpr, ADD_DK: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
-    ROW64: tl.constexpr, EVEN_D: tl.constexpr,
+    ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr,
 ):
     """dk, dv per slot tile, looping over the contiguous entry range [QLO, QHI) that attends it.
+    Slot tile pid_n is [pid_n * BLOCK_N, + BLOCK_N), or with TILED TILES[bh, pid_n] (R, NT, 2), as
+    the entry tiles of _fwd_kernel (shared QK: slot s is entry s).
 
     SPLIT: the entries [FLO, FHI) see the whole tile (see tile_entry_ranges), so the entry tiles
     inside that range run without masks; the ones before and after it are masked.
@@ -392,8 +409,7 @@ def _bwd_dkdv_kernel(
     # int64: b * stride overflows int32 once a tensor passes 2**31 elements.
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    offs_s = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    smask = offs_s < S
+    offs_s, smask = _entry_tile(TILES, bh, pid_n, NT, S, BLOCK_N, TILED)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     sbase = bh.to(tl.int64) * S
@@ -452,12 +468,13 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _tile_entry_ranges_kernel(
-    LO, HI, QLO, QHI, FLO, FHI,
+    LO, HI, TILES, QLO, QHI, FLO, FHI,
     N, M, BN, S, W,
-    BLOCK: tl.constexpr, STEPS: tl.constexpr, NEAREST: tl.constexpr,
+    BLOCK: tl.constexpr, STEPS: tl.constexpr, NEAREST: tl.constexpr, TILED: tl.constexpr,
 ):
-    """For key tile i of each row (slots [i * BN, min(i * BN + BN, S)), first f and last l), the
-    entry ranges of the dk/dv kernel, from LO and HI (R, N) non-decreasing:
+    """For key tile i of each row (slots [i * BN, min(i * BN + BN, S)), or with TILED TILES[row, i]
+    = [first, end) (R, M, 2); first f and last l), the entry ranges of the dk/dv kernel, from LO and
+    HI (R, N) non-decreasing (an empty tile, f = end, gets an empty [QLO, QHI)):
     QLO = #(HI <= f), QHI = #(LO <= l): [QLO, QHI) are the entries that see a slot of the tile;
     FLO = #(HI <= l), FHI = #(LO <= f): [FLO, FHI) are those that see all of it (empty if FLO >= FHI).
     One launch for the four (vectorised binary searches of STEPS >= bit length of N halvings).
@@ -470,8 +487,13 @@ def _tile_entry_ranges_kernel(
     row = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
-    first = offs * BN
-    last = tl.minimum(first + BN, S) - 1
+    if TILED:
+        at = (row * M + offs) * 2
+        first = tl.load(TILES + at, mask=mask, other=0)
+        last = tl.load(TILES + at + 1, mask=mask, other=1) - 1
+    else:
+        first = offs * BN
+        last = tl.minimum(first + BN, S) - 1
     out = row * M + offs
     if NEAREST:
         tl.store(QLO + out, first, mask=mask)
@@ -572,9 +594,9 @@ def _slot_bounds_kernel(
 
 @triton.jit
 def _nearest_slots_kernel(
-    CLUSTER, COUNTS, CUM, QPOS, LO, HI,
-    T, NB, W,
-    BLOCK_T: tl.constexpr, C_BINS: tl.constexpr,
+    CLUSTER, COUNTS, CUM, QPOS, LO, HI, TILES,
+    T, NB, W, NT,
+    BLOCK_T: tl.constexpr, C_BINS: tl.constexpr, TILE_BM: tl.constexpr,
 ):
     """Shared-QK nearest slots by a counting sort, equal to a stable sort of the cluster ids. For the
     BLOCK_T positions of tile b: slot = the first slot of (its cluster, tile b) + the earlier positions
@@ -585,9 +607,14 @@ def _nearest_slots_kernel(
     their inclusive cumsum over the whole flat tensor. Flat order is (row, cluster, tile) and each row
     holds T positions, so CUM - COUNTS - row * T at (row, c, b) is the number of positions of the row
     that sort before tile b's positions of cluster c: their first slot.
+    TILE_BM > 0: program 0 of each row also writes the row's cluster tiles of TILE_BM (see
+    _write_cluster_tiles) into TILES (R, NT, 2); a launch of its own cost host time in eager steps.
     """
     b = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
+    if TILE_BM > 0:
+        if b == 0:
+            _write_cluster_tiles(COUNTS, CUM, TILES, row, T, NB, NT, TILE_BM, C_BINS, 256)
     offs = b * BLOCK_T + tl.arange(0, BLOCK_T)
     m = offs < T
     c = tl.load(CLUSTER + row * T + offs, mask=m, other=0)
@@ -604,6 +631,43 @@ def _nearest_slots_kernel(
     # program writes HI over its own position range, coalesced, instead of a third scattered store
     # (the slot of a tile's positions spreads over up to C clusters: one 32-byte sector per store).
     tl.store(HI + row * T + offs, offs + 1, mask=m)
+
+
+@triton.jit
+def _write_cluster_tiles(COUNTS, CUM, TILES, row, T, NB, NT, BM: tl.constexpr, C_BINS: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """Shared-QK nearest: row `row`'s slots cut into tiles of BM per cluster, so that no tile holds two
+    clusters. TILES (R, NT, 2): [first, end) of tile j, cluster by cluster, each cluster's tiles from
+    its first slot on (the last one partial); tiles past the row's count are empty, [T, T).
+
+    Why: the attention kernels run a tile of entries (or slots) against the union of its rows' key
+    ranges. A tile that straddles two clusters spans the first cluster's window although the second
+    cluster's rows need little of it: ~7% of the tile pairs at T = 64k, C = 128, W = 512 (a CPU
+    simulation, session 12). NT >= ceil(T / BM) + C bounds the count (each cluster adds at most one
+    partial tile).
+
+    COUNTS, CUM: as _nearest_slots_kernel's (per-tile cluster counts and their flat inclusive cumsum),
+    from which cluster c of the row holds slots [CUM[row, c, 0] - COUNTS[row, c, 0], CUM[row, c, NB - 1])
+    - row * T.
+    """
+    c = tl.arange(0, C_BINS)
+    at0 = (row * C_BINS + c) * NB
+    first = (tl.load(CUM + at0) - tl.load(COUNTS + at0) - row * T).to(tl.int32)
+    end = (tl.load(CUM + at0 + NB - 1) - row * T).to(tl.int32)
+    n_tiles = (end - first + BM - 1) // BM
+    tile0 = tl.cumsum(n_tiles, axis=0) - n_tiles  # each cluster's first tile
+    base = TILES + row * NT * 2
+    for i in range(0, tl.max(n_tiles, axis=0)):
+        has = i < n_tiles
+        start = first + i * BM
+        tl.store(base + (tile0 + i) * 2, start, mask=has)
+        tl.store(base + (tile0 + i) * 2 + 1, tl.minimum(start + BM, end), mask=has)
+    total = tl.sum(n_tiles, axis=0)
+    for j0 in range(0, NT, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        empty = (j >= total) & (j < NT)
+        tl.store(base + j * 2, tl.full([BLOCK], 0, tl.int32) + T, mask=empty)
+        tl.store(base + j * 2 + 1, tl.full([BLOCK], 0, tl.int32) + T, mask=empty)
 
 
 @triton.jit

@@ -51,6 +51,10 @@ PRESPLIT_CENTROIDS = True
 # tile took 88 KiB of shared memory, two programs per SM, where the in-kernel split ran three on 72.
 # Two stages: 64 KiB (sm90_resources.py); argmax + counts 0.090 ms against 0.095 at three (same call).
 PRESPLIT_STAGES = 2
+# The argmax of each cluster tile as a max and then the lowest column equal to it, instead of one
+# (value, index) reduction (see _scores_kernel). After the pre-split the loop's instructions were mostly
+# that reduction's compares and selects (~280 of 510). The same argmax, ties included.
+ARGMAX_BY_EQUALITY = True
 
 # bf16 inputs: score with three bf16 products on x as it is (see _scores_kernel, bf16x3) instead of
 # tf32x3 on the normalised rows (NOTES_routing.md v8). On an H200 at T = 64k (run D's A/B) graph
@@ -123,7 +127,8 @@ def _scores_kernel(
     sxb, sxh, sxt, H, T, C, C_BEGIN, C_COUNT, D, G, eps,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_SIZE: tl.constexpr,
     WRITE: tl.constexpr, ARGMAX: tl.constexpr, PRECISION: tl.constexpr, COUNT_BINS: tl.constexpr,
-    COUNT_T: tl.constexpr, CENTRED: tl.constexpr, PRESPLIT: tl.constexpr,
+    COUNT_T: tl.constexpr, CENTRED: tl.constexpr, PRESPLIT: tl.constexpr, EVEN_C: tl.constexpr,
+    ARGMAX_BY_EQUALITY: tl.constexpr,
 ):
     """One tile of BLOCK_T positions of one (batch, head) against centroids C_BEGIN .. C_BEGIN+C_COUNT-1.
 
@@ -201,8 +206,17 @@ def _scores_kernel(
             offs_g = pid * NG + tl.arange(0, NG)
             tl.store(GMAX + rows * G + offs_g[:, None], gmax, mask=(offs_g[:, None] < G) & cmask[None, :])
         if ARGMAX:
-            s = tl.where(cmask[None, :], s, float("-inf"))
-            tile_best, tile_c = tl.max(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            if not EVEN_C:
+                s = tl.where(cmask[None, :], s, float("-inf"))
+            if ARGMAX_BY_EQUALITY:
+                # The max, then the first column equal to it: a max and a min per element, where the
+                # (value, index) reduction compares and selects both. A row with no column equal to its
+                # max has a NaN max (a max of numbers is one of them), and `better` below is then false.
+                tile_best = tl.max(s, axis=1)
+                cols = tl.arange(0, BLOCK_C)[None, :]
+                tile_c = tl.min(tl.where(s == tile_best[:, None], cols, BLOCK_C), axis=1)
+            else:
+                tile_best, tile_c = tl.max(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
             better = tile_best > best  # strict: an equal score in a later tile keeps the lower cluster
             best_c = tl.where(better, tile_c + c0, best_c)
             best = tl.where(better, tile_best, best)
@@ -259,8 +273,23 @@ def _precision(x: torch.Tensor) -> str:
     return "tf32x3" if gpu_plan(x) else "ieee"
 
 
+def _centroid_pieces(x: torch.Tensor, cent: torch.Tensor, centred: bool, argmax: bool):
+    """(pieces (3, H*C, D) bf16, csum (H*C,) float32) of float32 centroids cent (H, C, D) for the
+    scoring kernel's launches on x (see _centroid_pieces_kernel)."""
+    H, C, D = cent.shape
+    _, block_c, warps = tiles(x, argmax=argmax)
+    pieces = torch.empty((3, H * C, D), dtype=torch.bfloat16, device=x.device)
+    csum = torch.empty((H * C,), dtype=torch.float32, device=x.device)
+    # The scoring kernel's cluster tile and warps: the row sums reduce in the same order as there.
+    launch(_centroid_pieces_kernel, (cdiv(H * C, block_c),), cent, pieces, csum, H * C, D,
+           BLOCK_R=block_c, BLOCK_D=max(16, next_pow2(D)), CENTRED=centred, num_warps=warps)
+    return pieces, csum
+
+
 def _launch(x: torch.Tensor, centroids: torch.Tensor, write: bool, argmax: bool, c_begin: int = 0,
-            c_count: int | None = None, count_bins: int = 0):
+            c_count: int | None = None, count_bins: int = 0, pieces=None):
+    """The scoring kernel on clusters [c_begin, c_begin + c_count); pieces: _centroid_pieces' result
+    for these centroids where the caller has it (several scoring passes), else made here if used."""
     B, H, T, D = x.shape
     C = centroids.shape[1]
     c_count = C - c_begin if c_count is None else c_count
@@ -285,18 +314,15 @@ def _launch(x: torch.Tensor, centroids: torch.Tensor, write: bool, argmax: bool,
     centred = CENTRED_ARGMAX and argmax and not write and split
     presplit = PRESPLIT_CENTROIDS and split
     if presplit:
-        pieces = torch.empty((3, H * C, D), dtype=torch.bfloat16, device=dev)
-        csum = torch.empty((H * C,), dtype=torch.float32, device=dev)
-        # The scoring kernel's cluster tile and warps: the row sums reduce in the same order as there.
-        launch(_centroid_pieces_kernel, (cdiv(H * C, block_c),), cent, pieces, csum, H * C, D,
-               BLOCK_R=block_c, BLOCK_D=block_d, CENTRED=centred, num_warps=warps)
+        pieces, csum = pieces if pieces is not None else _centroid_pieces(x, cent, centred, argmax)
     else:
         pieces = csum = cent  # unread
     launch(_scores_kernel, grid, x, cent, pieces, csum, s_t, gmax, amax, counts, x.stride(0), x.stride(1),
            x.stride(2), H, T, C, c_begin, c_count, D, G, _EPS,
            BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_D=block_d, GROUP_SIZE=scores.GROUP,
            WRITE=write, ARGMAX=argmax, PRECISION=precision, COUNT_BINS=count_bins,
-           COUNT_T=count_t, CENTRED=centred, PRESPLIT=presplit, num_warps=warps,
+           COUNT_T=count_t, CENTRED=centred, PRESPLIT=presplit, EVEN_C=c_count % block_c == 0,
+           ARGMAX_BY_EQUALITY=ARGMAX_BY_EQUALITY, num_warps=warps,
            num_stages=PRESPLIT_STAGES if presplit else 3)
     return s_t, gmax, amax, counts
 
@@ -313,6 +339,21 @@ def fused_scores(x: torch.Tensor, centroids: torch.Tensor, c_begin: int = 0, c_c
     s_t, gmax, _, _ = _launch(x, centroids, write=True, argmax=False, c_begin=c_begin,
                               c_count=None if c_count == -1 else c_count)
     return s_t, gmax
+
+
+def scoring_passes(x: torch.Tensor, centroids: torch.Tensor, chunk: int):
+    """(c0, scores, group maxima) of fused_scores(x, centroids, c0, chunk) for c0 = 0, chunk, ..., one
+    pass at a time (the caller drops each before the next), with the centroid pieces made once for all
+    passes. For use inside a custom op (triton_ops.topk_index), where no tracer sees it."""
+    C = centroids.shape[1]
+    cent = centroids.float().contiguous()
+    pieces = None
+    if PRESPLIT_CENTROIDS and _precision(x).startswith("bf16x3"):
+        pieces = _centroid_pieces(x, cent, centred=False, argmax=False)
+    for c0 in range(0, C, chunk):
+        s_t, gmax, _, _ = _launch(x, cent, write=True, argmax=False, c_begin=c0, c_count=min(chunk, C - c0),
+                                  pieces=pieces)
+        yield c0, s_t, gmax
 
 
 @fused_scores.op.register_fake

@@ -26,7 +26,7 @@ from .._ints import cdiv, next_pow2
 from .._launch import launch
 from . import _kernels as K
 from . import scores as scores_mod
-from ._score_kernels import fused_scores
+from ._score_kernels import scoring_passes
 from .assignment import assign_nearest
 
 SUPPORTED_DTYPES = TRITON_DTYPES
@@ -265,9 +265,8 @@ def _topk_index_fused(x: torch.Tensor, centroids: torch.Tensor, window: int) -> 
     C = centroids.shape[1]
     w = min(window, T)
     out = _new((B, H, C, w), torch.int32, x.device)
-    chunk = cluster_chunk(x, C)
-    for c0 in range(0, C, chunk):
-        _select_pass(*fused_scores(x, centroids, c0, min(chunk, C - c0)), w, out, c0)
+    for c0, s_t, gmax in scoring_passes(x, centroids, cluster_chunk(x, C)):
+        _select_pass(s_t, gmax, w, out, c0)
     return out
 
 
@@ -308,11 +307,16 @@ def _topk_indices(q, k, centroids, window, causal):
         # Shared QK: a cluster's positions are distinct and ascending, so query rank r sees key ranks
         # 0..r; no causal mask: the whole cluster.
         lo, hi = topk_slot_bounds(qi, B * H, C * W, W, causal)
-        return flat(qi), lo, hi, flat(ki)
+        return flat(qi), lo, hi, flat(ki), _no_tiles(q)
     # Keys of a cluster are sorted by position: the ones a query may see are a prefix.
     base = (torch.arange(C, device=q.device, dtype=torch.int32) * W)[:, None]
     hi = base + torch.searchsorted(ki, qi, right=True, out_int32=True)
-    return flat(qi), flat(base.expand(B, H, C, W)), flat(hi), flat(ki)
+    return flat(qi), flat(base.expand(B, H, C, W)), flat(hi), flat(ki), _no_tiles(q)
+
+
+def _no_tiles(t: torch.Tensor) -> torch.Tensor:
+    """The cluster tiles' placeholder: fixed tiles of BLOCK entries."""
+    return t.new_empty((0,), dtype=torch.int32)
 
 
 def _nearest_indices(q, k, centroids, window):
@@ -325,7 +329,7 @@ def _nearest_indices(q, k, centroids, window):
     q_order = (a.query_cluster * T + pos).sort(dim=-1).indices
     lo = a.key_start.gather(2, q_order)
     hi = a.key_end.gather(2, q_order)
-    return flat(q_order), flat(lo), flat(hi), flat(a.key_order)
+    return flat(q_order), flat(lo), flat(hi), flat(a.key_order), _no_tiles(q)
 
 
 def _nearest_indices_shared(x, centroids, window):
@@ -338,14 +342,14 @@ def _nearest_indices_shared(x, centroids, window):
     B, H, T, _ = x.shape
     C = centroids.shape[1]
     if COUNTING_SORT and C <= COUNTING_SORT_MAX_C and scores_mod.use_fused(x):
-        qpos, lo, hi = _nearest_slots_counting(x, centroids, window)
-        return qpos, lo, hi, qpos
+        qpos, lo, hi, tiles = _nearest_slots_counting(x, centroids, window)
+        return qpos, lo, hi, qpos, tiles
     small = torch.uint8 if C <= 256 else (torch.int16 if C <= 2**15 else torch.int32)
     sorted_cluster, order = scores_mod.nearest_clusters(x, centroids).to(small).sort(dim=-1, stable=True)
     sorted_cluster, order = sorted_cluster.reshape(B * H, T), order.reshape(B * H, T)
     cluster_first = count_below(sorted_cluster, C, 1, 0, C, False)  # (BH, C) first slot of each
     qpos, lo, hi = nearest_slot_bounds(order, sorted_cluster, cluster_first, window)
-    return qpos, lo, hi, qpos
+    return qpos, lo, hi, qpos, _no_tiles(x)
 
 
 # Shared-QK nearest slots by a counting sort in two small kernels (the score kernel counts each tile's
@@ -354,6 +358,10 @@ def _nearest_indices_shared(x, centroids, window):
 # the sort, for benchmarks/attention.py --ab.
 COUNTING_SORT = True
 COUNTING_SORT_MAX_C = 256
+# Shared-QK nearest on the counting sort: entry and slot tiles cut per cluster (no tile holds two
+# clusters; _kernels._write_cluster_tiles) instead of every BLOCK entries. False: fixed tiles, for
+# benchmarks/attention.py --ab ("fixed tiles").
+CLUSTER_TILES = True
 # Warps of the counting sort's slot kernel (64-position tiles). On an H200 at T = 64k (session 10,
 # `--sweep-parts slots`, runs/h200_2026-12-02_slots_sweep.txt) argmax + cumsum + slots took 0.141 ms on
 # 1 warp against 0.150 on 2, 0.161 on 4 (the earlier default) and 0.178 on 8; ncu had the 4-warp
@@ -363,9 +371,11 @@ SLOT_WARPS = 1
 
 @custom_op("routeformer::nearest_slots_counting")
 def _nearest_slots_counting(x: torch.Tensor, centroids: torch.Tensor, window: int
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(qpos, lo, hi), each (B*H, T) int32: the shared-QK nearest slots, equal to those of the stable
-    sort of the cluster ids (see _kernels._nearest_slots_kernel), on the fused score kernel."""
+    sort of the cluster ids (see _kernels._nearest_slots_kernel), on the fused score kernel; and the
+    cluster tiles (B*H, cluster_tile_count(T, C), 2) int32 of the attention kernels
+    (_kernels._write_cluster_tiles), or an empty tensor where CLUSTER_TILES is off."""
     from ._score_kernels import count_tile, fused_argmax_counts
 
     B, H, T, _ = x.shape
@@ -376,15 +386,37 @@ def _nearest_slots_counting(x: torch.Tensor, centroids: torch.Tensor, window: in
     qpos, lo, hi = (_new((B * H, T), torch.int32, x.device) for _ in range(3))
     block_t = count_tile(x)
     c_bins, nb = counts.shape[1], counts.shape[2]
-    launch(K._nearest_slots_kernel, (nb, B * H), cluster, counts, cum, qpos, lo, hi, T, nb, window,
-           BLOCK_T=block_t, C_BINS=c_bins, num_warps=SLOT_WARPS)
-    return qpos, lo, hi
+    tiles = _new((B * H, cluster_tile_count(x, T, centroids.shape[1]), 2) if CLUSTER_TILES else (0,),
+                 torch.int32, x.device)
+    launch(K._nearest_slots_kernel, (nb, B * H), cluster, counts, cum, qpos, lo, hi, tiles if CLUSTER_TILES else qpos,
+           T, nb, window, tiles.shape[1] if CLUSTER_TILES else 0,
+           BLOCK_T=block_t, C_BINS=c_bins, TILE_BM=cluster_tile(x) if CLUSTER_TILES else 0, num_warps=SLOT_WARPS)
+    return qpos, lo, hi, tiles
 
 
 @_nearest_slots_counting.op.register_fake
 def _(x, centroids, window):
     B, H, T, _ = x.shape
-    return tuple(x.new_empty((B * H, T), dtype=torch.int32) for _ in range(3))
+    tiles = x.new_empty((B * H, cluster_tile_count(x, T, centroids.shape[1]), 2) if CLUSTER_TILES else (0,),
+                        dtype=torch.int32)
+    return (*(x.new_empty((B * H, T), dtype=torch.int32) for _ in range(3)), tiles)
+
+
+def cluster_tile(t: torch.Tensor) -> int:
+    """Entries per cluster tile: the forward's entry tile. The dq kernel (entry tiles) and the dk/dv
+    kernel (slot tiles) take the tiles where theirs are the same size (see _tiled)."""
+    return _cfg(t, "fwd")[0]
+
+
+def cluster_tile_count(t: torch.Tensor, T: int, C: int) -> int:
+    """Tiles per row of the cluster tiles: enough for any cluster sizes (each of the C clusters adds
+    at most one partial tile to ceil(T / tile))."""
+    return cdiv(T, cluster_tile(t)) + C
+
+
+def _tiled(tiles: torch.Tensor, t: torch.Tensor, block: int) -> bool:
+    """Whether a kernel of entry (or slot) tiles of `block` runs on the cluster tiles."""
+    return tiles.numel() > 0 and block == cluster_tile(t)
 
 
 def _bounds(R: int, N: int, W: int, causal: bool, dev, block: int, order=None, group=None, first=None):
@@ -441,8 +473,10 @@ def _(x, m, step, offset, limit, right):
     return x.new_empty((x.shape[0], m), dtype=torch.int32)
 
 
-def tile_entry_ranges(lo: torch.Tensor, hi: torch.Tensor, nt: int, bn: int, S: int, nearest_window: int = 0):
-    """(qlo, qhi, flo, fhi), each (R, nt) int32: for key tile i (slots [i * bn, min(i * bn + bn, S))),
+def tile_entry_ranges(lo: torch.Tensor, hi: torch.Tensor, nt: int, bn: int, S: int, nearest_window: int = 0,
+                      tiles: torch.Tensor | None = None):
+    """(qlo, qhi, flo, fhi), each (R, nt) int32: for key tile i (slots [i * bn, min(i * bn + bn, S)), or
+    with tiles (R, nt, 2) the cluster tile [tiles[:, i, 0], tiles[:, i, 1]); see _nearest_slots_counting),
     the entries [qlo, qhi) that see one of its slots and [flo, fhi) that see all of them; lo and hi
     (R, N) are non-decreasing in the entry (see _kernels._tile_entry_ranges_kernel). nearest_window W > 0:
     entry e is slot e, hi = e + 1 and lo = max(first slot of e's cluster, e + 1 - W) (shared-QK nearest
@@ -454,8 +488,9 @@ def tile_entry_ranges(lo: torch.Tensor, hi: torch.Tensor, nt: int, bn: int, S: i
     block = 256
     # A window past the row bounds nothing more than the row does (and v + W must stay inside int32).
     w = min(nearest_window, N) if nearest_window > 0 else N
-    launch(K._tile_entry_ranges_kernel, (cdiv(nt, block), R), lo, hi, out[0], out[1], out[2], out[3], N, nt, bn, S,
-           max(w, 1), BLOCK=block, STEPS=max(1, w.bit_length()), NEAREST=nearest_window > 0, num_warps=4)
+    launch(K._tile_entry_ranges_kernel, (cdiv(nt, block), R), lo, hi, lo if tiles is None else tiles,
+           out[0], out[1], out[2], out[3], N, nt, bn, S, max(w, 1), BLOCK=block, STEPS=max(1, w.bit_length()),
+           NEAREST=nearest_window > 0, TILED=tiles is not None, num_warps=4)
     return out.unbind(0)
 
 
@@ -508,7 +543,7 @@ def _combine(x, perm, rowptr, lo, hi, T, mean, out_dtype):
     return y, (inv_n if mean else None)
 
 
-def attention_fwd(q, k, v, qpos, lo, hi, kpos, scale: float, direct: bool):
+def attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale: float, direct: bool):
     """The in-cluster attention kernel alone -> (o (B,H,T,Dv) if direct else (B,H,E,Dv), lse (BH,E))."""
     B, H, T, D = q.shape
     Dv = v.shape[-1]
@@ -516,20 +551,22 @@ def attention_fwd(q, k, v, qpos, lo, hi, kpos, scale: float, direct: bool):
     lse = _new((B * H, E), torch.float32, q.device)
     o = _new((B, H, T if direct else E, Dv), q.dtype, q.device)
     bm, bn, warps, stages = _cfg(q, "fwd")
-    grid = (cdiv(E, bm), B * H)
-    launch(K._fwd_kernel, grid, q, k, v, qpos, lo, hi, kpos, o, lse,
+    tiled = _tiled(tiles, q, bm)
+    grid = (tiles.shape[1] if tiled else cdiv(E, bm), B * H)
+    launch(K._fwd_kernel, grid, q, k, v, qpos, lo, hi, kpos, tiles if tiled else qpos, o, lse,
            *_s4(q), *_s4(k), *_s4(v), *_s4(o),
-           H, E, S, D, Dv, scale * math.log2(math.e),
+           H, E, S, D, Dv, grid[0], scale * math.log2(math.e),
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=_precision(q),
-           SPLIT=SPLIT_TILES["fwd"], ROW64=_row64(q, k, v, o), EVEN_D=_even_d(D, Dv),
+           SPLIT=SPLIT_TILES["fwd"], ROW64=_row64(q, k, v, o), EVEN_D=_even_d(D, Dv), TILED=tiled,
            num_warps=warps, num_stages=stages,
            **_regs(q, "fwd"))
     return o, lse
 
 
 def routing_indices(q, k, centroids, window: int, causal: bool, assign: str):
-    """The assignment as the kernels consume it -> (qpos, lo, hi, kpos), each (BH, E or S) int32."""
+    """The assignment as the kernels consume it -> (qpos, lo, hi, kpos), each (BH, E or S) int32, and
+    the cluster tiles (BH, NT, 2) int32 or an empty tensor (see _nearest_slots_counting)."""
     with torch.no_grad():
         if assign == "topk":
             return _topk_indices(q, k, centroids, window, causal)
@@ -538,7 +575,8 @@ def routing_indices(q, k, centroids, window: int, causal: bool, assign: str):
 
 @custom_op("routeformer::routing_fwd")
 def _routing_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor, lo: torch.Tensor,
-                 hi: torch.Tensor, kpos: torch.Tensor, scale: float, direct: bool, shared: bool, window: int = 0
+                 hi: torch.Tensor, kpos: torch.Tensor, tiles: torch.Tensor, scale: float, direct: bool,
+                 shared: bool, window: int = 0
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (out (B,H,T,Dv), o_entries, lse (BH,E), inv_n (BH,T), perm (BH,E), rowptr (BH,T+1)).
 
@@ -549,7 +587,7 @@ def _routing_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.
     the backward's searches of tile_entry_ranges; 0: nothing known.
     """
     T = q.shape[2]
-    o_e, lse = attention_fwd(q, k, v, qpos, lo, hi, kpos, scale, direct)
+    o_e, lse = attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct)
     if direct:
         o_ph, n_ph, p_ph, r_ph = _placeholders(q)
         return o_e, o_ph, lse, n_ph, p_ph, r_ph
@@ -559,7 +597,7 @@ def _routing_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.
 
 
 @_routing_fwd.op.register_fake
-def _(q, k, v, qpos, lo, hi, kpos, scale, direct, shared, window=0):
+def _(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct, shared, window=0):
     B, H, T, _ = q.shape
     Dv, E = v.shape[-1], qpos.shape[1]
     out = q.new_empty((B, H, T, Dv))
@@ -574,8 +612,9 @@ def _(q, k, v, qpos, lo, hi, kpos, scale, direct, shared, window=0):
 @custom_op("routeformer::routing_bwd")
 def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  o_e: torch.Tensor, lse: torch.Tensor, inv_n: torch.Tensor, qpos: torch.Tensor, lo: torch.Tensor,
-                 hi: torch.Tensor, kpos: torch.Tensor, perm: torch.Tensor, rowptr: torch.Tensor, scale: float,
-                 direct: bool, shared: bool, window: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 hi: torch.Tensor, kpos: torch.Tensor, tiles: torch.Tensor, perm: torch.Tensor,
+                 rowptr: torch.Tensor, scale: float, direct: bool, shared: bool, window: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dq, dk, dv); with shared QK dq already holds dk and dk is an empty placeholder. window: see
     routing_fwd."""
     B, H, T, D = q.shape
@@ -592,18 +631,21 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     inv = lse if direct else inv_n  # placeholder pointer when unused
     dq = _new((B, H, T, D), q.dtype, dev) if direct else _new((B, H, E, D), part, dev)
     bm, bn, warps, stages = _cfg(q, "dq")
-    launch(K._bwd_dq_kernel, (cdiv(E, bm), B * H),
-           q, k, v, dout, o_rows, lse, inv, qpos, lo, hi, kpos, delta, dq,
+    tiled = _tiled(tiles, q, bm)
+    n_dq = tiles.shape[1] if tiled else cdiv(E, bm)
+    launch(K._bwd_dq_kernel, (n_dq, B * H),
+           q, k, v, dout, o_rows, lse, inv, qpos, lo, hi, kpos, tiles if tiled else qpos, delta, dq,
            *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(o_rows), *_s4(dq),
-           H, T, E, S, D, Dv, scale, sl2,
+           H, T, E, S, D, Dv, n_dq, scale, sl2,
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=prec, SPLIT=SPLIT_TILES["dq"],
-           ROW64=_row64(q, k, v, dout, o_rows, dq), EVEN_D=_even_d(D, Dv), num_warps=warps, num_stages=stages,
-           **_regs(q, "dq"))
+           ROW64=_row64(q, k, v, dout, o_rows, dq), EVEN_D=_even_d(D, Dv), TILED=tiled,
+           num_warps=warps, num_stages=stages, **_regs(q, "dq"))
 
     bm, bn, warps, stages = _cfg(q, "dkdv")
-    nt = cdiv(S, bn)
-    qlo, qhi, flo, fhi = tile_entry_ranges(lo, hi, nt, bn, S, window)
+    tiled = _tiled(tiles, q, bn)
+    nt = tiles.shape[1] if tiled else cdiv(S, bn)
+    qlo, qhi, flo, fhi = tile_entry_ranges(lo, hi, nt, bn, S, window, tiles if tiled else None)
     # Shared QK: entry e and slot e are the same (cluster, rank) or token, so the dk/dv kernel adds
     # dk into the dq buffer in place and one buffer holds the whole gradient of q.
     if direct:
@@ -613,13 +655,13 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         dk = dq if shared else _new((B, H, S, D), part, dev)
         dv = _new((B, H, S, Dv), part, dev)
     launch(K._bwd_dkdv_kernel, (nt, B * H),
-           q, k, v, dout, lse, inv, delta, qpos, lo, hi, kpos, qlo, qhi, flo, fhi, dk, dv,
+           q, k, v, dout, lse, inv, delta, qpos, lo, hi, kpos, tiles if tiled else qpos, qlo, qhi, flo, fhi, dk, dv,
            *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(dk), *_s4(dv),
            H, T, E, S, nt, D, Dv, scale, sl2,
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, ADD_DK=shared, PRECISION=prec, SPLIT=SPLIT_TILES["dkdv"],
-           ROW64=_row64(q, k, v, dout, dk, dv), EVEN_D=_even_d(D, Dv), num_warps=warps, num_stages=stages,
-           **_regs(q, "dkdv_direct" if direct else "dkdv"))
+           ROW64=_row64(q, k, v, dout, dk, dv), EVEN_D=_even_d(D, Dv), TILED=tiled,
+           num_warps=warps, num_stages=stages, **_regs(q, "dkdv_direct" if direct else "dkdv"))
     empty = q.new_empty(0)
     if direct:
         return dq, (empty if shared else dk), dv
@@ -638,15 +680,16 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
 
 
 @_routing_bwd.op.register_fake
-def _(dout, q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, perm, rowptr, scale, direct, shared, window=0):
+def _(dout, q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, tiles, perm, rowptr, scale, direct, shared,
+      window=0):
     # The real op returns fresh contiguous tensors; empty_like would keep a transposed input's strides.
     return q.new_empty(q.shape), (q.new_empty(0) if shared else k.new_empty(k.shape)), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, qpos, lo, hi, kpos, scale, direct, shared, *window = inputs
+    q, k, v, qpos, lo, hi, kpos, tiles, scale, direct, shared, *window = inputs
     out, o_e, lse, inv_n, perm, rowptr = output
-    ctx.save_for_backward(q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, perm, rowptr)
+    ctx.save_for_backward(q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, tiles, perm, rowptr)
     ctx.scale, ctx.direct = scale, direct
     ctx.window = window[0] if window else 0
     ctx.n_inputs = len(inputs)
@@ -658,8 +701,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, *_unused):
     if dout is None:  # only the non-differentiable outputs were used
         return (None,) * ctx.n_inputs
-    q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, perm, rowptr = ctx.saved_tensors
-    dq, dk, dv = _routing_bwd(dout, q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, perm, rowptr,
+    q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, tiles, perm, rowptr = ctx.saved_tensors
+    dq, dk, dv = _routing_bwd(dout, q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, tiles, perm, rowptr,
                               ctx.scale, ctx.direct, ctx.shared, ctx.window)
     return (dq, (None if ctx.shared else dk), dv) + (None,) * (ctx.n_inputs - 3)
 
@@ -687,8 +730,8 @@ def routing_attention_triton(q, k, v, centroids, *, window, causal, assign, scal
     shared = k is q
     q, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, v))
     k = q if shared else (k if k.stride(-1) == 1 else k.contiguous())
-    qpos, lo, hi, kpos = routing_indices(q, k, centroids, window, causal, assign)
+    qpos, lo, hi, kpos, tiles = routing_indices(q, k, centroids, window, causal, assign)
     # The slot structure that bounds tile_entry_ranges' searches (see routing_fwd): shared QK, and for
     # topk causal (without the mask a cluster's entries all see the whole cluster).
     band = window if shared and (assign == "nearest" or causal) else 0
-    return _routing(q, k, v, qpos, lo, hi, kpos, scale, assign == "nearest", shared, band)[0]
+    return _routing(q, k, v, qpos, lo, hi, kpos, tiles, scale, assign == "nearest", shared, band)[0]
