@@ -401,23 +401,27 @@ def sweep(T, parts=SWEEP_PARTS):
     # centred one won and is the default), with and without the cluster counts. (The argmax as one
     # packed int64 max was slower at every tile: runs/h200_2026-12-02_1534a89_argmax_sweep.txt.)
     # Session 12: the centroid pieces made once per call by a Triton kernel (SK.PRESPLIT_CENTROIDS)
-    # against in every program, at 2 and 3 stages (SK.PRESPLIT_STAGES).
-    default_centred, default_presplit = SK.CENTRED_ARGMAX, (SK.PRESPLIT_CENTROIDS, SK.PRESPLIT_STAGES)
-    for tiles in ([(128, 64, 4), (128, 128, 8), (128, 32, 4), (64, 64, 4), (256, 64, 8)]
-                  if "argmax" in parts else []):
+    # against in every program (call 1, runs/h200_2026-12-02_presplit-call1_sweep.txt: 0.090 ms at
+    # (128, 64, 4) on 2 stages against 0.110 split per program, 0.095 on 3 stages; 0.093-0.103 on
+    # (128, 32, 4), (128, 128, 8), (64, 64, 4), (256, 64, 8)); and the argmax of each cluster tile by a
+    # max and a min (SK.ARGMAX_BY_EQUALITY) against one (value, index) reduction.
+    default_centred = SK.CENTRED_ARGMAX
+    default_presplit = (SK.PRESPLIT_CENTROIDS, SK.PRESPLIT_STAGES, SK.ARGMAX_BY_EQUALITY)
+    for tiles in ([(128, 64, 4), (128, 32, 4)] if "argmax" in parts else []):
         SK.ARGMAX_TILES["cuda"] = tiles
         SK.BF16_SPLIT_SCORES = True
         SK.CENTRED_ARGMAX = True
-        for presplit, stages in ((False, 3), (True, 2), (True, 3)):
-            SK.PRESPLIT_CENTROIDS, SK.PRESPLIT_STAGES = presplit, stages
-            how = f"presplit, {stages} stages" if presplit else "split per program"
+        for presplit, stages, by_equality in ((False, 3, False), (True, 2, False), (True, 2, True)):
+            SK.PRESPLIT_CENTROIDS, SK.PRESPLIT_STAGES, SK.ARGMAX_BY_EQUALITY = presplit, stages, by_equality
+            how = (f"presplit, {stages} stages" if presplit else "split per program") + (
+                ", max then min" if by_equality else ", (value, index) max")
             try:
                 with torch.no_grad():
                     res.append(("nearest", f"fused argmax+counts, {how}", tiles,
                                 _bench_graph(lambda: SK.fused_argmax_counts(q, centroids)), math.nan))
             except Exception as e:
                 res.append(("nearest", f"fused argmax, {how}", tiles, math.nan, str(e)[:60]))
-    SK.PRESPLIT_CENTROIDS, SK.PRESPLIT_STAGES = default_presplit
+    SK.PRESPLIT_CENTROIDS, SK.PRESPLIT_STAGES, SK.ARGMAX_BY_EQUALITY = default_presplit
     SK.CENTRED_ARGMAX = default_centred
     # Session 10: the counting sort's slot kernel (45 us at 64k in run J) on other warp counts. The
     # timing includes the argmax and the cumsum, the same in every row; the slots must not change.
