@@ -403,25 +403,25 @@ def sweep(T, parts=SWEEP_PARTS):
     # Session 12: the centroid pieces made once per call by a Triton kernel (SK.PRESPLIT_CENTROIDS)
     # against in every program (call 1, runs/h200_2026-12-02_presplit-call1_sweep.txt: 0.090 ms at
     # (128, 64, 4) on 2 stages against 0.110 split per program, 0.095 on 3 stages; 0.093-0.103 on
-    # (128, 32, 4), (128, 128, 8), (64, 64, 4), (256, 64, 8)); and the argmax of each cluster tile by a
-    # max and a min (SK.ARGMAX_BY_EQUALITY) against one (value, index) reduction.
+    # (128, 32, 4), (128, 128, 8), (64, 64, 4), (256, 64, 8)). (Each tile's argmax as a max and then the
+    # first column equal to it, instead of one (value, index) reduction, measured 0.090 against 0.089
+    # and 0.092 against 0.090 on the two tiles here in call 3: no gain, and the code is gone.)
     default_centred = SK.CENTRED_ARGMAX
-    default_presplit = (SK.PRESPLIT_CENTROIDS, SK.PRESPLIT_STAGES, SK.ARGMAX_BY_EQUALITY)
+    default_presplit = (SK.PRESPLIT_CENTROIDS, SK.PRESPLIT_STAGES)
     for tiles in ([(128, 64, 4), (128, 32, 4)] if "argmax" in parts else []):
         SK.ARGMAX_TILES["cuda"] = tiles
         SK.BF16_SPLIT_SCORES = True
         SK.CENTRED_ARGMAX = True
-        for presplit, stages, by_equality in ((False, 3, False), (True, 2, False), (True, 2, True)):
-            SK.PRESPLIT_CENTROIDS, SK.PRESPLIT_STAGES, SK.ARGMAX_BY_EQUALITY = presplit, stages, by_equality
-            how = (f"presplit, {stages} stages" if presplit else "split per program") + (
-                ", max then min" if by_equality else ", (value, index) max")
+        for presplit, stages in ((False, 3), (True, 2), (True, 3)):
+            SK.PRESPLIT_CENTROIDS, SK.PRESPLIT_STAGES = presplit, stages
+            how = f"presplit, {stages} stages" if presplit else "split per program"
             try:
                 with torch.no_grad():
                     res.append(("nearest", f"fused argmax+counts, {how}", tiles,
                                 _bench_graph(lambda: SK.fused_argmax_counts(q, centroids)), math.nan))
             except Exception as e:
                 res.append(("nearest", f"fused argmax, {how}", tiles, math.nan, str(e)[:60]))
-    SK.PRESPLIT_CENTROIDS, SK.PRESPLIT_STAGES, SK.ARGMAX_BY_EQUALITY = default_presplit
+    SK.PRESPLIT_CENTROIDS, SK.PRESPLIT_STAGES = default_presplit
     SK.CENTRED_ARGMAX = default_centred
     # Session 10: the counting sort's slot kernel (45 us at 64k in run J) on other warp counts. The
     # timing includes the argmax and the cumsum, the same in every row; the slots must not change.
@@ -512,7 +512,7 @@ AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through 
                "masked tiles", "unmasked tiles everywhere", "candidate gather ops", "sorted cluster ids",
                "tf32x3 scores", "argmax tiles 64x32", "score tiles 64x32",
                "jit launches", "uncentred argmax", "whole-row entry searches", "split loops", "one-loop dk/dv",
-               "head-dim masks", "in-kernel centroid split", "fixed tiles", "argmax reduction")
+               "head-dim masks", "in-kernel centroid split", "fixed tiles")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -547,7 +547,7 @@ def _variant(name):
     saved = (TO.FOLD_EVEN_D, _launch.FAST_LAUNCH, TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing,
              TO.SPLIT_TILES, TO.FUSED_CANDIDATES, TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, dict(SK.TILES),
              dict(SK.ARGMAX_TILES), SK.CENTRED_ARGMAX, TO.tile_entry_ranges, SK.PRESPLIT_CENTROIDS,
-             TO.CLUSTER_TILES, SK.ARGMAX_BY_EQUALITY)
+             TO.CLUSTER_TILES)
     entry_ranges = TO.tile_entry_ranges
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
@@ -581,8 +581,6 @@ def _variant(name):
         SK.TILES["cuda"] = (64, 32, 4)
     elif name == "fixed tiles":  # nearest's entry and slot tiles every BLOCK entries, as before session 12
         TO.CLUSTER_TILES = False
-    elif name == "argmax reduction":  # the argmax by one (value, index) reduction, as before session 12
-        SK.ARGMAX_BY_EQUALITY = False
     elif name == "in-kernel centroid split":  # every score program splits the centroids, as before session 12
         SK.PRESPLIT_CENTROIDS = False
     elif name == "uncentred argmax":  # nearest's argmax on the LayerNorm scores, as before session 9
@@ -597,7 +595,7 @@ def _variant(name):
     finally:
         (TO.FOLD_EVEN_D, _launch.FAST_LAUNCH, TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES,
          TO.FUSED_CANDIDATES, TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, tiles, argmax_tiles, SK.CENTRED_ARGMAX,
-         TO.tile_entry_ranges, SK.PRESPLIT_CENTROIDS, TO.CLUSTER_TILES, SK.ARGMAX_BY_EQUALITY) = saved
+         TO.tile_entry_ranges, SK.PRESPLIT_CENTROIDS, TO.CLUSTER_TILES) = saved
         SK.TILES.clear()
         SK.TILES.update(tiles)
         SK.ARGMAX_TILES.clear()

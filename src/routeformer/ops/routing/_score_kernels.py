@@ -51,10 +51,6 @@ PRESPLIT_CENTROIDS = True
 # tile took 88 KiB of shared memory, two programs per SM, where the in-kernel split ran three on 72.
 # Two stages: 64 KiB (sm90_resources.py); argmax + counts 0.090 ms against 0.095 at three (same call).
 PRESPLIT_STAGES = 2
-# The argmax of each cluster tile as a max and then the lowest column equal to it, instead of one
-# (value, index) reduction (see _scores_kernel). After the pre-split the loop's instructions were mostly
-# that reduction's compares and selects (~280 of 510). The same argmax, ties included.
-ARGMAX_BY_EQUALITY = True
 
 # bf16 inputs: score with three bf16 products on x as it is (see _scores_kernel, bf16x3) instead of
 # tf32x3 on the normalised rows (NOTES_routing.md v8). On an H200 at T = 64k (run D's A/B) graph
@@ -128,7 +124,6 @@ def _scores_kernel(
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_SIZE: tl.constexpr,
     WRITE: tl.constexpr, ARGMAX: tl.constexpr, PRECISION: tl.constexpr, COUNT_BINS: tl.constexpr,
     COUNT_T: tl.constexpr, CENTRED: tl.constexpr, PRESPLIT: tl.constexpr, EVEN_C: tl.constexpr,
-    ARGMAX_BY_EQUALITY: tl.constexpr,
 ):
     """One tile of BLOCK_T positions of one (batch, head) against centroids C_BEGIN .. C_BEGIN+C_COUNT-1.
 
@@ -208,15 +203,7 @@ def _scores_kernel(
         if ARGMAX:
             if not EVEN_C:
                 s = tl.where(cmask[None, :], s, float("-inf"))
-            if ARGMAX_BY_EQUALITY:
-                # The max, then the first column equal to it: a max and a min per element, where the
-                # (value, index) reduction compares and selects both. A row with no column equal to its
-                # max has a NaN max (a max of numbers is one of them), and `better` below is then false.
-                tile_best = tl.max(s, axis=1)
-                cols = tl.arange(0, BLOCK_C)[None, :]
-                tile_c = tl.min(tl.where(s == tile_best[:, None], cols, BLOCK_C), axis=1)
-            else:
-                tile_best, tile_c = tl.max(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            tile_best, tile_c = tl.max(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
             better = tile_best > best  # strict: an equal score in a later tile keeps the lower cluster
             best_c = tl.where(better, tile_c + c0, best_c)
             best = tl.where(better, tile_best, best)
@@ -321,8 +308,7 @@ def _launch(x: torch.Tensor, centroids: torch.Tensor, write: bool, argmax: bool,
            x.stride(2), H, T, C, c_begin, c_count, D, G, _EPS,
            BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_D=block_d, GROUP_SIZE=scores.GROUP,
            WRITE=write, ARGMAX=argmax, PRECISION=precision, COUNT_BINS=count_bins,
-           COUNT_T=count_t, CENTRED=centred, PRESPLIT=presplit, EVEN_C=c_count % block_c == 0,
-           ARGMAX_BY_EQUALITY=ARGMAX_BY_EQUALITY, num_warps=warps,
+           COUNT_T=count_t, CENTRED=centred, PRESPLIT=presplit, EVEN_C=c_count % block_c == 0, num_warps=warps,
            num_stages=PRESPLIT_STAGES if presplit else 3)
     return s_t, gmax, amax, counts
 
