@@ -393,6 +393,29 @@ def test_fwd_bwd_peak_memory_at_most_dense_sdpa_gpu(assign):
     assert ours <= dense, (ours / 2**20, dense / 2**20)
 
 
+@gpu
+@needs_cuda
+def test_topk_forward_peak_holds_one_scoring_pass_gpu():
+    """topk's forward at T = 64k scores its clusters in passes so that one pass's float32 scores are
+    alive at a time (cluster_chunk): its peak above the inputs stays under 1.5 passes' scores (two
+    passes alive at once, as a loop over a generator of passes once held, is 2x)."""
+    T, H = 65536, 8
+    q, v = (torch.randn(1, H, T, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    centroids = torch.nn.functional.normalize(torch.randn(H, T // 512, 64, device="cuda"), dim=-1)
+    one_pass = TO.cluster_chunk(q, T // 512) * T * H * 4
+    assert TO.cluster_chunk(q, T // 512) < T // 512  # several passes
+    with torch.no_grad():
+        routing_attention(q, q, v, centroids, window=512, assign="topk", backend="triton")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = routing_attention(q, q, v, centroids, window=512, assign="topk", backend="triton")
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < 1.5 * one_pass, (peak / 2**20, one_pass / 2**20)
+    del out
+
+
 @pytest.mark.parametrize("C", [5, 300, 40000])  # uint8, int16 and int32 cluster ids
 def test_nearest_shared_indices_equal_assign_nearest(C):
     """Shared QK, nearest: the launcher's own derivation (stable sort of the cluster ids alone) gives

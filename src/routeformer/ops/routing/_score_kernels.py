@@ -327,19 +327,19 @@ def fused_scores(x: torch.Tensor, centroids: torch.Tensor, c_begin: int = 0, c_c
     return s_t, gmax
 
 
-def scoring_passes(x: torch.Tensor, centroids: torch.Tensor, chunk: int):
-    """(c0, scores, group maxima) of fused_scores(x, centroids, c0, chunk) for c0 = 0, chunk, ..., one
-    pass at a time (the caller drops each before the next), with the centroid pieces made once for all
-    passes. For use inside a custom op (triton_ops.topk_index), where no tracer sees it."""
+def score_in_passes(x: torch.Tensor, centroids: torch.Tensor, chunk: int, consume) -> None:
+    """consume(c0, scores, group maxima) for fused_scores(x, centroids, c0, chunk), c0 = 0, chunk, ...,
+    with the centroid pieces made once for all passes. Each pass's scores are dropped before the next
+    pass allocates its own (a loop over a generator would hold two: 128 MiB more at T = 64k). For use
+    inside a custom op (triton_ops.topk_index), where no tracer sees it."""
     C = centroids.shape[1]
     cent = centroids.float().contiguous()
     pieces = None
     if PRESPLIT_CENTROIDS and _precision(x).startswith("bf16x3"):
         pieces = _centroid_pieces(x, cent, centred=False, argmax=False)
     for c0 in range(0, C, chunk):
-        s_t, gmax, _, _ = _launch(x, cent, write=True, argmax=False, c_begin=c0, c_count=min(chunk, C - c0),
-                                  pieces=pieces)
-        yield c0, s_t, gmax
+        consume(c0, *_launch(x, cent, write=True, argmax=False, c_begin=c0, c_count=min(chunk, C - c0),
+                             pieces=pieces)[:2])
 
 
 @fused_scores.op.register_fake

@@ -26,7 +26,7 @@ from .._ints import cdiv, next_pow2
 from .._launch import launch
 from . import _kernels as K
 from . import scores as scores_mod
-from ._score_kernels import scoring_passes
+from ._score_kernels import score_in_passes
 from .assignment import assign_nearest
 
 SUPPORTED_DTYPES = TRITON_DTYPES
@@ -268,8 +268,7 @@ def _topk_index_fused(x: torch.Tensor, centroids: torch.Tensor, window: int) -> 
     C = centroids.shape[1]
     w = min(window, T)
     out = _new((B, H, C, w), torch.int32, x.device)
-    for c0, s_t, gmax in scoring_passes(x, centroids, cluster_chunk(x, C)):
-        _select_pass(s_t, gmax, w, out, c0)
+    score_in_passes(x, centroids, cluster_chunk(x, C), lambda c0, s_t, gmax: _select_pass(s_t, gmax, w, out, c0))
     return out
 
 
