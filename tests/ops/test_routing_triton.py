@@ -331,12 +331,10 @@ def test_cluster_passes_equal_one_pass(monkeypatch):
         fused_scores(x, centroids, 40, 1)
 
 
-@pytest.mark.parametrize("one_kernel,quarters", [(True, True), (True, False), (False, True)])
-def test_select_top_equals_stable_sort(monkeypatch, one_kernel, quarters):
-    """Both row selectors (one kernel per row, its search in quarters or halves; torch.topk + scan) on
-    ties, signed zeros, -inf, the ends of the float range and odd L."""
+@pytest.mark.parametrize("one_kernel", [True, False])
+def test_select_top_equals_stable_sort(monkeypatch, one_kernel):
+    """Both row selectors (one kernel per row; torch.topk + scan) on ties, signed zeros, -inf and odd L."""
     monkeypatch.setattr(TO, "SELECT_ROWS_MAX", 8192 if one_kernel else 0)
-    monkeypatch.setattr(TO, "SELECT_QUARTERS", quarters)
     g = torch.Generator().manual_seed(11)
     for L, w in ((37, 1), (37, 36), (100, 37), (130, 64), (5, 5)):
         rows = torch.randn(2, 1, 3, L, generator=g)

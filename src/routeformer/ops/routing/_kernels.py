@@ -779,7 +779,7 @@ def _gather_groups_kernel(
 def _select_rows_kernel(
     ROWS, OUT, GROUPS,
     L, W, T, CP, C_OUT, C0,
-    BLOCK_L: tl.constexpr, GATHER: tl.constexpr, GROUP: tl.constexpr, QUARTERS: tl.constexpr,
+    BLOCK_L: tl.constexpr, GATHER: tl.constexpr, GROUP: tl.constexpr,
 ):
     """The indices of the W largest of each row of L float32 values, ascending, ties to the lower
     index; one program holds one whole row in registers. Row r (of R = B*H*CP) is stored at row
@@ -796,7 +796,6 @@ def _select_rows_kernel(
     the reference's stable sort). A bisection finds the W-th largest key; one in-order scan then takes
     every larger key and the first `need` equal ones, already sorted by index. Keys stay int32 (the
     per-step compare over the row is the kernel's main work); only the scalar bounds are int64.
-    QUARTERS: the search cuts the range in four per step instead of two (see there).
     """
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_L)
@@ -818,31 +817,11 @@ def _select_rows_kernel(
     # in [lo, hi]. The range spans at most 2**32 values: 32 halvings pin it, one more costs nothing.
     lo = tl.min(key, axis=0).to(tl.int64)
     hi = tl.max(key, axis=0).to(tl.int64)
-    if QUARTERS:
-        # Three thresholds per step, counted by one sum of three 21-bit fields (a row has at most
-        # 2**20 keys): the range shrinks 4x per step, so 17 steps (4**16 = 2**32, one more costs
-        # nothing) where halving takes 33, and each step's reduction (a round through shared memory
-        # and a barrier) is what a step waits on.
-        for _ in tl.static_range(17):
-            span = hi - lo
-            t1 = lo + (span + 3) // 4  # in (lo, hi] when lo < hi; t1 <= t2 <= t3
-            t2 = lo + (2 * span + 3) // 4
-            t3 = lo + (3 * span + 3) // 4
-            packed = tl.sum((key >= t1.to(tl.int32)).to(tl.int64) + ((key >= t2.to(tl.int32)).to(tl.int64) << 21)
-                            + ((key >= t3.to(tl.int32)).to(tl.int64) << 42), axis=0)
-            c1 = packed & 0x1FFFFF
-            c2 = (packed >> 21) & 0x1FFFFF
-            c3 = packed >> 42
-            # lo: the largest threshold that still has W keys at or above it; hi: below the smallest
-            # that has not.
-            lo = tl.where(c3 >= W, t3, tl.where(c2 >= W, t2, tl.where(c1 >= W, t1, lo)))
-            hi = tl.where(c1 < W, t1 - 1, tl.where(c2 < W, t2 - 1, tl.where(c3 < W, t3 - 1, hi)))
-    else:
-        for _ in tl.static_range(33):
-            mid = lo + (hi - lo + 1) // 2
-            ok = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0) >= W
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid - 1)
+    for _ in tl.static_range(33):
+        mid = lo + (hi - lo + 1) // 2
+        ok = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0) >= W
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
     kth = lo.to(tl.int32)
     need = W - tl.sum((key > kth).to(tl.int32), axis=0)
     eq = (key == kth).to(tl.int32)

@@ -164,17 +164,12 @@ def _launch_select(rows: torch.Tensor, out: torch.Tensor, w: int, c0: int = 0, g
     block = next_pow2(L)
     warps = (SELECT_WARPS or min(16, max(4, block // 512))) if gpu_plan(rows) else 4
     launch(K._select_rows_kernel, (B * H * Cp,), rows, out, rows if groups is None else groups, L, w, n, Cp,
-           out.shape[2], c0, BLOCK_L=block, GATHER=groups is not None, GROUP=group, QUARTERS=SELECT_QUARTERS,
-           num_warps=warps)
+           out.shape[2], c0, BLOCK_L=block, GATHER=groups is not None, GROUP=group, num_warps=warps)
 
 
 # Warps of the one-row select kernel; None: one per 512 of the row (4 to 16). benchmarks/attention.py
 # --sweep times others: fewer warps per row let two rows' programs share an SM.
 SELECT_WARPS: int | None = None
-# The select kernel's search for the w-th largest key in quarters (17 steps of three counts in one
-# reduction) instead of halves (33 steps of one). False: halves, for benchmarks/attention.py --ab
-# ("halving select").
-SELECT_QUARTERS = True
 
 
 @custom_op("routeformer::select_rows")
