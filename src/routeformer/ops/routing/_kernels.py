@@ -795,7 +795,9 @@ def _select_rows_kernel(
     Floats map to int32 keys with the same order (-0.0 first folded onto +0.0, so the two tie as in
     the reference's stable sort). A bisection finds the W-th largest key; one in-order scan then takes
     every larger key and the first `need` equal ones, already sorted by index. Keys stay int32 (the
-    per-step compare over the row is the kernel's main work); only the scalar bounds are int64.
+    per-step compare over the row is the kernel's main work); only the scalar bounds are int64. (A
+    search in quarters, 17 steps of three counts packed into one int64 sum, measured slower on an H200:
+    76 against 62 us per call, NOTES_routing.md session 12.)
     """
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_L)
