@@ -149,6 +149,18 @@ def test_cluster_tiles_match_reference(monkeypatch, T, D, C, window, dtype):
     _check(1, 2, T, D, D, C, window, "nearest", True, True, dtype, "cpu", seed=T)
 
 
+def test_default_tiles_take_the_cluster_tiles():
+    """The default CONFIG's forward and dq entry tiles and dk/dv's slot tiles are the cluster tile's size
+    on both device kinds, so that all three kernels run on the cluster tiles (a kernel of another tile
+    size falls back to fixed tiles, correct but without the gain)."""
+    for device in ("cpu", "meta"):  # meta: the GPU's plan (ops._checks.gpu_plan)
+        t = torch.empty(1, device=device)
+        tiles = torch.zeros(1, 1, 2, dtype=torch.int32)
+        fwd, dq, dkdv = (TO._cfg(t, name) for name in ("fwd", "dq", "dkdv"))
+        assert TO._tiled(tiles, t, fwd[0]) and TO._tiled(tiles, t, dq[0]) and TO._tiled(tiles, t, dkdv[1]), device
+        assert not TO._tiled(tiles, t, 2 * fwd[0]) and not TO._tiled(tiles[:0], t, fwd[0])
+
+
 def _check_cluster_tiles(x, centroids):
     """The tiles of each row cover every slot once, in order, each inside one cluster and at most
     cluster_tile(x) long, with every cluster's tiles full but its last; the rest are empty [T, T)."""

@@ -404,10 +404,16 @@ def _(x, centroids, window):
     return (*(x.new_empty((B * H, T), dtype=torch.int32) for _ in range(3)), tiles)
 
 
+# Entries per cluster tile: CONFIG's forward and dq entry tiles and dk/dv's slot tile. A constant of its
+# own, not read from CONFIG, so that a list made under one CONFIG is never run by kernels whose tiles a
+# changed CONFIG made smaller than its tiles (rows past a kernel's tile would go uncomputed): a kernel
+# whose tile differs from this runs on fixed tiles instead (see _tiled).
+CLUSTER_TILE = {"cuda": 64, "cpu": 16}
+
+
 def cluster_tile(t: torch.Tensor) -> int:
-    """Entries per cluster tile: the forward's entry tile. The dq kernel (entry tiles) and the dk/dv
-    kernel (slot tiles) take the tiles where theirs are the same size (see _tiled)."""
-    return _cfg(t, "fwd")[0]
+    """Entries per cluster tile on t's device kind (CLUSTER_TILE)."""
+    return CLUSTER_TILE["cuda" if gpu_plan(t) else "cpu"]
 
 
 def cluster_tile_count(t: torch.Tensor, T: int, C: int) -> int:
