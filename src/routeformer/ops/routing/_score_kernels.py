@@ -145,6 +145,7 @@ def _scores_kernel(
     rstd: the same argmax, with no statistics of x and no cancellation against mean(x).
     PRESPLIT (bf16x3): the pieces of c (or of c - mean(c)) and sum(c) come ready in PIECES (3, H*C, D)
     and CSUM (H*C,) from _centroid_pieces_kernel (PRESPLIT_CENTROIDS); otherwise they are made here.
+    EVEN_C: C_COUNT is a multiple of BLOCK_C, so no cluster tile has padding for the argmax to mask.
     """
     pid = tl.program_id(0)
     bh = tl.program_id(1)
