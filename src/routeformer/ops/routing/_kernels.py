@@ -643,8 +643,9 @@ def _write_cluster_tiles(COUNTS, CUM, TILES, row, T, NB, NT, BM: tl.constexpr, C
     Why: the attention kernels run a tile of entries (or slots) against the union of its rows' key
     ranges. A tile that straddles two clusters spans the first cluster's window although the second
     cluster's rows need little of it: ~7% of the tile pairs at T = 64k, C = 128, W = 512 (a CPU
-    simulation, session 12). NT >= ceil(T / BM) + C bounds the count (each cluster adds at most one
-    partial tile).
+    simulation, session 12), for 6% more tiles. Measured on an H200 at 64k: the three attention
+    kernels 2-4% faster each, graph fwd+bwd 0.890 -> 0.862 ms (benchmarks/RESULTS.md, run M). NT >=
+    ceil(T / BM) + C bounds the count (each cluster adds at most one partial tile).
 
     COUNTS, CUM: as _nearest_slots_kernel's (per-tile cluster counts and their flat inclusive cumsum),
     from which cluster c of the row holds slots [CUM[row, c, 0] - COUNTS[row, c, 0], CUM[row, c, NB - 1])
