@@ -368,6 +368,20 @@ def sweep(T, parts=SWEEP_PARTS):
         except Exception as e:
             res.append(("topk", "assignment (graph), select warps", warps, float("nan"), str(e)[:60]))
     TO.SELECT_WARPS = None
+    # The threshold select's (CHUNK_G, warps), the default first and last; then the two-stage select.
+    threshold_default = dict(TO.THRESHOLD_TILES)
+    for cfg in (((64, 4), (32, 4), (128, 4), (64, 2), (64, 8), (32, 2), (64, 4), None) if "assignment" in parts
+                else ()):
+        TO.THRESHOLD_SELECT = cfg is not None
+        TO.THRESHOLD_TILES["cuda"] = cfg or threshold_default["cuda"]
+        try:
+            with torch.no_grad():
+                t = _bench_graph(lambda: TO.routing_indices(q, q, centroids, WINDOW, True, "topk"))
+            res.append(("topk", "assignment (graph), threshold select", cfg or "two-stage", t, float("nan")))
+        except Exception as e:
+            res.append(("topk", "assignment (graph), threshold select", cfg, float("nan"), str(e)[:60]))
+    TO.THRESHOLD_SELECT = True
+    TO.THRESHOLD_TILES.update(threshold_default)
     from routeformer.ops.kmeans import routing_scores
     from routeformer.ops.routing import scores
 
@@ -512,7 +526,7 @@ AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through 
                "masked tiles", "unmasked tiles everywhere", "candidate gather ops", "sorted cluster ids",
                "tf32x3 scores", "argmax tiles 64x32", "score tiles 64x32",
                "jit launches", "uncentred argmax", "whole-row entry searches", "split loops", "one-loop dk/dv",
-               "head-dim masks", "in-kernel centroid split", "fixed tiles")
+               "head-dim masks", "in-kernel centroid split", "fixed tiles", "two-stage select")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -547,7 +561,7 @@ def _variant(name):
     saved = (TO.FOLD_EVEN_D, _launch.FAST_LAUNCH, TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing,
              TO.SPLIT_TILES, TO.FUSED_CANDIDATES, TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, dict(SK.TILES),
              dict(SK.ARGMAX_TILES), SK.CENTRED_ARGMAX, TO.tile_entry_ranges, SK.PRESPLIT_CENTROIDS,
-             TO.CLUSTER_TILES)
+             TO.CLUSTER_TILES, TO.THRESHOLD_SELECT)
     entry_ranges = TO.tile_entry_ranges
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
@@ -581,6 +595,8 @@ def _variant(name):
         SK.TILES["cuda"] = (64, 32, 4)
     elif name == "fixed tiles":  # nearest's entry and slot tiles every BLOCK entries, as before session 12
         TO.CLUSTER_TILES = False
+    elif name == "two-stage select":  # topk's top-w groups, then their positions, as before session 13
+        TO.THRESHOLD_SELECT = False
     elif name == "in-kernel centroid split":  # every score program splits the centroids, as before session 12
         SK.PRESPLIT_CENTROIDS = False
     elif name == "uncentred argmax":  # nearest's argmax on the LayerNorm scores, as before session 9
@@ -595,7 +611,7 @@ def _variant(name):
     finally:
         (TO.FOLD_EVEN_D, _launch.FAST_LAUNCH, TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES,
          TO.FUSED_CANDIDATES, TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, tiles, argmax_tiles, SK.CENTRED_ARGMAX,
-         TO.tile_entry_ranges, SK.PRESPLIT_CENTROIDS, TO.CLUSTER_TILES) = saved
+         TO.tile_entry_ranges, SK.PRESPLIT_CENTROIDS, TO.CLUSTER_TILES, TO.THRESHOLD_SELECT) = saved
         SK.TILES.clear()
         SK.TILES.update(tiles)
         SK.ARGMAX_TILES.clear()
@@ -616,7 +632,7 @@ def ab(Ts, only=()):
                 if only and name not in only and name != "all changes":
                     continue
                 if assign == "nearest" and name in ("one scoring pass", "torch.topk select", "candidate gather ops",
-                                                    "score tiles 64x32"):
+                                                    "score tiles 64x32", "two-stage select"):
                     continue  # nearest has no top-k
                 if assign == "topk" and name in ("sorted cluster ids", "argmax tiles 64x32"):
                     continue  # a nearest-only change

@@ -59,12 +59,14 @@ def _kernel_slots():
     """(module, attribute) of every kernel object a launcher looks up at call time."""
     from routeformer.ops.local import triton_ops as L
     from routeformer.ops.routing import _kernels as K
+    from routeformer.ops.routing import _select_kernels as SK
     from routeformer.ops.routing import _score_kernels as S
 
     routing = [(K, n) for n in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_combine_kernel",
-                                "_topk_compact_kernel", "_gather_groups_kernel", "_select_rows_kernel",
+                                "_topk_compact_kernel", "_gather_groups_kernel",
                                 "_count_below_kernel", "_slot_bounds_kernel", "_tile_entry_ranges_kernel",
                                 "_nearest_slots_kernel")]
+    routing += [(SK, n) for n in ("_select_rows_kernel", "_threshold_select_kernel")]
     local = [(L, n) for n in ("_fwd_kernel", "_fwd_bands_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")]
     return routing + [(S, "_scores_kernel"), (S, "_centroid_pieces_kernel")] + local
 

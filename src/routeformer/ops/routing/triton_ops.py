@@ -25,6 +25,7 @@ from .._dispatch import custom_op, with_autograd
 from .._ints import cdiv, next_pow2
 from .._launch import launch
 from . import _kernels as K
+from . import _select_kernels as SK
 from . import scores as scores_mod
 from ._score_kernels import score_in_passes
 from .assignment import assign_nearest
@@ -155,16 +156,68 @@ def _(scores, groups, group):
 
 
 def _launch_select(rows: torch.Tensor, out: torch.Tensor, w: int, c0: int = 0, groups: torch.Tensor | None = None,
-                   group: int = 1) -> None:
+                   group: int = 1, flag: torch.Tensor | None = None) -> None:
     """Top-w indices of each row of rows (B, H, C', L) into out[:, :, c0:c0 + C'] (out (B, H, C, w) int32,
     contiguous); with groups (B, H, C', L // group), the row is gathered from rows (B, H, C', T) scores
-    at those groups' positions and out gets positions (see _kernels._select_rows_kernel)."""
+    at those groups' positions and out gets positions; with flag (B*H*C',) int32, only the rows flagged
+    non-zero (see _select_kernels._select_rows_kernel)."""
     B, H, Cp, n = rows.shape
     L = n if groups is None else groups.shape[-1] * group
     block = next_pow2(L)
     warps = (SELECT_WARPS or min(16, max(4, block // 512))) if gpu_plan(rows) else 4
-    launch(K._select_rows_kernel, (B * H * Cp,), rows, out, rows if groups is None else groups, L, w, n, Cp,
-           out.shape[2], c0, BLOCK_L=block, GATHER=groups is not None, GROUP=group, num_warps=warps)
+    launch(SK._select_rows_kernel, (B * H * Cp,), rows, out, rows if groups is None else groups,
+           rows if flag is None else flag, L, w, n, Cp, out.shape[2], c0, BLOCK_L=block, GATHER=groups is not None,
+           GROUP=group, FLAGGED=flag is not None, num_warps=warps)
+
+
+def threshold_plan(T: int, w: int, group: int) -> tuple[int, int, int] | None:
+    """(SG, NB, CAP) of _threshold_select_kernel for rows of T scores in groups of `group` (None: the
+    two-stage select instead): SG groups per first-stage maximum, the largest power of two leaving
+    NB = ceil(G / SG) >= 2w of them (so that L1 is about their median and ~1.4w positions reach it);
+    CAP = 2 * next_pow2(w) kept groups and positions per row before a row falls back."""
+    G = cdiv(T, group)
+    if G <= w or w > THRESHOLD_MAX_W:
+        return None
+    sg = 1
+    while cdiv(G, sg * 2) >= 2 * w:
+        sg *= 2
+    return sg, cdiv(G, sg), 2 * next_pow2(w)
+
+
+def _launch_threshold_select(s_t: torch.Tensor, gmax: torch.Tensor, out: torch.Tensor, w: int, c0: int,
+                             group: int) -> None:
+    """One pass's top-w positions by _threshold_select_kernel, and the rows it flags (ties) by the
+    two-stage select's two kernels, which return at once on every other row (no host sync)."""
+    B, H, Cp, T = s_t.shape
+    G = gmax.shape[-1]
+    sg, nb, cap = threshold_plan(T, w, group)
+    R = B * H * Cp
+    dev = s_t.device
+    gidx, ekey, epos = (_new((R, cap), torch.int32, dev) for _ in range(3))
+    flag = _new((R,), torch.int32, dev)
+    gpu = gpu_plan(s_t)
+    chunk, warps = THRESHOLD_TILES["cuda" if gpu else "cpu"]
+    launch(SK._threshold_select_kernel, (R,), s_t, gmax, out, gidx, ekey, epos, flag, T, G, w, nb, Cp,
+           out.shape[2], c0, SG=sg, GROUP=group, BLOCK_NB=next_pow2(nb), BLOCK_G=1024 if gpu else 16,
+           CHUNK_G=chunk, CAP=cap, num_warps=warps * max(1, cap // 1024))
+    if G <= SELECT_ROWS_MAX:
+        groups = _new((B, H, Cp, w), torch.int32, dev)
+        _launch_select(gmax, groups, w, flag=flag)
+    else:  # rows of maxima too long for one program: every row's first stage, the flagged rows' second
+        groups = select_top(gmax, w)
+    _launch_select(s_t, out, w, c0, groups=groups, group=group, flag=flag)
+
+
+# True: each scoring pass selects through _threshold_select_kernel where threshold_plan allows (the
+# two-stage select only for the rows it flags); False: the two-stage select for every row, for
+# benchmarks/attention.py --ab. Windows above THRESHOLD_MAX_W take the two-stage select (the kernel
+# holds ~4w keys per row in registers).
+THRESHOLD_SELECT = True
+THRESHOLD_MAX_W = 1024
+# (CHUNK_G, warps) of _threshold_select_kernel (warps doubled for CAP 2048): on sm_90 (sm90_resources.py,
+# Triton 3.9) 64 groups per chunk take 80 registers, so six programs of 4 warps fit an SM and a pass's
+# 512 rows at T = 64k run at once; 128 took 129 registers (three). The CPU chunk exercises the loop.
+THRESHOLD_TILES = {"cuda": (64, 4), "cpu": (4, 4)}
 
 
 # Warps of the one-row select kernel; None: one per 512 of the row (4 to 16). benchmarks/attention.py
@@ -256,6 +309,8 @@ def _select_pass(s_t: torch.Tensor, gmax: torch.Tensor, w: int, out: torch.Tenso
         out[:, :, c0:c0 + s_t.shape[2]] = _select_from_scores(s_t, gmax, w)
     elif G <= w:  # every group would be kept: select from the whole row
         _launch_select(s_t, out, w, c0)
+    elif THRESHOLD_SELECT and threshold_plan(T, w, group) is not None:
+        _launch_threshold_select(s_t, gmax, out, w, c0, group)
     else:
         _launch_select(s_t, out, w, c0, groups=select_top(gmax, w), group=group)
 
