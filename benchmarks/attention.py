@@ -368,10 +368,10 @@ def sweep(T, parts=SWEEP_PARTS):
         except Exception as e:
             res.append(("topk", "assignment (graph), select warps", warps, float("nan"), str(e)[:60]))
     TO.SELECT_WARPS = None
-    # The threshold select's (CHUNK_G, warps), the default first and last; then the two-stage select.
+    # The threshold select's (CHUNK_G, warps, stages), the default first and last; then the two-stage select.
     threshold_default = dict(TO.THRESHOLD_TILES)
-    for cfg in (((64, 4), (32, 4), (128, 4), (64, 2), (64, 8), (32, 2), (64, 4), None) if "assignment" in parts
-                else ()):
+    for cfg in (((64, 4, 1), (32, 4, 1), (128, 4, 1), (64, 2, 1), (64, 8, 1), (64, 4, 2), (64, 4, 3), (64, 4, 1),
+                 None) if "assignment" in parts else ()):
         TO.THRESHOLD_SELECT = cfg is not None
         TO.THRESHOLD_TILES["cuda"] = cfg or threshold_default["cuda"]
         try:
@@ -526,7 +526,7 @@ AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through 
                "masked tiles", "unmasked tiles everywhere", "candidate gather ops", "sorted cluster ids",
                "tf32x3 scores", "argmax tiles 64x32", "score tiles 64x32",
                "jit launches", "uncentred argmax", "whole-row entry searches", "split loops", "one-loop dk/dv",
-               "head-dim masks", "in-kernel centroid split", "fixed tiles", "two-stage select")
+               "head-dim masks", "in-kernel centroid split", "fixed tiles", "two-stage select", "sorted inverse")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -561,7 +561,7 @@ def _variant(name):
     saved = (TO.FOLD_EVEN_D, _launch.FAST_LAUNCH, TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing,
              TO.SPLIT_TILES, TO.FUSED_CANDIDATES, TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, dict(SK.TILES),
              dict(SK.ARGMAX_TILES), SK.CENTRED_ARGMAX, TO.tile_entry_ranges, SK.PRESPLIT_CENTROIDS,
-             TO.CLUSTER_TILES, TO.THRESHOLD_SELECT)
+             TO.CLUSTER_TILES, TO.THRESHOLD_SELECT, TO.COUNTING_INVERSE)
     entry_ranges = TO.tile_entry_ranges
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
@@ -597,6 +597,8 @@ def _variant(name):
         TO.CLUSTER_TILES = False
     elif name == "two-stage select":  # topk's top-w groups, then their positions, as before session 13
         TO.THRESHOLD_SELECT = False
+    elif name == "sorted inverse":  # topk's per-token index from torch.sort, as before session 13
+        TO.COUNTING_INVERSE = False
     elif name == "in-kernel centroid split":  # every score program splits the centroids, as before session 12
         SK.PRESPLIT_CENTROIDS = False
     elif name == "uncentred argmax":  # nearest's argmax on the LayerNorm scores, as before session 9
@@ -611,7 +613,8 @@ def _variant(name):
     finally:
         (TO.FOLD_EVEN_D, _launch.FAST_LAUNCH, TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES,
          TO.FUSED_CANDIDATES, TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, tiles, argmax_tiles, SK.CENTRED_ARGMAX,
-         TO.tile_entry_ranges, SK.PRESPLIT_CENTROIDS, TO.CLUSTER_TILES, TO.THRESHOLD_SELECT) = saved
+         TO.tile_entry_ranges, SK.PRESPLIT_CENTROIDS, TO.CLUSTER_TILES, TO.THRESHOLD_SELECT,
+         TO.COUNTING_INVERSE) = saved
         SK.TILES.clear()
         SK.TILES.update(tiles)
         SK.ARGMAX_TILES.clear()
@@ -632,7 +635,7 @@ def ab(Ts, only=()):
                 if only and name not in only and name != "all changes":
                     continue
                 if assign == "nearest" and name in ("one scoring pass", "torch.topk select", "candidate gather ops",
-                                                    "score tiles 64x32", "two-stage select"):
+                                                    "score tiles 64x32", "two-stage select", "sorted inverse"):
                     continue  # nearest has no top-k
                 if assign == "topk" and name in ("sorted cluster ids", "argmax tiles 64x32"):
                     continue  # a nearest-only change

@@ -59,6 +59,7 @@ def _kernel_slots():
     """(module, attribute) of every kernel object a launcher looks up at call time."""
     from routeformer.ops.local import triton_ops as L
     from routeformer.ops.routing import _kernels as K
+    from routeformer.ops.routing import _perm_kernels as PK
     from routeformer.ops.routing import _select_kernels as SK
     from routeformer.ops.routing import _score_kernels as S
 
@@ -67,6 +68,7 @@ def _kernel_slots():
                                 "_count_below_kernel", "_slot_bounds_kernel", "_tile_entry_ranges_kernel",
                                 "_nearest_slots_kernel")]
     routing += [(SK, n) for n in ("_select_rows_kernel", "_threshold_select_kernel")]
+    routing += [(PK, n) for n in ("_membership_kernel", "_entry_counts_kernel", "_entry_perm_kernel")]
     local = [(L, n) for n in ("_fwd_kernel", "_fwd_bands_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")]
     return routing + [(S, "_scores_kernel"), (S, "_centroid_pieces_kernel")] + local
 
@@ -107,9 +109,10 @@ def record_launches(T: int) -> list:
                 shared = keys is q
                 idx = TO.routing_indices(q, keys, centroids, WINDOW, True, assign)
                 direct = assign == "nearest"
-                saved = TO._routing_fwd.impl(q, keys, v, *idx, scale, direct, shared)
+                run = 0 if direct else idx[0].shape[1] // centroids.shape[1]  # as routing_attention_triton
+                saved = TO._routing_fwd.impl(q, keys, v, *idx, scale, direct, shared, 0, run)
                 TO._routing_bwd.impl(dout, q, keys, v, saved[0], saved[1], saved[2], saved[3], *idx,
-                                     saved[4], saved[5], scale, direct, shared)
+                                     saved[4], saved[5], scale, direct, shared, 0, run)
         # The tf32x3 score kernel (bf16 inputs take the bf16-split one by default) compiles too.
         from routeformer.ops.routing import _score_kernels as SK
 

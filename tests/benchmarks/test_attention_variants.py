@@ -79,6 +79,7 @@ def test_switch_variants_flip_their_switch_and_restore_it():
                         ("in-kernel centroid split", lambda: not SK.PRESPLIT_CENTROIDS),
                         ("fixed tiles", lambda: not TO.CLUSTER_TILES),
                         ("two-stage select", lambda: not TO.THRESHOLD_SELECT),
+                        ("sorted inverse", lambda: not TO.COUNTING_INVERSE),
                         ("whole-row entry searches", lambda: TO.tile_entry_ranges is not entry_ranges)):
         with bench._variant(name):
             assert check(), name
@@ -86,7 +87,7 @@ def test_switch_variants_flip_their_switch_and_restore_it():
         assert SK.TILES == default_tiles and SK.ARGMAX_TILES == default_argmax, name
         assert _launch.FAST_LAUNCH, name
         assert SK.CENTRED_ARGMAX and TO.tile_entry_ranges is entry_ranges and TO.FOLD_EVEN_D, name
-        assert SK.PRESPLIT_CENTROIDS and TO.CLUSTER_TILES and TO.THRESHOLD_SELECT, name
+        assert SK.PRESPLIT_CENTROIDS and TO.CLUSTER_TILES and TO.THRESHOLD_SELECT and TO.COUNTING_INVERSE, name
 
 
 def test_table_shares_the_assignment_of_the_graph_forward():

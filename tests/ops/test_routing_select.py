@@ -99,3 +99,30 @@ def test_threshold_select_equals_stable_sort_gpu(monkeypatch):
         out, flag = _select(s_t, w, 16, monkeypatch=monkeypatch)
         assert torch.equal(out.long(), _stable_top(s_t, w)), T
         assert flag.view(8, C)[0, 0] == 1 and flag.view(8, C)[2:].sum() == 0, T
+
+
+@pytest.mark.parametrize("C,W,T", [(5, 7, 40), (40, 3, 61), (70, 4, 100)])
+def test_membership_inverse_equals_stable_sort(C, W, T):
+    """topk's per-token index from cluster membership bits (one word and several per token: C up to
+    70) equals the stable sort's permutation and its CSR row pointers; tokens in no cluster included."""
+    g = torch.Generator().manual_seed(C)
+    pos = torch.stack([torch.randperm(T, generator=g)[:W].sort().values for _ in range(2 * C)])
+    pos = pos.view(2, C * W).to(torch.int32).contiguous()
+    pos[1, :W] = torch.arange(T - W, T, dtype=torch.int32)  # a cluster at the row's end
+    want_perm, want_rowptr = TO._inverse(pos, T)
+    got_perm, got_rowptr = TO._inverse(pos, T, W)
+    assert torch.equal(got_rowptr, want_rowptr) and got_rowptr.dtype == torch.int32
+    assert torch.equal(got_perm, want_perm) and got_perm.dtype == torch.int32
+    assert (want_rowptr[:, 1:] == want_rowptr[:, :-1]).any()  # some tokens have no entry
+
+
+@gpu
+@needs_cuda
+def test_membership_inverse_equals_stable_sort_gpu():
+    """The benchmark's shape: 8 heads, C = 128 clusters of 512 out of T = 64k (four words per token)."""
+    T, C, W = 65536, 128, 512
+    pos = torch.rand(8 * C, T, device="cuda").topk(W, dim=-1).indices.sort(-1).values
+    pos = pos.view(8, C * W).to(torch.int32).contiguous()
+    want = TO._inverse(pos, T)
+    got = TO._inverse(pos, T, W)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -25,6 +25,7 @@ from .._dispatch import custom_op, with_autograd
 from .._ints import cdiv, next_pow2
 from .._launch import launch
 from . import _kernels as K
+from . import _perm_kernels as PK
 from . import _select_kernels as SK
 from . import scores as scores_mod
 from ._score_kernels import score_in_passes
@@ -185,9 +186,10 @@ def threshold_plan(T: int, w: int, group: int) -> tuple[int, int, int] | None:
 
 
 def _launch_threshold_select(s_t: torch.Tensor, gmax: torch.Tensor, out: torch.Tensor, w: int, c0: int,
-                             group: int) -> None:
+                             group: int, phases: int = 4) -> torch.Tensor:
     """One pass's top-w positions by _threshold_select_kernel, and the rows it flags (ties) by the
-    two-stage select's two kernels, which return at once on every other row (no host sync)."""
+    two-stage select's two kernels, which return at once on every other row (no host sync). Returns the
+    flags. phases < 4: the kernel's first phases alone (benchmarks/select_phases.py), no fallback."""
     B, H, Cp, T = s_t.shape
     G = gmax.shape[-1]
     sg, nb, cap = threshold_plan(T, w, group)
@@ -196,16 +198,19 @@ def _launch_threshold_select(s_t: torch.Tensor, gmax: torch.Tensor, out: torch.T
     gidx, ekey, epos = (_new((R, cap), torch.int32, dev) for _ in range(3))
     flag = _new((R,), torch.int32, dev)
     gpu = gpu_plan(s_t)
-    chunk, warps = THRESHOLD_TILES["cuda" if gpu else "cpu"]
+    chunk, warps, stages = THRESHOLD_TILES["cuda" if gpu else "cpu"]
     launch(SK._threshold_select_kernel, (R,), s_t, gmax, out, gidx, ekey, epos, flag, T, G, w, nb, Cp,
            out.shape[2], c0, SG=sg, GROUP=group, BLOCK_NB=next_pow2(nb), BLOCK_G=1024 if gpu else 16,
-           CHUNK_G=chunk, CAP=cap, num_warps=warps * max(1, cap // 1024))
+           CHUNK_G=chunk, CAP=cap, STAGES=stages, PHASES=phases, num_warps=warps * max(1, cap // 1024))
+    if phases < 4:
+        return flag
     if G <= SELECT_ROWS_MAX:
         groups = _new((B, H, Cp, w), torch.int32, dev)
         _launch_select(gmax, groups, w, flag=flag)
     else:  # rows of maxima too long for one program: every row's first stage, the flagged rows' second
         groups = select_top(gmax, w)
     _launch_select(s_t, out, w, c0, groups=groups, group=group, flag=flag)
+    return flag
 
 
 # True: each scoring pass selects through _threshold_select_kernel where threshold_plan allows (the
@@ -214,10 +219,11 @@ def _launch_threshold_select(s_t: torch.Tensor, gmax: torch.Tensor, out: torch.T
 # holds ~4w keys per row in registers).
 THRESHOLD_SELECT = True
 THRESHOLD_MAX_W = 1024
-# (CHUNK_G, warps) of _threshold_select_kernel (warps doubled for CAP 2048): on sm_90 (sm90_resources.py,
-# Triton 3.9) 64 groups per chunk take 80 registers, so six programs of 4 warps fit an SM and a pass's
-# 512 rows at T = 64k run at once; 128 took 129 registers (three). The CPU chunk exercises the loop.
-THRESHOLD_TILES = {"cuda": (64, 4), "cpu": (4, 4)}
+# (CHUNK_G, warps, stages of the kept-positions loop) of _threshold_select_kernel (warps doubled for CAP
+# 2048): on sm_90 (sm90_resources.py, Triton 3.9) 64 groups per chunk take 80 registers, so six programs
+# of 4 warps fit an SM and a pass's 512 rows at T = 64k run at once; 128 took 129 registers (three).
+# The CPU chunk exercises the loop.
+THRESHOLD_TILES = {"cuda": (128, 4, 2), "cpu": (4, 4, 1)}
 
 
 # Warps of the one-row select kernel; None: one per 512 of the row (4 to 16). benchmarks/attention.py
@@ -557,11 +563,38 @@ def tile_entry_ranges(lo: torch.Tensor, hi: torch.Tensor, nt: int, bn: int, S: i
     return out.unbind(0)
 
 
-def _inverse(pos: torch.Tensor, T: int):
-    """pos (BH, E) positions -> (perm, rowptr): entries sorted by position and CSR row pointers."""
+def _inverse(pos: torch.Tensor, T: int, run: int = 0):
+    """pos (BH, E) positions -> (perm, rowptr): entries sorted by position (ties by entry) and CSR row
+    pointers. run > 0 (topk): the entries are clusters of `run` distinct positions each, and the
+    permutation comes from their membership bits (_perm_kernels) instead of a stable sort."""
+    if run > 0 and COUNTING_INVERSE:
+        return _inverse_by_membership(pos, T, run)
     sorted_pos, perm = pos.sort(dim=-1, stable=True)
     rowptr = count_below(sorted_pos, T + 1, 1, 0, T, False)  # entries at positions < t
     return perm.to(torch.int32).contiguous(), rowptr
+
+
+# True: topk's per-token index from cluster membership bits (three small kernels and a prefix sum);
+# False: from torch.sort, for benchmarks/attention.py --ab ("sorted inverse").
+COUNTING_INVERSE = True
+
+
+def _inverse_by_membership(pos: torch.Tensor, T: int, run: int):
+    R, E = pos.shape
+    nw = cdiv(cdiv(E, run), 32)
+    dev = pos.device
+    member = torch.zeros((R, T, nw), dtype=torch.int32, device=dev)
+    block = 1024 if gpu_plan(pos) else 32
+    launch(PK._membership_kernel, (cdiv(E, block), R), pos, member, E, run, T, nw, BLOCK=block, num_warps=4)
+    rowptr = _new((R, T + 1), torch.int32, dev)
+    block_t = 256 if gpu_plan(pos) else 16
+    launch(PK._entry_counts_kernel, (cdiv(T, block_t), R), member, rowptr, T, nw, BLOCK_T=block_t,
+           BLOCK_W=next_pow2(nw), num_warps=4)
+    rowptr.cumsum_(dim=-1)
+    perm = _new((R, E), torch.int32, dev)
+    launch(PK._entry_perm_kernel, (cdiv(E, block), R), pos, member, rowptr, perm, E, run, T, nw, BLOCK=block,
+           BLOCK_W=next_pow2(nw), num_warps=4)
+    return perm, rowptr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -639,7 +672,7 @@ def routing_indices(q, k, centroids, window: int, causal: bool, assign: str):
 @custom_op("routeformer::routing_fwd")
 def _routing_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor, lo: torch.Tensor,
                  hi: torch.Tensor, kpos: torch.Tensor, tiles: torch.Tensor, scale: float, direct: bool,
-                 shared: bool, window: int = 0
+                 shared: bool, window: int = 0, run: int = 0
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (out (B,H,T,Dv), o_entries, lse (BH,E), inv_n (BH,T), perm (BH,E), rowptr (BH,T+1)).
 
@@ -647,20 +680,21 @@ def _routing_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.
     only recorded for the backward: identity of inputs is not visible through torch.compile. window
     too: W > 0 says that entry e is slot e with HI = e + 1 and LO = max(first slot of its cluster,
     e + 1 - W) (shared-QK nearest; shared-QK causal topk, whose clusters hold at most W), which bounds
-    the backward's searches of tile_entry_ranges; 0: nothing known.
+    the backward's searches of tile_entry_ranges; 0: nothing known. run (topk): entries per cluster,
+    for the per-token index (_inverse); 0: not known (a sort).
     """
     T = q.shape[2]
     o_e, lse = attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct)
     if direct:
         o_ph, n_ph, p_ph, r_ph = _placeholders(q)
         return o_e, o_ph, lse, n_ph, p_ph, r_ph
-    perm, rowptr = _inverse(qpos, T)
+    perm, rowptr = _inverse(qpos, T, run)
     out, inv_n = _combine(o_e, perm, rowptr, lo, hi, T, True, q.dtype)
     return out, o_e, lse, inv_n, perm, rowptr
 
 
 @_routing_fwd.op.register_fake
-def _(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct, shared, window=0):
+def _(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct, shared, window=0, run=0):
     B, H, T, _ = q.shape
     Dv, E = v.shape[-1], qpos.shape[1]
     out = q.new_empty((B, H, T, Dv))
@@ -676,10 +710,10 @@ def _(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct, shared, window=0):
 def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  o_e: torch.Tensor, lse: torch.Tensor, inv_n: torch.Tensor, qpos: torch.Tensor, lo: torch.Tensor,
                  hi: torch.Tensor, kpos: torch.Tensor, tiles: torch.Tensor, perm: torch.Tensor,
-                 rowptr: torch.Tensor, scale: float, direct: bool, shared: bool, window: int = 0
+                 rowptr: torch.Tensor, scale: float, direct: bool, shared: bool, window: int = 0, run: int = 0
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (dq, dk, dv); with shared QK dq already holds dk and dk is an empty placeholder. window: see
-    routing_fwd."""
+    """-> (dq, dk, dv); with shared QK dq already holds dk and dk is an empty placeholder. window, run:
+    see routing_fwd."""
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     E, S = qpos.shape[1], kpos.shape[1]
@@ -730,7 +764,7 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         return dq, (empty if shared else dk), dv
     # Each per-entry buffer is dropped as soon as it is summed per token, so that the partials and the
     # summed gradients are never all alive at once (peak memory).
-    kperm, krowptr = (perm, rowptr) if shared else _inverse(kpos, T)
+    kperm, krowptr = (perm, rowptr) if shared else _inverse(kpos, T, run)
     dq_t = _combine(dq, perm, rowptr, lo, hi, T, False, q.dtype)[0]
     del dq
     if shared:
@@ -744,17 +778,17 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
 
 @_routing_bwd.op.register_fake
 def _(dout, q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, tiles, perm, rowptr, scale, direct, shared,
-      window=0):
+      window=0, run=0):
     # The real op returns fresh contiguous tensors; empty_like would keep a transposed input's strides.
     return q.new_empty(q.shape), (q.new_empty(0) if shared else k.new_empty(k.shape)), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, qpos, lo, hi, kpos, tiles, scale, direct, shared, *window = inputs
+    q, k, v, qpos, lo, hi, kpos, tiles, scale, direct, shared, *extra = inputs
     out, o_e, lse, inv_n, perm, rowptr = output
     ctx.save_for_backward(q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, tiles, perm, rowptr)
     ctx.scale, ctx.direct = scale, direct
-    ctx.window = window[0] if window else 0
+    ctx.window, ctx.run = (list(extra) + [0, 0])[:2]
     ctx.n_inputs = len(inputs)
     # Shared QK: one gradient (dq + dk), summed by the kernels instead of autograd.
     ctx.shared = shared
@@ -766,7 +800,7 @@ def _backward(ctx, dout, *_unused):
         return (None,) * ctx.n_inputs
     q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, tiles, perm, rowptr = ctx.saved_tensors
     dq, dk, dv = _routing_bwd(dout, q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, tiles, perm, rowptr,
-                              ctx.scale, ctx.direct, ctx.shared, ctx.window)
+                              ctx.scale, ctx.direct, ctx.shared, ctx.window, ctx.run)
     return (dq, (None if ctx.shared else dk), dv) + (None,) * (ctx.n_inputs - 3)
 
 
@@ -797,4 +831,5 @@ def routing_attention_triton(q, k, v, centroids, *, window, causal, assign, scal
     # The slot structure that bounds tile_entry_ranges' searches (see routing_fwd): shared QK, and for
     # topk causal (without the mask a cluster's entries all see the whole cluster).
     band = window if shared and (assign == "nearest" or causal) else 0
-    return _routing(q, k, v, qpos, lo, hi, kpos, tiles, scale, assign == "nearest", shared, band)[0]
+    run = 0 if assign == "nearest" else qpos.shape[1] // centroids.shape[1]  # topk: W (or T) per cluster
+    return _routing(q, k, v, qpos, lo, hi, kpos, tiles, scale, assign == "nearest", shared, band, run)[0]

@@ -1,0 +1,92 @@
+"""Where topk's threshold select spends its time: one scoring pass's rows (64 clusters x 8 heads at
+T = 64k, W = 512: the benchmark setting's pass), real scores of random bf16 rows against unit centroids.
+
+    PYTHONPATH=src python benchmarks/select_phases.py [--T 65536,131072] [--out phases.json]
+
+Rows: the two-stage select (top-W groups, then their positions: the default before session 13), the
+threshold select as topk_index runs it (the kernel and the two fallback launches, which return at once
+on unflagged rows), and the kernel stopped after each of its phases (_threshold_select_kernel's
+PHASES): 1 the first bisection (L1), 2 the kept groups, 3 the kept positions. Also the per-row counts
+of kept groups and positions (against the buffers' CAP) and a check that both selects agree. Times are
+medians of CUDA-event timings of CUDA-graph replays (benchmarks/attention.py's _bench_graph).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+_spec = importlib.util.spec_from_file_location("attention_bench", Path(__file__).with_name("attention.py"))
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def measure(T: int) -> list[dict]:
+    from routeformer.ops.routing import scores
+    from routeformer.ops.routing import triton_ops as TO
+    from routeformer.ops.routing._score_kernels import fused_scores
+
+    H, D, W = 8, 64, 512
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    centroids = torch.nn.functional.normalize(torch.randn(H, T // W, D, device="cuda", generator=g), dim=-1)
+    chunk = TO.cluster_chunk(x, T // W)
+    s_t, gmax = fused_scores(x, centroids, 0, chunk)
+    group = scores.GROUP
+    out = torch.empty((1, H, chunk, W), dtype=torch.int32, device="cuda")
+    sg, nb, cap = TO.threshold_plan(T, W, group)
+    rows = []
+
+    def two_stage():
+        TO._launch_select(s_t, out, W, 0, groups=TO.select_top(gmax, W), group=group)
+
+    two_stage()
+    want = out.clone()
+    flag = TO._launch_threshold_select(s_t, gmax, out, W, 0, group)
+    agree = torch.equal(out, want)
+    stats = {p: TO._launch_threshold_select(s_t, gmax, out, W, 0, group, phases=p).float() for p in (2, 3)}
+    base = {"T": T, "rows": H * chunk, "SG": sg, "NB": nb, "CAP": cap}
+    rows.append({**base, "name": "two-stage select", "ms": bench._bench_graph(two_stage)})
+    rows.append({**base, "name": "threshold select", "ms": bench._bench_graph(
+        lambda: TO._launch_threshold_select(s_t, gmax, out, W, 0, group)), "agrees": agree,
+        "flagged": int(flag.sum()), "kept groups mean/max": [stats[2].mean().item(), stats[2].max().item()],
+        "kept positions mean/max": [stats[3].mean().item(), stats[3].max().item()]})
+    for p in (1, 2, 3):
+        rows.append({**base, "name": f"threshold kernel, phases 1..{p}", "ms": bench._bench_graph(
+            lambda p=p: TO._launch_threshold_select(s_t, gmax, out, W, 0, group, phases=p))})
+    default = TO.THRESHOLD_TILES["cuda"]
+    for cfg in TILES:  # (CHUNK_G, warps, stages) of the kept-positions loop
+        TO.THRESHOLD_TILES["cuda"] = cfg
+        try:
+            ms = bench._bench_graph(lambda: TO._launch_threshold_select(s_t, gmax, out, W, 0, group))
+            rows.append({**base, "name": f"threshold select {cfg}", "ms": ms, "agrees": torch.equal(out, want)})
+        except Exception as e:  # a setting that does not compile is a row, not the end of the run
+            rows.append({**base, "name": f"threshold select {cfg}", "ms": float("nan"), "error": str(e)[:80]})
+    TO.THRESHOLD_TILES["cuda"] = default
+    return rows
+
+
+# Settings timed after the phases, the default first and last.
+TILES = [(128, 4, 2), (128, 4, 3), (128, 8, 2), (64, 4, 3), (64, 4, 1), (128, 2, 2), (128, 4, 2)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--T", default="65536,131072")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    rows = [r for T in map(int, args.T.split(",")) for r in measure(T)]
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    print(f"{'T':>7} {'select':34s} {'us':>7}  notes")
+    for r in rows:
+        notes = {k: v for k, v in r.items() if k not in ("T", "name", "ms", "rows", "SG", "NB", "CAP")}
+        print(f"{r['T']:7d} {r['name']:34s} {r['ms'] * 1e3:7.1f}  {notes or ''}")
+    print(f"(one pass: {rows[0]['rows']} rows; SG {rows[0]['SG']}, NB {rows[0]['NB']}, CAP {rows[0]['CAP']})")
+
+
+if __name__ == "__main__":
+    main()
