@@ -37,9 +37,11 @@ def _membership_kernel(POS, M, E, RUN, T, NW, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _entry_counts_kernel(M, ROWPTR, T, NW, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr):
-    """ROWPTR[bh, t + 1] = the entries at position t (its set bits); ROWPTR[bh, 0] = 0. A prefix sum
-    of ROWPTR then makes it the CSR row pointers."""
+def _entry_counts_kernel(M, ROWPTR, E, T, NW, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr):
+    """ROWPTR[bh, t + 1] = the entries at position t (its set bits), and ROWPTR[bh, 0] = -E (0 for the
+    first row): one prefix sum over the whole flattened (BH, T + 1) array then gives every row its CSR
+    row pointers, since each row holds exactly E entries and the -E cancels the rows before it. (A
+    prefix sum along the last dim of (8, 65537) took torch 87 us on an H200; the flat one is cub's.)"""
     bh = tl.program_id(1).to(tl.int64)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     w = tl.arange(0, BLOCK_W)
@@ -47,7 +49,7 @@ def _entry_counts_kernel(M, ROWPTR, T, NW, BLOCK_T: tl.constexpr, BLOCK_W: tl.co
                     other=0)
     tl.store(ROWPTR + bh * (T + 1) + 1 + t, tl.sum(_popcount(words), axis=1), mask=t < T)
     if tl.program_id(0) == 0:
-        tl.store(ROWPTR + bh * (T + 1), 0)
+        tl.store(ROWPTR + bh * (T + 1), tl.where(bh == 0, 0, -E).to(tl.int32))
 
 
 @triton.jit

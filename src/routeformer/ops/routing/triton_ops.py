@@ -586,14 +586,15 @@ def _inverse_by_membership(pos: torch.Tensor, T: int, run: int):
     member = torch.zeros((R, T, nw), dtype=torch.int32, device=dev)
     block = 1024 if gpu_plan(pos) else 32
     launch(PK._membership_kernel, (cdiv(E, block), R), pos, member, E, run, T, nw, BLOCK=block, num_warps=4)
-    rowptr = _new((R, T + 1), torch.int32, dev)
+    counts = _new((R, T + 1), torch.int32, dev)
     block_t = 256 if gpu_plan(pos) else 16
-    launch(PK._entry_counts_kernel, (cdiv(T, block_t), R), member, rowptr, T, nw, BLOCK_T=block_t,
+    launch(PK._entry_counts_kernel, (cdiv(T, block_t), R), member, counts, E, T, nw, BLOCK_T=block_t,
            BLOCK_W=next_pow2(nw), num_warps=4)
-    rowptr.cumsum_(dim=-1)
+    rowptr = torch.cumsum(counts.view(-1), dim=0, dtype=torch.int32).view(R, T + 1)
+    del counts
     perm = _new((R, E), torch.int32, dev)
-    launch(PK._entry_perm_kernel, (cdiv(E, block), R), pos, member, rowptr, perm, E, run, T, nw, BLOCK=block,
-           BLOCK_W=next_pow2(nw), num_warps=4)
+    launch(PK._entry_perm_kernel, (cdiv(E, block // 2), R), pos, member, rowptr, perm, E, run, T, nw,
+           BLOCK=block // 2, BLOCK_W=next_pow2(nw), num_warps=4)
     return perm, rowptr
 
 
