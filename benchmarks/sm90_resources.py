@@ -113,6 +113,8 @@ def record_launches(T: int) -> list:
                 saved = TO._routing_fwd.impl(q, keys, v, *idx, scale, direct, shared, 0, run)
                 TO._routing_bwd.impl(dout, q, keys, v, saved[0], saved[1], saved[2], saved[3], *idx,
                                      saved[4], saved[5], scale, direct, shared, 0, run)
+                if run:  # the sorted per-token index too (run 0: torch.sort and _count_below_kernel)
+                    TO._routing_fwd.impl(q, keys, v, *idx, scale, direct, shared)
         # The tf32x3 score kernel (bf16 inputs take the bf16-split one by default) compiles too.
         from routeformer.ops.routing import _score_kernels as SK
 

@@ -31,7 +31,8 @@ def test_every_gpu_launch_compiles_for_sm90(tmp_path):
     assert report["failures"] == []
     kernels = {(r["module"], r["kernel"]) for r in report["rows"]}
     for name in ("_scores_kernel", "_select_rows_kernel", "_threshold_select_kernel", "_fwd_kernel",
-                 "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_combine_kernel", "_count_below_kernel",
+                 "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_combine_kernel", "_count_below_kernel", "_membership_kernel",
+                 "_entry_counts_kernel", "_entry_perm_kernel",
                  "_tile_entry_ranges_kernel", "_nearest_slots_kernel"):
         assert ("routing", name) in kernels, name
     for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"):
