@@ -58,7 +58,7 @@ def measure(T: int) -> list[dict]:
         rows.append({**base, "name": f"threshold kernel, phases 1..{p}", "ms": bench._bench_graph(
             lambda p=p: TO._launch_threshold_select(s_t, gmax, out, W, 0, group, phases=p))})
     default = TO.THRESHOLD_TILES["cuda"]
-    for cfg in TILES:  # (CHUNK_G, warps, stages, WAYS): see triton_ops.THRESHOLD_TILES
+    for cfg in TILES:  # (CHUNK_G, warps, stages) of the kept-positions loop
         TO.THRESHOLD_TILES["cuda"] = cfg
         try:
             ms = bench._bench_graph(lambda: TO._launch_threshold_select(s_t, gmax, out, W, 0, group))
@@ -70,8 +70,7 @@ def measure(T: int) -> list[dict]:
 
 
 # Settings timed after the phases, the default first and last.
-TILES = [(128, 4, 2, 2), (128, 4, 2, 4), (128, 4, 2, 8), (128, 4, 2, 16), (128, 4, 3, 2), (128, 4, 3, 8),
-         (128, 4, 2, 2)]
+TILES = [(128, 4, 2), (128, 4, 3), (128, 8, 2), (64, 4, 3), (64, 4, 1), (128, 2, 2), (128, 4, 2)]
 
 
 def main() -> None:

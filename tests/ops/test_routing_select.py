@@ -49,13 +49,11 @@ def _select(s_t, w, group, c0=0, c_out=None, monkeypatch=None):
     return out, (flags[0].clone() if flags else None)
 
 
-@pytest.mark.parametrize("T,w,group,ways", [(300, 9, 4, 4), (1001, 12, 4, 2), (257, 20, 4, 8), (613, 7, 8, 4)])
-def test_threshold_select_equals_stable_sort(monkeypatch, T, w, group, ways):
+@pytest.mark.parametrize("T,w,group", [(300, 9, 4), (1001, 12, 4), (257, 20, 4), (613, 7, 8)])
+def test_threshold_select_equals_stable_sort(monkeypatch, T, w, group):
     """Random rows fit (flag 0); tied rows are flagged and finished by the two-stage select; signed
-    zeros, a row of one value, few distinct values and a T that is no multiple of the group; the
-    searches as bisections (ways 2) and k-ary."""
+    zeros, a row of one value, few distinct values and a T that is no multiple of the group."""
     assert TO.threshold_plan(T, w, group) is not None
-    monkeypatch.setitem(TO.THRESHOLD_TILES, "cpu", TO.THRESHOLD_TILES["cpu"][:3] + (ways,))
     g = torch.Generator().manual_seed(T + w)
     s_t = torch.randn(2, 1, 6, T, generator=g)
     s_t[0, 0, 1, ::3] = s_t[0, 0, 1, 5]  # a third of the row tied at one random value

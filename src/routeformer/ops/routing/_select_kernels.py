@@ -34,31 +34,16 @@ def _order_key(s, valid):
 
 
 @triton.jit
-def _kth_key(key, W, lo, hi, WAYS: tl.constexpr):
+def _kth_key(key, W, lo, hi):
     """The W-th largest of the int32 keys, given int64 scalars lo <= it <= hi with at least W keys >= lo.
 
-    A search that stops when the range is one key (a row's keys from its minimum to its maximum span far
-    less than 2**32 unless their signs differ). WAYS 2: a bisection, log2(hi - lo) steps. WAYS > 2: each
-    step counts the keys at WAYS cuts lo + span * j / WAYS at once (one reduction of a (keys, WAYS)
-    compare) and keeps the piece between the last cut with W keys above and the next: log_WAYS steps,
-    each a few times the work on the keys but one chain of reductions, which is what a step waits on."""
-    if WAYS == 2:
-        while lo < hi:
-            mid = lo + (hi - lo + 1) // 2
-            ok = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0) >= W
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid - 1)
-    else:
-        j = tl.arange(0, WAYS).to(tl.int64)
-        while lo < hi:
-            span = hi - lo + 1
-            # Equal cuts (span < WAYS) count alike, so the last cut with W keys above has a larger next.
-            cuts = lo + span * j // WAYS
-            n = tl.sum((key[:, None] >= cuts.to(tl.int32)[None, :]).to(tl.int32), axis=0)
-            jb = tl.max(tl.where(n >= W, j, 0), axis=0)
-            new_lo = lo + span * jb // WAYS
-            hi = tl.where(jb == WAYS - 1, hi, lo + span * (jb + 1) // WAYS - 1)
-            lo = new_lo
+    A bisection that stops when the range is one key: about log2(hi - lo) steps (a row's keys from its
+    minimum to its maximum span far less than 2**32 unless their signs differ)."""
+    while lo < hi:
+        mid = lo + (hi - lo + 1) // 2
+        ok = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0) >= W
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
     return lo
 
 
@@ -141,7 +126,7 @@ def _threshold_select_kernel(
     S_T, GMAX, OUT, GIDX, EKEY, EPOS, FLAG,
     T, G, W, NB, CP, C_OUT, C0,
     SG: tl.constexpr, GROUP: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_G: tl.constexpr,
-    CHUNK_G: tl.constexpr, CAP: tl.constexpr, STAGES: tl.constexpr, WAYS: tl.constexpr, PHASES: tl.constexpr = 4,
+    CHUNK_G: tl.constexpr, CAP: tl.constexpr, STAGES: tl.constexpr, PHASES: tl.constexpr = 4,
 ):
     """Exact top-W positions of one row of S_T (R, T) float32 scores, ascending, ties to the lower
     position, from GMAX (R, G), the maximum of each GROUP positions; OUT as in _select_rows_kernel.
@@ -169,7 +154,7 @@ def _threshold_select_kernel(
     bmax = tl.max(tl.load(gbase + gi, mask=gi < G, other=float("-inf")), axis=1)
     bkey = _order_key(bmax, bvalid)
     lo = tl.min(tl.where(bvalid, bkey, 2147483647), axis=0).to(tl.int64)
-    l1 = _kth_key(bkey, W, lo, tl.max(bkey, axis=0).to(tl.int64), WAYS).to(tl.int32)
+    l1 = _kth_key(bkey, W, lo, tl.max(bkey, axis=0).to(tl.int64)).to(tl.int32)
     if PHASES == 1:
         tl.store(FLAG + row, l1)
         return
@@ -214,7 +199,7 @@ def _threshold_select_kernel(
         offs_e = tl.arange(0, CAP)
         evalid = offs_e < n_e
         ekey = tl.load(EKEY + row * CAP + offs_e, mask=evalid, other=_LOWEST)
-        kth = _kth_key(ekey, W, l1.to(tl.int64), tl.max(ekey, axis=0).to(tl.int64), WAYS).to(tl.int32)
+        kth = _kth_key(ekey, W, l1.to(tl.int64), tl.max(ekey, axis=0).to(tl.int64)).to(tl.int32)
         epos = tl.load(EPOS + row * CAP + offs_e, mask=evalid & (ekey >= kth), other=0)
         _write_selected(ekey, epos, kth, W, OUT + ((row // CP) * C_OUT + C0 + row % CP) * W, evalid)
     tl.store(FLAG + row, 1 - fits.to(tl.int32))

@@ -198,10 +198,10 @@ def _launch_threshold_select(s_t: torch.Tensor, gmax: torch.Tensor, out: torch.T
     gidx, ekey, epos = (_new((R, cap), torch.int32, dev) for _ in range(3))
     flag = _new((R,), torch.int32, dev)
     gpu = gpu_plan(s_t)
-    chunk, warps, stages, ways = THRESHOLD_TILES["cuda" if gpu else "cpu"]
+    chunk, warps, stages = THRESHOLD_TILES["cuda" if gpu else "cpu"]
     launch(SK._threshold_select_kernel, (R,), s_t, gmax, out, gidx, ekey, epos, flag, T, G, w, nb, Cp,
            out.shape[2], c0, SG=sg, GROUP=group, BLOCK_NB=next_pow2(nb), BLOCK_G=1024 if gpu else 16,
-           CHUNK_G=chunk, CAP=cap, STAGES=stages, WAYS=ways, PHASES=phases, num_warps=warps * max(1, cap // 1024))
+           CHUNK_G=chunk, CAP=cap, STAGES=stages, PHASES=phases, num_warps=warps * max(1, cap // 1024))
     if phases < 4:
         return flag
     if G <= SELECT_ROWS_MAX:
@@ -219,12 +219,11 @@ def _launch_threshold_select(s_t: torch.Tensor, gmax: torch.Tensor, out: torch.T
 # holds ~4w keys per row in registers).
 THRESHOLD_SELECT = True
 THRESHOLD_MAX_W = 1024
-# (CHUNK_G, warps, stages of the kept-positions loop, WAYS of the two searches) of _threshold_select_kernel
-# (warps doubled for CAP 2048). On sm_90 (sm90_resources.py, Triton 3.9) 128 groups per chunk on two
-# stages take 80 registers, so six programs of 4 warps fit an SM and a pass's 512 rows at T = 64k run at
-# once (one stage: 129 registers, three programs). The CPU chunk exercises the loop, the CPU WAYS the
-# k-ary search (the bisection is also run by the sweep's test).
-THRESHOLD_TILES = {"cuda": (128, 4, 2, 2), "cpu": (4, 4, 1, 4)}
+# (CHUNK_G, warps, stages of the kept-positions loop) of _threshold_select_kernel (warps doubled for CAP
+# 2048): on sm_90 (sm90_resources.py, Triton 3.9) 64 groups per chunk take 80 registers, so six programs
+# of 4 warps fit an SM and a pass's 512 rows at T = 64k run at once; 128 took 129 registers (three).
+# The CPU chunk exercises the loop.
+THRESHOLD_TILES = {"cuda": (128, 4, 2), "cpu": (4, 4, 1)}
 
 
 # Warps of the one-row select kernel; None: one per 512 of the row (4 to 16). benchmarks/attention.py
