@@ -370,8 +370,8 @@ def sweep(T, parts=SWEEP_PARTS):
     TO.SELECT_WARPS = None
     # The threshold select's (CHUNK_G, warps, stages), the default first and last; then the two-stage select.
     threshold_default = dict(TO.THRESHOLD_TILES)
-    for cfg in (((64, 4, 1), (32, 4, 1), (128, 4, 1), (64, 2, 1), (64, 8, 1), (64, 4, 2), (64, 4, 3), (64, 4, 1),
-                 None) if "assignment" in parts else ()):
+    for cfg in (((128, 4, 2), (64, 4, 1), (128, 4, 3), (64, 4, 3), (128, 2, 2), (128, 4, 2), None)
+                if "assignment" in parts else ()):
         TO.THRESHOLD_SELECT = cfg is not None
         TO.THRESHOLD_TILES["cuda"] = cfg or threshold_default["cuda"]
         try:
