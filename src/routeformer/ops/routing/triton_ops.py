@@ -220,9 +220,10 @@ def _launch_threshold_select(s_t: torch.Tensor, gmax: torch.Tensor, out: torch.T
 THRESHOLD_SELECT = True
 THRESHOLD_MAX_W = 1024
 # (CHUNK_G, warps, stages of the kept-positions loop) of _threshold_select_kernel (warps doubled for CAP
-# 2048): on sm_90 (sm90_resources.py, Triton 3.9) 64 groups per chunk take 80 registers, so six programs
-# of 4 warps fit an SM and a pass's 512 rows at T = 64k run at once; 128 took 129 registers (three).
-# The CPU chunk exercises the loop.
+# 2048). On sm_90 (sm90_resources.py, Triton 3.9) 128 groups per chunk on two stages take 80 registers,
+# so six programs of 4 warps fit an SM and a pass's 512 rows at T = 64k run at once (one stage: 129
+# registers, three per SM). H200, T = 64k (benchmarks/select_phases.py, session 13): 50.5 us per pass
+# against 63.6 for (64, 4, 1) and 49.2 for (128, 4, 3). The CPU chunk exercises the loop.
 THRESHOLD_TILES = {"cuda": (128, 4, 2), "cpu": (4, 4, 1)}
 
 
@@ -306,8 +307,9 @@ def _select_from_scores(s_t: torch.Tensor, gmax: torch.Tensor | None, w: int) ->
 
 def _select_pass(s_t: torch.Tensor, gmax: torch.Tensor, w: int, out: torch.Tensor, c0: int) -> None:
     """One scoring pass's top-w positions (scores s_t (B, H, C', T), group maxima gmax) written into
-    out[:, :, c0:c0 + C']: the top-w groups, then one kernel that gathers their positions' scores and
-    selects among them (rows too long for one kernel, and TOPK_SELECT "full", take _select_from_scores)."""
+    out[:, :, c0:c0 + C']: by the threshold select where threshold_plan allows, else the top-w groups,
+    then one kernel that gathers their positions' scores and selects among them (rows too long for one
+    kernel, and TOPK_SELECT "full", take _select_from_scores)."""
     group = scores_mod.GROUP
     T = s_t.shape[-1]
     G = cdiv(T, group)
