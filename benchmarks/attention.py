@@ -336,7 +336,8 @@ def sweep(T, parts=SWEEP_PARTS):
     dkdv_cfgs = [(32, 64, 4, 1, 128), (32, 128, 4, 3), (32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3),
                  (16, 128, 4, 3), (32, 128, 4, 4), (64, 64, 4, 3)]
     # (BLOCK_T, warps) of topk's per-token sums, the default first and last (1-warp settings: session 10)
-    combine_cfgs = [(32, 4), (64, 4), (16, 2), (32, 2), (16, 1), (32, 1), (8, 1), (32, 4)]
+    combine_cfgs = [(32, 4, 4), (32, 4, 1), (64, 4, 4), (16, 4, 4), (32, 4, 2), (32, 4, 8), (64, 8, 4), (16, 2, 4),
+                    (32, 4, 4)]
     # Register budgets that would fit more programs per SM (ncu, 64k: fwd and dq at 128 registers run 4
     # programs of 4 warps per SM, dk/dv at 255 only 2, and all three are latency-bound).
     # Each list starts with the default, the baseline of the same run.
@@ -526,7 +527,9 @@ AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through 
                "masked tiles", "unmasked tiles everywhere", "candidate gather ops", "sorted cluster ids",
                "tf32x3 scores", "argmax tiles 64x32", "score tiles 64x32",
                "jit launches", "uncentred argmax", "whole-row entry searches", "split loops", "one-loop dk/dv",
-               "head-dim masks", "in-kernel centroid split", "fixed tiles", "two-stage select", "sorted inverse")
+               "head-dim masks", "in-kernel centroid split", "fixed tiles", "two-stage select", "sorted inverse",
+               "no index prefetch", "no fwd prefetch", "no dq prefetch", "no dk/dv prefetch",
+               "combine one entry at a time")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -562,6 +565,7 @@ def _variant(name):
              TO.SPLIT_TILES, TO.FUSED_CANDIDATES, TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, dict(SK.TILES),
              dict(SK.ARGMAX_TILES), SK.CENTRED_ARGMAX, TO.tile_entry_ranges, SK.PRESPLIT_CENTROIDS,
              TO.CLUSTER_TILES, TO.THRESHOLD_SELECT, TO.COUNTING_INVERSE)
+    prefetch, config = dict(TO.PREFETCH), {kind: dict(c) for kind, c in TO.CONFIG.items()}
     entry_ranges = TO.tile_entry_ranges
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
@@ -599,6 +603,12 @@ def _variant(name):
         TO.THRESHOLD_SELECT = False
     elif name == "sorted inverse":  # topk's per-token index from torch.sort, as before session 13
         TO.COUNTING_INVERSE = False
+    elif name == "no index prefetch":  # no kernel reads the next tile's gather indices, as before session 14
+        TO.PREFETCH.update(dict.fromkeys(TO.PREFETCH, False))
+    elif name in ("no fwd prefetch", "no dq prefetch", "no dk/dv prefetch"):  # one kernel without it
+        TO.PREFETCH[name.split()[1].replace("/", "")] = False
+    elif name == "combine one entry at a time":  # topk's per-token sums one entry per step, as before session 14
+        TO.CONFIG["cuda"]["combine"] = TO.CONFIG["cuda"]["combine"][:2] + (1,)
     elif name == "in-kernel centroid split":  # every score program splits the centroids, as before session 12
         SK.PRESPLIT_CENTROIDS = False
     elif name == "uncentred argmax":  # nearest's argmax on the LayerNorm scores, as before session 9
@@ -620,6 +630,9 @@ def _variant(name):
         SK.ARGMAX_TILES.clear()
         SK.ARGMAX_TILES.update(argmax_tiles)
         TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = index_ops
+        TO.PREFETCH.update(prefetch)
+        for kind, c in config.items():
+            TO.CONFIG[kind].update(c)
 
 
 def ab(Ts, only=()):
@@ -635,7 +648,8 @@ def ab(Ts, only=()):
                 if only and name not in only and name != "all changes":
                     continue
                 if assign == "nearest" and name in ("one scoring pass", "torch.topk select", "candidate gather ops",
-                                                    "score tiles 64x32", "two-stage select", "sorted inverse"):
+                                                    "score tiles 64x32", "two-stage select", "sorted inverse",
+                                                    "combine one entry at a time"):
                     continue  # nearest has no top-k
                 if assign == "topk" and name in ("sorted cluster ids", "argmax tiles 64x32"):
                     continue  # a nearest-only change

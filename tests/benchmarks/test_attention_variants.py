@@ -64,6 +64,8 @@ def test_switch_variants_flip_their_switch_and_restore_it():
 
     default_split, default_tiles, default_argmax = dict(TO.SPLIT_TILES), dict(SK.TILES), dict(SK.ARGMAX_TILES)
     entry_ranges = TO.tile_entry_ranges
+    default_prefetch, default_config = dict(TO.PREFETCH), {kind: dict(c) for kind, c in TO.CONFIG.items()}
+    assert all(default_prefetch.values()) and default_config["cuda"]["combine"][2] > 1
     assert SK.BF16_SPLIT_SCORES and TO.COUNTING_SORT and SK.CENTRED_ARGMAX and SK.PRESPLIT_CENTROIDS
     for name, check in (("tf32x3 scores", lambda: not SK.BF16_SPLIT_SCORES),
                         ("sorted cluster ids", lambda: not TO.COUNTING_SORT),
@@ -80,7 +82,12 @@ def test_switch_variants_flip_their_switch_and_restore_it():
                         ("fixed tiles", lambda: not TO.CLUSTER_TILES),
                         ("two-stage select", lambda: not TO.THRESHOLD_SELECT),
                         ("sorted inverse", lambda: not TO.COUNTING_INVERSE),
-                        ("whole-row entry searches", lambda: TO.tile_entry_ranges is not entry_ranges)):
+                        ("whole-row entry searches", lambda: TO.tile_entry_ranges is not entry_ranges),
+                        ("no index prefetch", lambda: not any(TO.PREFETCH.values())),
+                        ("no fwd prefetch", lambda: TO.PREFETCH == {"fwd": False, "dq": True, "dkdv": True}),
+                        ("no dq prefetch", lambda: TO.PREFETCH == {"fwd": True, "dq": False, "dkdv": True}),
+                        ("no dk/dv prefetch", lambda: TO.PREFETCH == {"fwd": True, "dq": True, "dkdv": False}),
+                        ("combine one entry at a time", lambda: TO.CONFIG["cuda"]["combine"][2] == 1)):
         with bench._variant(name):
             assert check(), name
         assert SK.BF16_SPLIT_SCORES and TO.COUNTING_SORT and TO.SPLIT_TILES == default_split, name
@@ -88,6 +95,7 @@ def test_switch_variants_flip_their_switch_and_restore_it():
         assert _launch.FAST_LAUNCH, name
         assert SK.CENTRED_ARGMAX and TO.tile_entry_ranges is entry_ranges and TO.FOLD_EVEN_D, name
         assert SK.PRESPLIT_CENTROIDS and TO.CLUSTER_TILES and TO.THRESHOLD_SELECT and TO.COUNTING_INVERSE, name
+        assert TO.PREFETCH == default_prefetch and TO.CONFIG == default_config, name
 
 
 def test_table_shares_the_assignment_of_the_graph_forward():

@@ -588,6 +588,37 @@ def test_unmasked_tiles_give_what_masked_tiles_give_gpu(assign, split):
     _split_modes_agree(assign, split, q, v, centroids, 500, 64)
 
 
+def _prefetch_agrees(q, v, centroids, window, assign, monkeypatch):
+    """Each kernel reading the next tile's gather indices a step ahead (PREFETCH) gives the same bits
+    as reading them in the step that uses them, in the default loops and with every tile masked."""
+    dout = torch.randn(v.shape, generator=torch.Generator().manual_seed(5)).to(v)
+    for split in (dict(TO.SPLIT_TILES), dict.fromkeys(TO.SPLIT_TILES, TO.ALL_MASKED)):
+        monkeypatch.setattr(TO, "SPLIT_TILES", split)
+        results = []
+        for on in (True, False):
+            monkeypatch.setattr(TO, "PREFETCH", dict.fromkeys(("fwd", "dq", "dkdv"), on))
+            out = routing_attention(q, q, v, centroids, window=window, causal=True, assign=assign, backend="triton")
+            results.append((out, *torch.autograd.grad(out, (q, v), dout)))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("assign", ["topk", "nearest"])
+def test_prefetched_indices_give_what_loaded_indices_give(assign, monkeypatch):
+    """Window 40 over 16-wide tiles (T = 110): loops of several tiles, a partial last tile, clusters
+    shorter than a tile."""
+    q, _, v, centroids = _inputs(1, 2, 110, 24, 24, 4, True, torch.float32, "cpu", 12)
+    _prefetch_agrees(q, v, centroids, 40, assign, monkeypatch)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("assign", ["topk", "nearest"])
+def test_prefetched_indices_give_what_loaded_indices_give_gpu(assign, monkeypatch):
+    q, _, v, centroids = _inputs(1, 2, 5000, 64, 64, 10, True, torch.bfloat16, "cuda", 13)
+    _prefetch_agrees(q, v, centroids, 500, assign, monkeypatch)
+
+
 def _row_offsets_agree(q, v, centroids, window, assign, monkeypatch):
     dout = torch.randn(v.shape, generator=torch.Generator().manual_seed(4)).to(v)
     results = []
@@ -654,6 +685,14 @@ def _check_combine(BH, T, E, Dx, dtype, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_combine_equals_the_per_token_sum(dtype):
     _check_combine(3, 37, 90, 24, dtype, "cpu")  # T and head dim that are not multiples of the tiles
+
+
+@pytest.mark.parametrize("ahead", [1, 4, 64])
+def test_combine_gathers_any_number_of_entries_ahead(ahead, monkeypatch):
+    """The entries gathered at once (AHEAD) and the loop over the rest give the same sums: fewer than the
+    busiest token has (the loop runs), or more than any has (it does not)."""
+    monkeypatch.setitem(TO.CONFIG["cpu"], "combine", (16, 4, ahead))
+    _check_combine(2, 45, 70, 24, torch.float32, "cpu")
 
 
 @gpu

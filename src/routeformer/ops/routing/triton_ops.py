@@ -37,14 +37,15 @@ MAX_HEAD_DIM = TRITON_MAX_ROUTING_HEAD_DIM
 # Tile sizes per device kind; the benchmark may override entries to compare variants.
 CONFIG = {
     # (BLOCK_M, BLOCK_N, warps, stages): the fastest of benchmarks/attention.py --sweep 65536 on an H100,
-    # and again on an H200 (2026-12-01); combine (BLOCK_T, warps): (32, 4) took 0.856 ms of topk's
-    # backward there against 0.891 for (64, 4). H200, 2026-12-02 (`--sweep-parts regs`, NOTES_routing.md):
+    # and again on an H200 (2026-12-01); combine (BLOCK_T, warps, AHEAD): (32, 4) took 0.856 ms of topk's
+    # backward there against 0.891 for (64, 4); AHEAD (entries gathered at once, _combine_kernel) from
+    # session 14. H200, 2026-12-02 (`--sweep-parts regs`, NOTES_routing.md):
     # the forward on 2 stages (topk 0.197 -> 0.190 ms, nearest 0.226 -> 0.220) and dk/dv on 32 x 64
     # tiles, 1 stage, 128 registers (MAXNREG) took the backward 0.810 -> 0.727 ms (topk) and 0.781 ->
     # 0.713 (nearest), against (32, 128, 4, 3) at 255 registers (2 programs per SM).
-    "cuda": dict(fwd=(64, 64, 4, 2), dq=(64, 64, 4, 3), dkdv=(32, 64, 4, 1), combine=(32, 4)),
+    "cuda": dict(fwd=(64, 64, 4, 2), dq=(64, 64, 4, 3), dkdv=(32, 64, 4, 1), combine=(32, 4, 4)),
     # The interpreter runs tiles as numpy arrays: small tiles exercise the multi-tile paths on tiny T.
-    "cpu": dict(fwd=(16, 16, 4, 1), dq=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), combine=(16, 4)),
+    "cpu": dict(fwd=(16, 16, 4, 1), dq=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), combine=(16, 4, 2)),
 }
 
 # Per kernel, how the slot (or entry) tiles that every row sees whole skip the per-element mask
@@ -59,6 +60,12 @@ CONFIG = {
 # loops", "one-loop dk/dv").
 ALL_MASKED, THREE_LOOPS, TILE_BRANCH = 0, 1, 2
 SPLIT_TILES = {"fwd": TILE_BRANCH, "dq": TILE_BRANCH, "dkdv": THREE_LOOPS}
+
+# Per attention kernel: whether each loop step reads the next tile's gather indices (key positions in
+# the forward and dq, query positions in dk/dv; the kernels' PREFETCH), so that a tile's row gathers
+# wait on one memory round trip instead of two. The forward and dq prefetch only in their TILE_BRANCH
+# loop, dk/dv in its three loops. benchmarks/attention.py --ab: "no index prefetch".
+PREFETCH = {"fwd": True, "dq": True, "dkdv": True}
 
 # Per attention kernel: a register budget per thread (ptx .maxnreg) on CUDA, or None for the
 # compiler's choice. dk/dv at 128 lets 4 programs share an SM (ncu: at 255 registers it ran 2, with
@@ -634,11 +641,11 @@ def _combine(x, perm, rowptr, lo, hi, T, mean, out_dtype):
     B, H, E, Dx = x.shape
     y = _new((B, H, T, Dx), out_dtype, x.device)
     inv_n = _new((B * H, T), torch.float32, x.device) if mean else y
-    block_t, warps = _cfg(x, "combine")
+    block_t, warps, ahead = _cfg(x, "combine")
     grid = (cdiv(T, block_t), B * H)
     launch(K._combine_kernel, grid, x, perm, rowptr, lo, hi, y, inv_n,
            *_s4(x), *_s4(y), H, T, E, Dx,
-           BLOCK_T=block_t, BLOCK_D=_pow2(Dx), MEAN=mean, num_warps=warps)
+           BLOCK_T=block_t, BLOCK_D=_pow2(Dx), MEAN=mean, AHEAD=ahead, num_warps=warps)
     return y, (inv_n if mean else None)
 
 
@@ -658,7 +665,7 @@ def attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale: float, direct: bool
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=_precision(q),
            SPLIT=SPLIT_TILES["fwd"], ROW64=_row64(q, k, v, o), EVEN_D=_even_d(D, Dv), TILED=tiled,
-           num_warps=warps, num_stages=stages,
+           PREFETCH=PREFETCH["fwd"], num_warps=warps, num_stages=stages,
            **_regs(q, "fwd"))
     return o, lse
 
@@ -739,7 +746,7 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
            H, T, E, S, D, Dv, n_dq, scale, sl2,
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=prec, SPLIT=SPLIT_TILES["dq"],
-           ROW64=_row64(q, k, v, dout, o_rows, dq), EVEN_D=_even_d(D, Dv), TILED=tiled,
+           ROW64=_row64(q, k, v, dout, o_rows, dq), EVEN_D=_even_d(D, Dv), TILED=tiled, PREFETCH=PREFETCH["dq"],
            num_warps=warps, num_stages=stages, **_regs(q, "dq"))
 
     bm, bn, warps, stages = _cfg(q, "dkdv")
@@ -760,7 +767,7 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
            H, T, E, S, nt, D, Dv, scale, sl2,
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, ADD_DK=shared, PRECISION=prec, SPLIT=SPLIT_TILES["dkdv"],
-           ROW64=_row64(q, k, v, dout, dk, dv), EVEN_D=_even_d(D, Dv), TILED=tiled,
+           ROW64=_row64(q, k, v, dout, dk, dv), EVEN_D=_even_d(D, Dv), TILED=tiled, PREFETCH=PREFETCH["dkdv"],
            num_warps=warps, num_stages=stages, **_regs(q, "dkdv_direct" if direct else "dkdv"))
     empty = q.new_empty(0)
     if direct:
