@@ -596,7 +596,7 @@ def _prefetch_agrees(q, v, centroids, window, assign, monkeypatch):
         monkeypatch.setattr(TO, "SPLIT_TILES", split)
         results = []
         for on in (True, False):
-            monkeypatch.setattr(TO, "PREFETCH", dict.fromkeys(("fwd", "dq", "dkdv"), on))
+            monkeypatch.setattr(TO, "PREFETCH", dict.fromkeys(TO.PREFETCH, on))
             out = routing_attention(q, q, v, centroids, window=window, causal=True, assign=assign, backend="triton")
             results.append((out, *torch.autograd.grad(out, (q, v), dout)))
         for a, b in zip(*results):

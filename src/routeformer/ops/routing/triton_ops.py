@@ -64,8 +64,12 @@ SPLIT_TILES = {"fwd": TILE_BRANCH, "dq": TILE_BRANCH, "dkdv": THREE_LOOPS}
 # Per attention kernel: whether each loop step reads the next tile's gather indices (key positions in
 # the forward and dq, query positions in dk/dv; the kernels' PREFETCH), so that a tile's row gathers
 # wait on one memory round trip instead of two. The forward and dq prefetch only in their TILE_BRANCH
-# loop, dk/dv in its three loops. benchmarks/attention.py --ab: "no index prefetch".
-PREFETCH = {"fwd": True, "dq": True, "dkdv": True}
+# loop, dk/dv in its three loops ("dkdv_direct": nearest's, which writes at token positions).
+# H200, 64k, session 14 (A/B, graph fwd+bwd, NOTES_routing.md): topk's dk/dv 338 -> 420 us with it
+# (sm_90 SASS: spills in its loops 42 -> 155 under the 128-register budget), the forward unchanged
+# (162 us), dq +7 us; nearest 0.865 ms without dk/dv's prefetch against 0.856 with it, 0.847 without
+# dq's. So only nearest's dk/dv prefetches. benchmarks/attention.py --ab: "prefetch everywhere".
+PREFETCH = {"fwd": False, "dq": False, "dkdv": False, "dkdv_direct": True}
 
 # Per attention kernel: a register budget per thread (ptx .maxnreg) on CUDA, or None for the
 # compiler's choice. dk/dv at 128 lets 4 programs share an SM (ncu: at 255 registers it ran 2, with
@@ -767,7 +771,7 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
            H, T, E, S, nt, D, Dv, scale, sl2,
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, ADD_DK=shared, PRECISION=prec, SPLIT=SPLIT_TILES["dkdv"],
-           ROW64=_row64(q, k, v, dout, dk, dv), EVEN_D=_even_d(D, Dv), TILED=tiled, PREFETCH=PREFETCH["dkdv"],
+           ROW64=_row64(q, k, v, dout, dk, dv), EVEN_D=_even_d(D, Dv), TILED=tiled, PREFETCH=PREFETCH["dkdv_direct" if direct else "dkdv"],
            num_warps=warps, num_stages=stages, **_regs(q, "dkdv_direct" if direct else "dkdv"))
     empty = q.new_empty(0)
     if direct:
