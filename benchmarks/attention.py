@@ -531,7 +531,7 @@ AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through 
                "tf32x3 scores", "argmax tiles 64x32", "score tiles 64x32",
                "jit launches", "uncentred argmax", "whole-row entry searches", "split loops", "one-loop dk/dv",
                "head-dim masks", "in-kernel centroid split", "fixed tiles", "two-stage select", "sorted inverse",
-               "prefetch everywhere", "combine one entry at a time")
+               "prefetch everywhere", "combine one entry at a time", "band reductions")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -567,7 +567,7 @@ def _variant(name):
              TO.SPLIT_TILES, TO.FUSED_CANDIDATES, TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, dict(SK.TILES),
              dict(SK.ARGMAX_TILES), SK.CENTRED_ARGMAX, TO.tile_entry_ranges, SK.PRESPLIT_CENTROIDS,
              TO.CLUSTER_TILES, TO.THRESHOLD_SELECT, TO.COUNTING_INVERSE)
-    prefetch, config = dict(TO.PREFETCH), {kind: dict(c) for kind, c in TO.CONFIG.items()}
+    prefetch, config, scalar_band = dict(TO.PREFETCH), {kind: dict(c) for kind, c in TO.CONFIG.items()}, TO.SCALAR_BAND
     entry_ranges = TO.tile_entry_ranges
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
@@ -605,6 +605,8 @@ def _variant(name):
         TO.THRESHOLD_SELECT = False
     elif name == "sorted inverse":  # topk's per-token index from torch.sort, as before session 13
         TO.COUNTING_INVERSE = False
+    elif name == "band reductions":  # the forward's and dq's slot band reduced over the tile, as before session 14
+        TO.SCALAR_BAND = False
     elif name == "prefetch everywhere":  # every kernel reads the next tile's gather indices (session 14)
         TO.PREFETCH.update(dict.fromkeys(TO.PREFETCH, True))
     elif name == "combine one entry at a time":  # topk's per-token sums one entry per step, as before session 14
@@ -631,6 +633,7 @@ def _variant(name):
         SK.ARGMAX_TILES.update(argmax_tiles)
         TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = index_ops
         TO.PREFETCH.update(prefetch)
+        TO.SCALAR_BAND = scalar_band
         for kind, c in config.items():
             TO.CONFIG[kind].update(c)
 

@@ -588,35 +588,46 @@ def test_unmasked_tiles_give_what_masked_tiles_give_gpu(assign, split):
     _split_modes_agree(assign, split, q, v, centroids, 500, 64)
 
 
-def _prefetch_agrees(q, v, centroids, window, assign, monkeypatch):
-    """Each kernel reading the next tile's gather indices a step ahead (PREFETCH) gives the same bits
-    as reading them in the step that uses them, in the default loops and with every tile masked."""
+def _switch_agrees(q, v, centroids, window, assign, monkeypatch, name, settings):
+    """The op under each of `settings` of TO.<name> gives the same bits, in the default loops and with
+    every tile masked."""
     dout = torch.randn(v.shape, generator=torch.Generator().manual_seed(5)).to(v)
     for split in (dict(TO.SPLIT_TILES), dict.fromkeys(TO.SPLIT_TILES, TO.ALL_MASKED)):
         monkeypatch.setattr(TO, "SPLIT_TILES", split)
         results = []
-        for on in (True, False):
-            monkeypatch.setattr(TO, "PREFETCH", dict.fromkeys(TO.PREFETCH, on))
+        for setting in settings:
+            monkeypatch.setattr(TO, name, setting)
             out = routing_attention(q, q, v, centroids, window=window, causal=True, assign=assign, backend="triton")
             results.append((out, *torch.autograd.grad(out, (q, v), dout)))
-        for a, b in zip(*results):
-            torch.testing.assert_close(a, b, atol=0, rtol=0)
+        for r in results[1:]:
+            for a, b in zip(results[0], r):
+                torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+def _kernel_switches():
+    """Kernel settings that must not change a bit: each kernel reading the next tile's gather indices
+    a step ahead (PREFETCH) or in the step that uses them; the forward's and dq's slot band read at
+    the tile's ends or reduced over it (SCALAR_BAND)."""
+    return [("PREFETCH", [dict.fromkeys(TO.PREFETCH, True), dict.fromkeys(TO.PREFETCH, False)]),
+            ("SCALAR_BAND", [True, False])]
+
+
+@pytest.mark.parametrize("switch", [0, 1])
 @pytest.mark.parametrize("assign", ["topk", "nearest"])
-def test_prefetched_indices_give_what_loaded_indices_give(assign, monkeypatch):
+def test_kernel_switches_change_no_bit(assign, switch, monkeypatch):
     """Window 40 over 16-wide tiles (T = 110): loops of several tiles, a partial last tile, clusters
-    shorter than a tile."""
+    shorter than a tile (nearest's cluster tiles, some empty)."""
     q, _, v, centroids = _inputs(1, 2, 110, 24, 24, 4, True, torch.float32, "cpu", 12)
-    _prefetch_agrees(q, v, centroids, 40, assign, monkeypatch)
+    _switch_agrees(q, v, centroids, 40, assign, monkeypatch, *_kernel_switches()[switch])
 
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("switch", [0, 1])
 @pytest.mark.parametrize("assign", ["topk", "nearest"])
-def test_prefetched_indices_give_what_loaded_indices_give_gpu(assign, monkeypatch):
+def test_kernel_switches_change_no_bit_gpu(assign, switch, monkeypatch):
     q, _, v, centroids = _inputs(1, 2, 5000, 64, 64, 10, True, torch.bfloat16, "cuda", 13)
-    _prefetch_agrees(q, v, centroids, 500, assign, monkeypatch)
+    _switch_agrees(q, v, centroids, 500, assign, monkeypatch, *_kernel_switches()[switch])
 
 
 def _row_offsets_agree(q, v, centroids, window, assign, monkeypatch):

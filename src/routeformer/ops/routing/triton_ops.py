@@ -71,6 +71,11 @@ SPLIT_TILES = {"fwd": TILE_BRANCH, "dq": TILE_BRANCH, "dkdv": THREE_LOOPS}
 # dq's. So only nearest's dk/dv prefetches. benchmarks/attention.py --ab: "prefetch everywhere".
 PREFETCH = {"fwd": False, "dq": False, "dkdv": False, "dkdv_direct": True}
 
+# True: the forward and dq read their entry tile's slot band from LO and HI at the tile's first and
+# last entries (both are non-decreasing) instead of reducing over the tile (_kernels._entry_band);
+# False for benchmarks/attention.py --ab ("band reductions").
+SCALAR_BAND = True
+
 # Per attention kernel: a register budget per thread (ptx .maxnreg) on CUDA, or None for the
 # compiler's choice. dk/dv at 128 lets 4 programs share an SM (ncu: at 255 registers it ran 2, with
 # the schedulers idle two cycles of three). Measured for 16-bit inputs with head dims up to 64 only,
@@ -669,7 +674,7 @@ def attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale: float, direct: bool
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=_precision(q),
            SPLIT=SPLIT_TILES["fwd"], ROW64=_row64(q, k, v, o), EVEN_D=_even_d(D, Dv), TILED=tiled,
-           PREFETCH=PREFETCH["fwd"], num_warps=warps, num_stages=stages,
+           PREFETCH=PREFETCH["fwd"], SCALAR_BAND=SCALAR_BAND, num_warps=warps, num_stages=stages,
            **_regs(q, "fwd"))
     return o, lse
 
@@ -751,7 +756,7 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=prec, SPLIT=SPLIT_TILES["dq"],
            ROW64=_row64(q, k, v, dout, o_rows, dq), EVEN_D=_even_d(D, Dv), TILED=tiled, PREFETCH=PREFETCH["dq"],
-           num_warps=warps, num_stages=stages, **_regs(q, "dq"))
+           SCALAR_BAND=SCALAR_BAND, num_warps=warps, num_stages=stages, **_regs(q, "dq"))
 
     bm, bn, warps, stages = _cfg(q, "dkdv")
     tiled = _tiled(tiles, q, bn)
