@@ -244,22 +244,11 @@ def _kernel_rows(T):
         with torch.no_grad():
             idx = TO.routing_indices(q, q, centroids, WINDOW, True, assign)
             t_assign = _bench_graph(lambda: TO.routing_indices(q, q, centroids, WINDOW, True, assign))
-            dest = _forward_rows(idx, T, assign == "nearest")
-            t_kernel = _bench_graph(lambda: TO.attention_fwd(q, q, v, *idx, 1 / math.sqrt(D), assign == "nearest", dest))
+            t_kernel = _bench_graph(lambda: TO.attention_fwd(q, q, v, *idx, 1 / math.sqrt(D), assign == "nearest"))
         flops = 2 * T * WINDOW * D * H * B
         out.append({"name": f"kernel {assign}", "T": T, "assign_ms": t_assign, "kernel_ms": t_kernel,
                     "tflops": flops / t_kernel / 1e9})
     return out
-
-
-def _forward_rows(idx, T, direct):
-    """Where topk's forward kernel stores its rows as routing_attention runs it (TO.SORTED_ROWS: each
-    entry's index in position order), for timing that kernel alone; None: entry order, or nearest."""
-    from routeformer.ops.routing import triton_ops as TO
-
-    if direct or not TO.SORTED_ROWS:
-        return None
-    return TO._token_index(idx[0], T, 0, True)[0]  # run 0: the sort path, the same order
 
 
 def profile(T, host=False):
@@ -351,8 +340,8 @@ def sweep(T, parts=SWEEP_PARTS):
     dkdv_cfgs = [(32, 64, 4, 1, 128), (32, 128, 4, 3), (32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3),
                  (16, 128, 4, 3), (32, 128, 4, 4), (64, 64, 4, 3)]
     # (BLOCK_T, warps, AHEAD) of topk's per-token sums, the default first and last (1-warp settings:
-    # session 10; AHEAD, the entries gathered at once: session 14; wider tiles for rows in position
-    # order, which a tile reads as one contiguous run: session 15). Part "bwd" or "combine".
+    # session 10; AHEAD, the entries gathered at once: session 14; wider tiles: session 15, all within
+    # 0.638-0.659 ms of backward, i.e. flat). Part "bwd" or "combine".
     combine_cfgs = [(32, 4, 4), (32, 4, 1), (64, 4, 4), (16, 4, 4), (32, 4, 2), (32, 4, 8), (64, 8, 4), (16, 2, 4),
                     (64, 4, 2), (128, 4, 2), (128, 8, 4), (32, 2, 4), (32, 4, 4)]
     # Register budgets that would fit more programs per SM (ncu, 64k: fwd and dq at 128 registers run 4
@@ -479,12 +468,11 @@ def sweep(T, parts=SWEEP_PARTS):
     for assign in ("topk", "nearest"):
         direct = assign == "nearest"
         idx = TO.routing_indices(q, q, centroids, WINDOW, True, assign)
-        dest = _forward_rows(idx, T, direct)
         for cfg in (fwd_cfgs if "fwd" in parts else []) + (reg_fwd if "regs" in parts else []):
             TO.CONFIG["cuda"] = dict(default, fwd=cfg[:4])
             set_regs("fwd", cfg)
             try:
-                t = _bench(lambda: TO.attention_fwd(q, q, v, *idx, scale, direct, dest))
+                t = _bench(lambda: TO.attention_fwd(q, q, v, *idx, scale, direct))
                 res.append((assign, "fwd", cfg, t, 2 * T * WINDOW * D * H / t / 1e9))
             except Exception as e:
                 res.append((assign, "fwd", cfg, float("nan"), str(e)[:60]))
@@ -502,7 +490,7 @@ def sweep(T, parts=SWEEP_PARTS):
             for mode, regs, wide in split_cfgs:
                 TO.SPLIT_TILES[name], TO.MAXNREG[name] = mode, regs
                 TO._row64 = lambda *ts, wide=wide: wide
-                fn = ((lambda: TO.attention_fwd(q, q, v, *idx, scale, direct, dest)) if name == "fwd" else
+                fn = ((lambda: TO.attention_fwd(q, q, v, *idx, scale, direct)) if name == "fwd" else
                       (lambda: TO._routing_bwd(dout, q.detach(), q.detach(), v.detach(), saved[0], saved[1], saved[2],
                                                saved[3], *idx, saved[4], saved[5], scale, direct, True)))
                 try:
@@ -548,7 +536,7 @@ AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through 
                "tf32x3 scores", "argmax tiles 64x32", "score tiles 64x32",
                "jit launches", "uncentred argmax", "whole-row entry searches", "split loops", "one-loop dk/dv",
                "head-dim masks", "in-kernel centroid split", "fixed tiles", "two-stage select", "sorted inverse",
-               "prefetch everywhere", "combine one entry at a time", "band reductions", "entry-order rows")
+               "prefetch everywhere", "combine one entry at a time", "band reductions")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -585,7 +573,6 @@ def _variant(name):
              dict(SK.ARGMAX_TILES), SK.CENTRED_ARGMAX, TO.tile_entry_ranges, SK.PRESPLIT_CENTROIDS,
              TO.CLUSTER_TILES, TO.THRESHOLD_SELECT, TO.COUNTING_INVERSE)
     prefetch, config, scalar_band = dict(TO.PREFETCH), {kind: dict(c) for kind, c in TO.CONFIG.items()}, TO.SCALAR_BAND
-    sorted_rows = TO.SORTED_ROWS
     entry_ranges = TO.tile_entry_ranges
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
@@ -625,8 +612,6 @@ def _variant(name):
         TO.COUNTING_INVERSE = False
     elif name == "band reductions":  # the forward's and dq's slot band reduced over the tile, as before session 14
         TO.SCALAR_BAND = False
-    elif name == "entry-order rows":  # topk's per-entry rows in entry order, combined through the permutation (before session 15)
-        TO.SORTED_ROWS = False
     elif name == "prefetch everywhere":  # every kernel reads the next tile's gather indices (session 14)
         TO.PREFETCH.update(dict.fromkeys(TO.PREFETCH, True))
     elif name == "combine one entry at a time":  # topk's per-token sums one entry per step, as before session 14
@@ -654,7 +639,6 @@ def _variant(name):
         TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = index_ops
         TO.PREFETCH.update(prefetch)
         TO.SCALAR_BAND = scalar_band
-        TO.SORTED_ROWS = sorted_rows
         for kind, c in config.items():
             TO.CONFIG[kind].update(c)
 

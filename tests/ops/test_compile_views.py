@@ -44,14 +44,12 @@ def test_routing_ops_fake_matches_real(assign, shared):
     centroids = torch.randn(2, 3, 16)
     idx = R.routing_indices(q, k, centroids, 8, True, assign)
     run = 0 if assign == "nearest" else idx[0].shape[1] // 3  # entries per cluster: the counting inverse
+    args = (q, k, v, *idx, 0.25, assign == "nearest", shared, 0, run)
+    torch.library.opcheck(R._routing_fwd.op, args)
+    saved = R._routing_fwd(*args)
     dout = torch.randn(1, 24, 2, 16).transpose(1, 2)
-    for sorted_rows in (True, False):
-        args = (q, k, v, *idx, 0.25, assign == "nearest", shared, 0, run, sorted_rows)
-        torch.library.opcheck(R._routing_fwd.op, args)
-        saved = R._routing_fwd(*args)
-        torch.library.opcheck(R._routing_bwd.op, (dout, q, k, v, saved[0], saved[1], saved[2], saved[3], *idx,
-                                               saved[4], saved[5], 0.25, assign == "nearest", shared, 0, run,
-                                               sorted_rows))
+    torch.library.opcheck(R._routing_bwd.op, (dout, q, k, v, saved[0], saved[1], saved[2], saved[3], *idx,
+                                           saved[4], saved[5], 0.25, assign == "nearest", shared, 0, run))
 
 
 def test_assignment_ops_fake_matches_real():

@@ -13,8 +13,8 @@ copies of q, k or v. With SPLIT, the tiles that every row sees whole (between th
 and smallest HI) run without the per-element mask; only the tiles at the band's edges are masked.
 
 DIRECT: every query and key sits in exactly one entry/slot (nearest), so outputs and gradients are
-written at their token positions. Otherwise (topk) they go to per-entry buffers, rows in position order
-(SORTED_ROWS, so a token's rows are contiguous) or in entry order, that `_combine_kernel` sums per token.
+written at their token positions. Otherwise (topk) they go to per-entry buffers that
+`_combine_kernel` sums per token.
 """
 from __future__ import annotations
 
@@ -234,32 +234,17 @@ def _entry_tile(TILES, bh, pid, NTILES, E, BLOCK: tl.constexpr, TILED: tl.conste
 
 
 @triton.jit
-def _out_rows(DEST, base, offs, mask, pos, DIRECT: tl.constexpr, SORTED_ROWS: tl.constexpr):
-    """The rows that entries (or slots) offs write their outputs to: the token positions pos (DIRECT),
-    DEST[offs] (SORTED_ROWS: each one's index in position order, so that _combine_kernel reads a
-    token's rows contiguously), or the entries themselves."""
-    if DIRECT:
-        rows = pos
-    elif SORTED_ROWS:
-        rows = tl.load(DEST + base + offs, mask=mask, other=0).to(tl.int64)
-    else:
-        rows = offs.to(tl.int64)
-    return rows
-
-
-@triton.jit
 def _fwd_kernel(
-    Q, K, V, QPOS, LO, HI, KPOS, TILES, O, LSE, DEST,
+    Q, K, V, QPOS, LO, HI, KPOS, TILES, O, LSE,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
     H, E, S, D, DV, NTILES, sm_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DIRECT: tl.constexpr, SKIP_EMPTY: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
     ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
-    SCALAR_BAND: tl.constexpr = True, SORTED_ROWS: tl.constexpr = False,
+    SCALAR_BAND: tl.constexpr = True,
 ):
     """Attention of the entry tile pid_m: entries [pid_m * BLOCK_M, + BLOCK_M), or with TILED the
-    tile's [first, end) from TILES (R, NTILES, 2) (see _write_cluster_tiles). Not DIRECT, entry e's
-    output row is O[DEST[e]] with SORTED_ROWS (its index in position order), else O[e]."""
+    tile's [first, end) from TILES (R, NTILES, 2) (see _write_cluster_tiles)."""
     if EVEN_D:  # head dims equal to their tiles: the column masks fold away (fewer live predicates)
         D = BLOCK_D
         DV = BLOCK_DV
@@ -322,23 +307,26 @@ def _fwd_kernel(
     # +inf marks "no key": backward recomputes p = exp2(s - lse) = 0 for such rows.
     lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
     tl.store(LSE + ibase + offs_e, lse, mask=emask)
-    orow = _out_rows(DEST, ibase, offs_e, emask, qpos, DIRECT, SORTED_ROWS)
+    if DIRECT:
+        orow = qpos
+    else:
+        orow = offs_e.to(tl.int64)
     tl.store(O + b * sob + h * soh + orow[:, None] * sot + offs_dv[None, :], o.to(O.dtype.element_ty),
              mask=emask[:, None] & (offs_dv[None, :] < DV))
 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, O, LSE, INV_N, QPOS, LO, HI, KPOS, TILES, DELTA, DQ, DEST,
+    Q, K, V, DO, O, LSE, INV_N, QPOS, LO, HI, KPOS, TILES, DELTA, DQ,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sob, soh, sot, sdqb, sdqh, sdqt,
     H, T, E, S, D, DV, NTILES, sm_scale, sm_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DIRECT: tl.constexpr, SKIP_EMPTY: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
     ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
-    SCALAR_BAND: tl.constexpr = True, SORTED_ROWS: tl.constexpr = False,
+    SCALAR_BAND: tl.constexpr = True,
 ):
     """dq per query entry (entry tiles as in _fwd_kernel); also stores DELTA = rowsum(dO * O_entry) for
-    the dk/dv kernel. Not DIRECT, the entry's rows of O and DQ are at DEST[e] with SORTED_ROWS, else e.
+    the dk/dv kernel.
 
     With topk the entry's output is scaled by 1/n (scatter-mean); the kernels keep dO unscaled and
     multiply ds by INV_N instead, which saves a rounding of dO.
@@ -364,10 +352,11 @@ def _bwd_dq_kernel(
 
     q = tl.load(Q + b * sqb + h * sqh + qpos[:, None] * sqt + offs_d[None, :], mask=dmask, other=0.0)
     do = tl.load(DO + b * sdob + h * sdoh + qpos[:, None] * sdot + offs_dv[None, :], mask=dvmask, other=0.0)
-    orow = _out_rows(DEST, ibase, offs_e, emask, qpos, DIRECT, SORTED_ROWS)
     if DIRECT:
+        orow = qpos
         inv_n = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     else:
+        orow = offs_e.to(tl.int64)
         inv_n = tl.load(INV_N + bh.to(tl.int64) * T + qpos, mask=emask, other=0.0)
     o = tl.load(O + b * sob + h * soh + orow[:, None] * sot + offs_dv[None, :], mask=dvmask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
@@ -403,7 +392,11 @@ def _bwd_dq_kernel(
                               dq, skt, svt, D, DV, sm_scale_log2,
                               BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, SKIP_EMPTY, ROW64)
     dq = dq * (sm_scale * inv_n)[:, None]
-    tl.store(DQ + b * sdqb + h * sdqh + orow[:, None] * sdqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+    if DIRECT:
+        drow = qpos
+    else:
+        drow = offs_e.to(tl.int64)
+    tl.store(DQ + b * sdqb + h * sdqh + drow[:, None] * sdqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=dmask)
 
 
@@ -475,13 +468,12 @@ def _dkdv_loop(start, end, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LS
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, INV_N, DELTA, QPOS, LO, HI, KPOS, TILES, QLO, QHI, FLO, FHI, DK, DV_OUT, KDEST,
+    Q, K, V, DO, LSE, INV_N, DELTA, QPOS, LO, HI, KPOS, TILES, QLO, QHI, FLO, FHI, DK, DV_OUT,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
     H, T, E, S, NT, D, DV, sm_scale, sm_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DIRECT: tl.constexpr, ADD_DK: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
     ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
-    SORTED_ROWS: tl.constexpr = False,
 ):
     """dk, dv per slot tile, looping over the contiguous entry range [QLO, QHI) that attends it.
     Slot tile pid_n is [pid_n * BLOCK_N, + BLOCK_N), or with TILED TILES[bh, pid_n] (R, NT, 2), as
@@ -491,8 +483,6 @@ def _bwd_dkdv_kernel(
     inside that range run without masks; the ones before and after it are masked.
     ADD_DK (shared QK): DK is the dq buffer, which holds dq at these rows (token positions if DIRECT,
     else entries, which are the slots); add dk to it, so one rounding covers dq + dk.
-    Not DIRECT, slot s's rows of DK and DV_OUT are at KDEST[s] with SORTED_ROWS (shared QK: DEST of
-    query entry s, where the dq kernel wrote), else s.
     """
     if EVEN_D:  # head dims equal to their tiles: the column masks fold away (fewer live predicates)
         D = BLOCK_D
@@ -544,7 +534,10 @@ def _bwd_dkdv_kernel(
                             ibase, nbase, sqt, sdot, S, D, DV, sm_scale_log2,
                             BLOCK_M, BLOCK_D, BLOCK_DV, DIRECT, PRECISION, 1, ROW64, PREFETCH)
     dk = dk * sm_scale
-    row = _out_rows(KDEST, sbase, offs_s, smask, kpos, DIRECT, SORTED_ROWS)
+    if DIRECT:
+        row = kpos
+    else:
+        row = offs_s.to(tl.int64)
     dk_ptr = DK + b * sdkb + h * sdkh + row[:, None] * sdkt + offs_d[None, :]
     if ADD_DK:
         dk = dk + tl.load(dk_ptr, mask=kdmask, other=0.0).to(tl.float32)
@@ -760,27 +753,21 @@ def _write_cluster_tiles(COUNTS, CUM, TILES, row, T, NB, NT, BM: tl.constexpr, C
 
 @triton.jit
 def _combine_kernel(
-    X, ORDER, ROWPTR, KEYED, LO, HI, Y, INV_N,
+    X, PERM, ROWPTR, LO, HI, Y, INV_N,
     sxb, sxh, sxe, syb, syh, syt,
     H, T, E, D,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, MEAN: tl.constexpr, AHEAD: tl.constexpr,
-    SORTED: tl.constexpr,
 ):
-    """Y[t] = sum of the rows of X of the entries at position t.
+    """Y[t] = sum of X[e] over the entries e at position t, via a position-sorted PERM.
 
-    SORTED (triton_ops.SORTED_ROWS): X's rows are in position order already (the attention kernels
-    stored entry e at its index in that order), so token t's are rows ROWPTR[t] .. ROWPTR[t + 1] - 1
-    and ORDER is unused. Otherwise X is in entry order and ORDER is the position-sorted permutation:
-    token t's rows are ORDER[ROWPTR[t] + j], one more round trip of dependent loads per gather.
-
-    MEAN (forward scatter-mean): divide by the number of entries that had a key (SORTED: KEYED, int8
-    in position order; else HI > LO of the entry) and store that inverse count in INV_N for the
-    backward; tokens no cluster gave a key get 0.
+    MEAN (forward scatter-mean): divide by the number of entries that had a key (HI > LO) and store
+    that inverse count in INV_N for the backward; tokens no cluster gave a key get 0.
 
     AHEAD: each token's first AHEAD entries are gathered at once (one (BLOCK_T, AHEAD, D) load), and
-    only entries past them in a loop. A tile whose busiest token has n entries would otherwise wait n
-    round trips; topk's counts are about Poisson(1) (benchmarks' 64k: 0.3% of tokens have 5 or more),
-    so AHEAD = 4 leaves one round trip for nearly every tile.
+    only entries past them in a loop. Each step of that loop is two dependent gathers (PERM, then the
+    row), so a tile whose busiest token has n entries waits 2n memory round trips; topk's counts are
+    about Poisson(1) (benchmarks' 64k: 0.3% of tokens have 5 or more), so AHEAD = 4 leaves one round
+    trip of each kind for nearly every tile.
     """
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -800,43 +787,31 @@ def _combine_kernel(
     offs_j = tl.arange(0, AHEAD)
     # (BLOCK_T, AHEAD) names of their own: the loop below gives its (BLOCK_T,) ones other types.
     has_a = offs_j[None, :] < cnt[:, None]
-    r_a = start[:, None] + offs_j[None, :]  # index in position order
-    if SORTED:
-        e_a = r_a.to(tl.int64)
-    else:
-        e_a = tl.load(ORDER + ibase + r_a, mask=has_a, other=0).to(tl.int64)
+    e_a = tl.load(PERM + ibase + start[:, None] + offs_j[None, :], mask=has_a, other=0).to(tl.int64)
     x_a = tl.load(xbase + e_a[:, :, None] * sxe + offs_d[None, None, :],
                   mask=has_a[:, :, None] & dmask[None, :, :], other=0.0)
     acc = tl.sum(x_a.to(tl.float32), axis=1)
     if MEAN:
-        nk = tl.sum(_keyed(KEYED, LO, HI, ibase, r_a, e_a, has_a, SORTED).to(tl.float32), axis=1)
+        lo_a = tl.load(LO + ibase + e_a, mask=has_a, other=0)
+        hi_a = tl.load(HI + ibase + e_a, mask=has_a, other=0)
+        nk = tl.sum((has_a & (hi_a > lo_a)).to(tl.float32), axis=1)
     else:
         nk = tl.zeros([BLOCK_T], dtype=tl.float32)
     for j in range(AHEAD, tl.max(cnt, axis=0)):
         has = j < cnt
-        if SORTED:
-            e = (start + j).to(tl.int64)
-        else:
-            e = tl.load(ORDER + ibase + start + j, mask=has, other=0).to(tl.int64)
+        e = tl.load(PERM + ibase + start + j, mask=has, other=0).to(tl.int64)
         m2 = has[:, None] & dmask
         acc += tl.load(xbase + e[:, None] * sxe + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
         if MEAN:
-            nk += _keyed(KEYED, LO, HI, ibase, start + j, e, has, SORTED).to(tl.float32)
+            lo = tl.load(LO + ibase + e, mask=has, other=0)
+            hi = tl.load(HI + ibase + e, mask=has, other=0)
+            nk += (hi > lo).to(tl.float32)
     if MEAN:
         inv = 1.0 / tl.maximum(nk, 1.0)
         acc = acc * inv[:, None]
         tl.store(INV_N + bh.to(tl.int64) * T + offs_t, inv, mask=tmask)
     tl.store(Y + b * syb + h * syh + offs_t[:, None] * syt + offs_d[None, :], acc.to(Y.dtype.element_ty),
              mask=tmask[:, None] & dmask)
-
-
-@triton.jit
-def _keyed(KEYED, LO, HI, ibase, r, e, has, SORTED: tl.constexpr):
-    """Whether the entries at position-order index r (entry e) had a key; False where not `has`."""
-    if SORTED:
-        return tl.load(KEYED + ibase + r, mask=has, other=0) != 0
-    else:
-        return has & (tl.load(HI + ibase + e, mask=has, other=0) > tl.load(LO + ibase + e, mask=has, other=0))
 
 
 @triton.jit

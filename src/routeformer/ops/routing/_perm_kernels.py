@@ -53,13 +53,8 @@ def _entry_counts_kernel(M, ROWPTR, E, T, NW, BLOCK_T: tl.constexpr, BLOCK_W: tl
 
 
 @triton.jit
-def _entry_perm_kernel(POS, M, ROWPTR, OUT, LO, HI, KEYED, E, RUN, T, NW, BLOCK: tl.constexpr,
-                       BLOCK_W: tl.constexpr, SORTED: tl.constexpr, WITH_KEYED: tl.constexpr):
-    """Entry e at p = POS[bh, e] has index ROWPTR[bh, p] + rank in position order, rank = the entries at
-    p of lower clusters. SORTED False: OUT is the permutation, OUT[bh, that index] = e. SORTED True:
-    OUT is its inverse, OUT[bh, e] = that index (where the attention kernels store entry e's rows, see
-    triton_ops.SORTED_ROWS); with WITH_KEYED also KEYED[bh, that index] = HI[e] > LO[e] (int8), so
-    the forward's per-token mean counts the entries that had a key without going back to entry order."""
+def _entry_perm_kernel(POS, M, ROWPTR, PERM, E, RUN, T, NW, BLOCK: tl.constexpr, BLOCK_W: tl.constexpr):
+    """PERM[bh, ROWPTR[bh, p] + rank] = e, rank = the entries at p = POS[bh, e] of lower clusters."""
     bh = tl.program_id(1).to(tl.int64)
     e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = e < E
@@ -71,10 +66,4 @@ def _entry_perm_kernel(POS, M, ROWPTR, OUT, LO, HI, KEYED, E, RUN, T, NW, BLOCK:
     below = tl.where(w < cw, -1, tl.where(w == cw, (1 << (c % 32))[:, None] - 1, 0))
     rank = tl.sum(_popcount(words & below), axis=1)
     start = tl.load(ROWPTR + bh * (T + 1) + p, mask=m, other=0)
-    if SORTED:
-        tl.store(OUT + bh * E + e, start + rank, mask=m)
-        if WITH_KEYED:
-            keyed = tl.load(HI + bh * E + e, mask=m, other=0) > tl.load(LO + bh * E + e, mask=m, other=0)
-            tl.store(KEYED + bh * E + start + rank, keyed.to(tl.int8), mask=m)
-    else:
-        tl.store(OUT + bh * E + start + rank, e, mask=m)
+    tl.store(PERM + bh * E + start + rank, e, mask=m)

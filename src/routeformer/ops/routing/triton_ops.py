@@ -585,45 +585,19 @@ def _inverse(pos: torch.Tensor, T: int, run: int = 0):
     """pos (BH, E) positions -> (perm, rowptr): entries sorted by position (ties by entry) and CSR row
     pointers. run > 0 (topk): the entries are clusters of `run` distinct positions each, and the
     permutation comes from their membership bits (_perm_kernels) instead of a stable sort."""
-    return _token_index(pos, T, run, False)[:2]
-
-
-def _token_index(pos: torch.Tensor, T: int, run: int, sorted_rows: bool, lo=None, hi=None):
-    """What topk's per-token combine needs -> (order, rowptr, keyed).
-
-    rowptr (BH, T + 1): CSR row pointers of the entries in position order (ties by entry). order
-    (BH, E) int32: with sorted_rows, each entry's index in that order (where the kernels store its
-    rows, SORTED_ROWS), else the permutation itself (entry at each index). keyed (BH, E) int8 in
-    position order, whether the entry had a key (HI > LO), with sorted_rows and lo, hi given; else
-    None. run > 0: from membership bits (see _inverse)."""
     if run > 0 and COUNTING_INVERSE:
-        return _inverse_by_membership(pos, T, run, sorted_rows, lo, hi)
+        return _inverse_by_membership(pos, T, run)
     sorted_pos, perm = pos.sort(dim=-1, stable=True)
     rowptr = count_below(sorted_pos, T + 1, 1, 0, T, False)  # entries at positions < t
-    perm = perm.to(torch.int32).contiguous()
-    if not sorted_rows:
-        return perm, rowptr, None
-    ranks = torch.arange(perm.shape[1], device=perm.device, dtype=torch.int32).expand_as(perm)
-    dest = torch.empty_like(perm).scatter_(1, perm.long(), ranks)
-    keyed = None if lo is None else (hi > lo).gather(1, perm.long()).to(torch.int8)
-    return dest, rowptr, keyed
+    return perm.to(torch.int32).contiguous(), rowptr
 
 
 # True: topk's per-token index from cluster membership bits (three small kernels and a prefix sum);
 # False: from torch.sort, for benchmarks/attention.py --ab ("sorted inverse").
 COUNTING_INVERSE = True
 
-# Where topk's attention kernels store each entry's rows (outputs, then gradients), which
-# _combine_kernel sums per token. True: at the entry's index in position order, so a token's rows,
-# and a tile of consecutive tokens' rows, are contiguous: the combine reads them right after the row
-# pointers, where in entry order it must first gather their entries from the permutation (one more
-# dependent round trip per gather, and scattered rows). The kernels read one index per row for it.
-# The sums are the same bits either way (same rows, same order). benchmarks/attention.py --ab:
-# "entry-order rows".
-SORTED_ROWS = True
 
-
-def _inverse_by_membership(pos: torch.Tensor, T: int, run: int, sorted_rows: bool = False, lo=None, hi=None):
+def _inverse_by_membership(pos: torch.Tensor, T: int, run: int):
     R, E = pos.shape
     nw = cdiv(cdiv(E, run), 32)
     dev = pos.device
@@ -636,14 +610,10 @@ def _inverse_by_membership(pos: torch.Tensor, T: int, run: int, sorted_rows: boo
            BLOCK_W=next_pow2(nw), num_warps=4)
     rowptr = torch.cumsum(counts.view(-1), dim=0, dtype=torch.int32).view(R, T + 1)
     del counts
-    order = _new((R, E), torch.int32, dev)
-    with_keyed = sorted_rows and lo is not None
-    keyed = _new((R, E), torch.int8, dev) if with_keyed else None
-    launch(PK._entry_perm_kernel, (cdiv(E, block // 2), R), pos, member, rowptr, order,
-           lo if with_keyed else pos, hi if with_keyed else pos, keyed if with_keyed else order,
-           E, run, T, nw, BLOCK=block // 2, BLOCK_W=next_pow2(nw), SORTED=sorted_rows, WITH_KEYED=with_keyed,
-           num_warps=4)
-    return order, rowptr, keyed
+    perm = _new((R, E), torch.int32, dev)
+    launch(PK._entry_perm_kernel, (cdiv(E, block // 2), R), pos, member, rowptr, perm, E, run, T, nw,
+           BLOCK=block // 2, BLOCK_W=next_pow2(nw), num_warps=4)
+    return perm, rowptr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -676,26 +646,20 @@ def _row64(*ts) -> bool:
     return any(t.shape[2] * t.stride(2) + t.shape[3] >= 2**31 for t in ts)
 
 
-def _combine(x, order, rowptr, lo, hi, T, mean, out_dtype, sorted_rows=False, keyed=None):
-    """Per-token sums (mean: scatter-mean over the entries that had a key) of x (B, H, E, Dx), whose rows
-    are in position order (sorted_rows; order unused, keyed from _token_index for the mean) or in entry
-    order (order = the permutation; keyed from lo, hi) -> (y (B, H, T, Dx), inv_n (BH, T) or None)."""
+def _combine(x, perm, rowptr, lo, hi, T, mean, out_dtype):
     B, H, E, Dx = x.shape
     y = _new((B, H, T, Dx), out_dtype, x.device)
     inv_n = _new((B * H, T), torch.float32, x.device) if mean else y
     block_t, warps, ahead = _cfg(x, "combine")
     grid = (cdiv(T, block_t), B * H)
-    if sorted_rows and mean and keyed is None:
-        raise ValueError("_combine: the mean of position-ordered rows needs `keyed` from _token_index")
-    launch(K._combine_kernel, grid, x, order, rowptr, order if keyed is None else keyed, lo, hi, y, inv_n,
+    launch(K._combine_kernel, grid, x, perm, rowptr, lo, hi, y, inv_n,
            *_s4(x), *_s4(y), H, T, E, Dx,
-           BLOCK_T=block_t, BLOCK_D=_pow2(Dx), MEAN=mean, AHEAD=ahead, SORTED=sorted_rows, num_warps=warps)
+           BLOCK_T=block_t, BLOCK_D=_pow2(Dx), MEAN=mean, AHEAD=ahead, num_warps=warps)
     return y, (inv_n if mean else None)
 
 
-def attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale: float, direct: bool, dest=None):
-    """The in-cluster attention kernel alone -> (o (B,H,T,Dv) if direct else (B,H,E,Dv), lse (BH,E)).
-    Not direct: entry e's row of o is dest[e] if dest (BH, E) is given (SORTED_ROWS), else e."""
+def attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale: float, direct: bool):
+    """The in-cluster attention kernel alone -> (o (B,H,T,Dv) if direct else (B,H,E,Dv), lse (BH,E))."""
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     E, S = qpos.shape[1], kpos.shape[1]
@@ -705,13 +669,13 @@ def attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale: float, direct: bool
     tiled = _tiled(tiles, q, bm)
     grid = (tiles.shape[1] if tiled else cdiv(E, bm), B * H)
     launch(K._fwd_kernel, grid, q, k, v, qpos, lo, hi, kpos, tiles if tiled else qpos, o, lse,
-           qpos if dest is None else dest, *_s4(q), *_s4(k), *_s4(v), *_s4(o),
+           *_s4(q), *_s4(k), *_s4(v), *_s4(o),
            H, E, S, D, Dv, grid[0], scale * math.log2(math.e),
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=_precision(q),
            SPLIT=SPLIT_TILES["fwd"], ROW64=_row64(q, k, v, o), EVEN_D=_even_d(D, Dv), TILED=tiled,
-           PREFETCH=PREFETCH["fwd"], SCALAR_BAND=SCALAR_BAND, SORTED_ROWS=dest is not None and not direct,
-           num_warps=warps, num_stages=stages, **_regs(q, "fwd"))
+           PREFETCH=PREFETCH["fwd"], SCALAR_BAND=SCALAR_BAND, num_warps=warps, num_stages=stages,
+           **_regs(q, "fwd"))
     return o, lse
 
 
@@ -727,13 +691,11 @@ def routing_indices(q, k, centroids, window: int, causal: bool, assign: str):
 @custom_op("routeformer::routing_fwd")
 def _routing_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor, lo: torch.Tensor,
                  hi: torch.Tensor, kpos: torch.Tensor, tiles: torch.Tensor, scale: float, direct: bool,
-                 shared: bool, window: int = 0, run: int = 0, sorted_rows: bool = True
+                 shared: bool, window: int = 0, run: int = 0
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (out (B,H,T,Dv), o_entries, lse (BH,E), inv_n (BH,T), order (BH,E), rowptr (BH,T+1)).
+    """-> (out (B,H,T,Dv), o_entries, lse (BH,E), inv_n (BH,T), perm (BH,E), rowptr (BH,T+1)).
 
-    direct (nearest): o_entries, inv_n, order and rowptr are empty placeholders. Otherwise order and
-    rowptr are _token_index's: with sorted_rows (SORTED_ROWS) o_entries' rows are in position order and
-    order maps entries to them, else o_entries is in entry order and order is the permutation. shared (k is q) is
+    direct (nearest): o_entries, inv_n, perm and rowptr are empty placeholders. shared (k is q) is
     only recorded for the backward: identity of inputs is not visible through torch.compile. window
     too: W > 0 says that entry e is slot e with HI = e + 1 and LO = max(first slot of its cluster,
     e + 1 - W) (shared-QK nearest; shared-QK causal topk, whose clusters hold at most W), which bounds
@@ -741,18 +703,17 @@ def _routing_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.
     for the per-token index (_inverse); 0: not known (a sort).
     """
     T = q.shape[2]
+    o_e, lse = attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct)
     if direct:
-        o_e, lse = attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct)
         o_ph, n_ph, p_ph, r_ph = _placeholders(q)
         return o_e, o_ph, lse, n_ph, p_ph, r_ph
-    order, rowptr, keyed = _token_index(qpos, T, run, sorted_rows, lo, hi)
-    o_e, lse = attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct, order if sorted_rows else None)
-    out, inv_n = _combine(o_e, order, rowptr, lo, hi, T, True, q.dtype, sorted_rows, keyed)
-    return out, o_e, lse, inv_n, order, rowptr
+    perm, rowptr = _inverse(qpos, T, run)
+    out, inv_n = _combine(o_e, perm, rowptr, lo, hi, T, True, q.dtype)
+    return out, o_e, lse, inv_n, perm, rowptr
 
 
 @_routing_fwd.op.register_fake
-def _(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct, shared, window=0, run=0, sorted_rows=True):
+def _(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct, shared, window=0, run=0):
     B, H, T, _ = q.shape
     Dv, E = v.shape[-1], qpos.shape[1]
     out = q.new_empty((B, H, T, Dv))
@@ -768,10 +729,10 @@ def _(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct, shared, window=0, run=0
 def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  o_e: torch.Tensor, lse: torch.Tensor, inv_n: torch.Tensor, qpos: torch.Tensor, lo: torch.Tensor,
                  hi: torch.Tensor, kpos: torch.Tensor, tiles: torch.Tensor, perm: torch.Tensor,
-                 rowptr: torch.Tensor, scale: float, direct: bool, shared: bool, window: int = 0, run: int = 0,
-                 sorted_rows: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (dq, dk, dv); with shared QK dq already holds dk and dk is an empty placeholder. window, run,
-    sorted_rows: as given to routing_fwd, whose order (`perm`) and rowptr these are."""
+                 rowptr: torch.Tensor, scale: float, direct: bool, shared: bool, window: int = 0, run: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dq, dk, dv); with shared QK dq already holds dk and dk is an empty placeholder. window, run:
+    see routing_fwd."""
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     E, S = qpos.shape[1], kpos.shape[1]
@@ -785,20 +746,17 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     o_rows = out if direct else o_e
     inv = lse if direct else inv_n  # placeholder pointer when unused
     dq = _new((B, H, T, D), q.dtype, dev) if direct else _new((B, H, E, D), part, dev)
-    sorted_rows = sorted_rows and not direct
-    # The keys' order (non-shared topk) is needed before dk/dv when the kernel stores rows by it.
-    kperm, krowptr = (perm, rowptr) if shared or direct else _token_index(kpos, T, run, sorted_rows)[:2]
     bm, bn, warps, stages = _cfg(q, "dq")
     tiled = _tiled(tiles, q, bm)
     n_dq = tiles.shape[1] if tiled else cdiv(E, bm)
     launch(K._bwd_dq_kernel, (n_dq, B * H),
            q, k, v, dout, o_rows, lse, inv, qpos, lo, hi, kpos, tiles if tiled else qpos, delta, dq,
-           perm if sorted_rows else qpos, *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(o_rows), *_s4(dq),
+           *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(o_rows), *_s4(dq),
            H, T, E, S, D, Dv, n_dq, scale, sl2,
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=prec, SPLIT=SPLIT_TILES["dq"],
            ROW64=_row64(q, k, v, dout, o_rows, dq), EVEN_D=_even_d(D, Dv), TILED=tiled, PREFETCH=PREFETCH["dq"],
-           SCALAR_BAND=SCALAR_BAND, SORTED_ROWS=sorted_rows, num_warps=warps, num_stages=stages, **_regs(q, "dq"))
+           SCALAR_BAND=SCALAR_BAND, num_warps=warps, num_stages=stages, **_regs(q, "dq"))
 
     bm, bn, warps, stages = _cfg(q, "dkdv")
     tiled = _tiled(tiles, q, bn)
@@ -814,31 +772,32 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         dv = _new((B, H, S, Dv), part, dev)
     launch(K._bwd_dkdv_kernel, (nt, B * H),
            q, k, v, dout, lse, inv, delta, qpos, lo, hi, kpos, tiles if tiled else qpos, qlo, qhi, flo, fhi, dk, dv,
-           kperm if sorted_rows else kpos, *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(dk), *_s4(dv),
+           *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(dk), *_s4(dv),
            H, T, E, S, nt, D, Dv, scale, sl2,
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, ADD_DK=shared, PRECISION=prec, SPLIT=SPLIT_TILES["dkdv"],
            ROW64=_row64(q, k, v, dout, dk, dv), EVEN_D=_even_d(D, Dv), TILED=tiled, PREFETCH=PREFETCH["dkdv_direct" if direct else "dkdv"],
-           SORTED_ROWS=sorted_rows, num_warps=warps, num_stages=stages, **_regs(q, "dkdv_direct" if direct else "dkdv"))
+           num_warps=warps, num_stages=stages, **_regs(q, "dkdv_direct" if direct else "dkdv"))
     empty = q.new_empty(0)
     if direct:
         return dq, (empty if shared else dk), dv
     # Each per-entry buffer is dropped as soon as it is summed per token, so that the partials and the
     # summed gradients are never all alive at once (peak memory).
-    dq_t = _combine(dq, perm, rowptr, lo, hi, T, False, q.dtype, sorted_rows)[0]
+    kperm, krowptr = (perm, rowptr) if shared else _inverse(kpos, T, run)
+    dq_t = _combine(dq, perm, rowptr, lo, hi, T, False, q.dtype)[0]
     del dq
     if shared:
         del dk  # the same buffer as dq
-    dv_t = _combine(dv, kperm, krowptr, lo, hi, T, False, q.dtype, sorted_rows)[0]
+    dv_t = _combine(dv, kperm, krowptr, lo, hi, T, False, q.dtype)[0]
     del dv
     if shared:
         return dq_t, empty, dv_t
-    return dq_t, _combine(dk, kperm, krowptr, lo, hi, T, False, q.dtype, sorted_rows)[0], dv_t
+    return dq_t, _combine(dk, kperm, krowptr, lo, hi, T, False, q.dtype)[0], dv_t
 
 
 @_routing_bwd.op.register_fake
 def _(dout, q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, tiles, perm, rowptr, scale, direct, shared,
-      window=0, run=0, sorted_rows=True):
+      window=0, run=0):
     # The real op returns fresh contiguous tensors; empty_like would keep a transposed input's strides.
     return q.new_empty(q.shape), (q.new_empty(0) if shared else k.new_empty(k.shape)), v.new_empty(v.shape)
 
@@ -848,8 +807,7 @@ def _setup_context(ctx, inputs, output):
     out, o_e, lse, inv_n, perm, rowptr = output
     ctx.save_for_backward(q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, tiles, perm, rowptr)
     ctx.scale, ctx.direct = scale, direct
-    defaults = [0, 0, True]  # routing_fwd's window, run, sorted_rows
-    ctx.window, ctx.run, ctx.sorted_rows = list(extra) + defaults[len(extra):]
+    ctx.window, ctx.run = (list(extra) + [0, 0])[:2]
     ctx.n_inputs = len(inputs)
     # Shared QK: one gradient (dq + dk), summed by the kernels instead of autograd.
     ctx.shared = shared
@@ -861,7 +819,7 @@ def _backward(ctx, dout, *_unused):
         return (None,) * ctx.n_inputs
     q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, tiles, perm, rowptr = ctx.saved_tensors
     dq, dk, dv = _routing_bwd(dout, q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, tiles, perm, rowptr,
-                              ctx.scale, ctx.direct, ctx.shared, ctx.window, ctx.run, ctx.sorted_rows)
+                              ctx.scale, ctx.direct, ctx.shared, ctx.window, ctx.run)
     return (dq, (None if ctx.shared else dk), dv) + (None,) * (ctx.n_inputs - 3)
 
 
@@ -893,5 +851,4 @@ def routing_attention_triton(q, k, v, centroids, *, window, causal, assign, scal
     # topk causal (without the mask a cluster's entries all see the whole cluster).
     band = window if shared and (assign == "nearest" or causal) else 0
     run = 0 if assign == "nearest" else qpos.shape[1] // centroids.shape[1]  # topk: W (or T) per cluster
-    return _routing(q, k, v, qpos, lo, hi, kpos, tiles, scale, assign == "nearest", shared, band, run,
-                    SORTED_ROWS)[0]
+    return _routing(q, k, v, qpos, lo, hi, kpos, tiles, scale, assign == "nearest", shared, band, run)[0]
