@@ -332,7 +332,8 @@ def sweep(T, parts=SWEEP_PARTS):
     # Session 14: 128-slot tiles (half the loop steps, ~11% more masked work per cluster of 512); the
     # settings of sessions 10-11 (1-4 stages, 64 x 32, 128 x 64 on 8 warps) are in NOTES_routing.md.
     # Session 15: 128-entry tiles on 8 warps again (topk's clusters of 512 waste ~10% more on the diagonal,
-    # but each program gathers a cluster's keys for twice the queries).
+    # but each program gathers a cluster's keys for twice the queries): they lost, topk 0.189-0.312 ms
+    # against 0.158, nearest 0.232-0.382 against 0.181.
     fwd_cfgs = [(64, 64, 4, 2, 128), (64, 128, 4, 2, 128), (64, 128, 4, 2), (64, 128, 8, 2), (64, 128, 4, 3),
                 (128, 64, 8, 2, 128), (128, 64, 8, 3, 128), (128, 64, 8, 2), (64, 64, 4, 3, 128), (64, 64, 4, 2, 128)]
     dq_cfgs = [(64, 64, 4, 3, 128), (64, 128, 4, 3, 128), (64, 128, 4, 3), (64, 128, 8, 3), (64, 128, 4, 2),
@@ -340,8 +341,8 @@ def sweep(T, parts=SWEEP_PARTS):
     dkdv_cfgs = [(32, 64, 4, 1, 128), (32, 128, 4, 3), (32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3),
                  (16, 128, 4, 3), (32, 128, 4, 4), (64, 64, 4, 3)]
     # (BLOCK_T, warps, AHEAD) of topk's per-token sums, the default first and last (1-warp settings:
-    # session 10; AHEAD, the entries gathered at once: session 14; wider tiles: session 15, all within
-    # 0.638-0.659 ms of backward, i.e. flat). Part "bwd" or "combine".
+    # session 10; AHEAD, the entries gathered at once: session 14; wider tiles: session 15, flat, 0.622-0.661
+    # ms of backward against the default's 0.624-0.627). Part "bwd", or "combine" alone.
     combine_cfgs = [(32, 4, 4), (32, 4, 1), (64, 4, 4), (16, 4, 4), (32, 4, 2), (32, 4, 8), (64, 8, 4), (16, 2, 4),
                     (64, 4, 2), (128, 4, 2), (128, 8, 4), (32, 2, 4), (32, 4, 4)]
     # Register budgets that would fit more programs per SM (ncu, 64k: fwd and dq at 128 registers run 4
