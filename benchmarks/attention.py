@@ -537,7 +537,7 @@ AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through 
                "tf32x3 scores", "argmax tiles 64x32", "score tiles 64x32",
                "jit launches", "uncentred argmax", "whole-row entry searches", "split loops", "one-loop dk/dv",
                "head-dim masks", "in-kernel centroid split", "fixed tiles", "two-stage select", "sorted inverse",
-               "prefetch everywhere", "combine one entry at a time", "band reductions")
+               "prefetch everywhere", "combine one entry at a time", "band reductions", "1/n multiplies")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -574,6 +574,7 @@ def _variant(name):
              dict(SK.ARGMAX_TILES), SK.CENTRED_ARGMAX, TO.tile_entry_ranges, SK.PRESPLIT_CENTROIDS,
              TO.CLUSTER_TILES, TO.THRESHOLD_SELECT, TO.COUNTING_INVERSE)
     prefetch, config, scalar_band = dict(TO.PREFETCH), {kind: dict(c) for kind, c in TO.CONFIG.items()}, TO.SCALAR_BAND
+    mean_in_lse = TO.MEAN_IN_LSE
     entry_ranges = TO.tile_entry_ranges
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
@@ -613,6 +614,8 @@ def _variant(name):
         TO.COUNTING_INVERSE = False
     elif name == "band reductions":  # the forward's and dq's slot band reduced over the tile, as before session 14
         TO.SCALAR_BAND = False
+    elif name == "1/n multiplies":  # topk's backward multiplies p by 1/n at the entry's token, as before session 15
+        TO.MEAN_IN_LSE = False
     elif name == "prefetch everywhere":  # every kernel reads the next tile's gather indices (session 14)
         TO.PREFETCH.update(dict.fromkeys(TO.PREFETCH, True))
     elif name == "combine one entry at a time":  # topk's per-token sums one entry per step, as before session 14
@@ -640,6 +643,7 @@ def _variant(name):
         TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = index_ops
         TO.PREFETCH.update(prefetch)
         TO.SCALAR_BAND = scalar_band
+        TO.MEAN_IN_LSE = mean_in_lse
         for kind, c in config.items():
             TO.CONFIG[kind].update(c)
 

@@ -630,6 +630,27 @@ def test_kernel_switches_change_no_bit_gpu(assign, switch, monkeypatch):
     _switch_agrees(q, v, centroids, 500, assign, monkeypatch, *_kernel_switches()[switch])
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_mean_in_lse_gives_what_the_1_over_n_multiplies_give(shared, monkeypatch):
+    """topk's scatter-mean weight folded into the log-sum-exp (MEAN_IN_LSE) against the kernels' 1/n
+    multiplies: the same gradients up to float32 rounding. Window 30 of T = 61 with 6 clusters: tokens
+    in up to 6 clusters, past the CPU combine's AHEAD, so the fold's loop over further entries runs."""
+    q, k, v, centroids = _inputs(1, 2, 61, 24, 20, 6, shared, torch.float32, "cpu", 15)
+    dout = torch.randn(v.shape, generator=torch.Generator().manual_seed(7)).to(v)
+    results = []
+    for setting in (True, False):
+        monkeypatch.setattr(TO, "MEAN_IN_LSE", setting)
+        out = routing_attention(q, k, v, centroids, window=30, causal=True, assign="topk", backend="triton")
+        results.append((out, *torch.autograd.grad(out, (q, v) if shared else (q, k, v), dout)))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=0, rtol=0)  # the forward is untouched
+    for a, b in zip(results[0][1:], results[1][1:]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        idx = TO.routing_indices(q, k, centroids, 30, True, "topk")
+        counts = torch.bincount(idx[0][0].long(), minlength=61)
+    assert counts.max() > TO.CONFIG["cpu"]["combine"][2], counts  # the loop past AHEAD ran
+
+
 def _row_offsets_agree(q, v, centroids, window, assign, monkeypatch):
     dout = torch.randn(v.shape, generator=torch.Generator().manual_seed(4)).to(v)
     results = []

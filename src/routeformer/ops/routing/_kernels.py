@@ -323,13 +323,14 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DIRECT: tl.constexpr, SKIP_EMPTY: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
     ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
-    SCALAR_BAND: tl.constexpr = True,
+    SCALAR_BAND: tl.constexpr = True, MEAN_IN_LSE: tl.constexpr = False,
 ):
     """dq per query entry (entry tiles as in _fwd_kernel); also stores DELTA = rowsum(dO * O_entry) for
     the dk/dv kernel.
 
     With topk the entry's output is scaled by 1/n (scatter-mean); the kernels keep dO unscaled and
-    multiply ds by INV_N instead, which saves a rounding of dO.
+    scale p by it instead, which saves a rounding of dO: MEAN_IN_LSE, LSE already holds lse + log2(n)
+    (_combine_kernel's LSE_OUT), so exp2(s - LSE) is p / n; otherwise dq is multiplied by INV_N.
     """
     if EVEN_D:  # head dims equal to their tiles: the column masks fold away (fewer live predicates)
         D = BLOCK_D
@@ -354,9 +355,11 @@ def _bwd_dq_kernel(
     do = tl.load(DO + b * sdob + h * sdoh + qpos[:, None] * sdot + offs_dv[None, :], mask=dvmask, other=0.0)
     if DIRECT:
         orow = qpos
-        inv_n = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     else:
         orow = offs_e.to(tl.int64)
+    if DIRECT or MEAN_IN_LSE:
+        inv_n = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    else:
         inv_n = tl.load(INV_N + bh.to(tl.int64) * T + qpos, mask=emask, other=0.0)
     o = tl.load(O + b * sob + h * soh + orow[:, None] * sot + offs_dv[None, :], mask=dvmask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
@@ -404,7 +407,7 @@ def _bwd_dq_kernel(
 def _dkdv_step(e0, end, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LSE, DELTA, INV_N, ibase, nbase,
                sqt, sdot, S, D, DV, sm_scale_log2, edge,
                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-               DIRECT: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
+               WEIGHTED: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
                ROW64: tl.constexpr, qpos_pre=0, PREFETCHED: tl.constexpr = False):
     """One entry tile [e0, e0 + BLOCK_M) of the dk/dv loop: returns the updated (dk, dv).
 
@@ -437,7 +440,7 @@ def _dkdv_step(e0, end, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LSE, 
     elif MASKED == 2:
         if edge:
             pT = tl.where(_in_band(offs_s[:, None], lo[None, :], hi[None, :]), pT, 0.0)
-    if not DIRECT:
+    if WEIGHTED:  # topk's scatter-mean weight 1/n of the entry's token (unless LSE holds it)
         pT = pT * tl.load(INV_N + nbase + qpos)[None, :]
     dv = dv + _dot(pT.to(do.dtype), do, PRECISION)
     dpT = _dot(v, tl.trans(do), PRECISION)
@@ -450,7 +453,7 @@ def _dkdv_step(e0, end, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LSE, 
 def _dkdv_loop(start, end, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LSE, DELTA, INV_N, ibase, nbase,
                sqt, sdot, S, D, DV, sm_scale_log2,
                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-               DIRECT: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
+               WEIGHTED: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
                ROW64: tl.constexpr, PREFETCH: tl.constexpr):
     """The entry tiles [start, end) of one of the dk/dv kernel's loops (MASKED 0 or 1, see _dkdv_step).
     PREFETCH: each step reads the next tile's query positions, so that its q and dO gathers wait on
@@ -462,7 +465,7 @@ def _dkdv_loop(start, end, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LS
             qp = _clamped_rows(QPOS + ibase, e0 + BLOCK_M + tl.arange(0, BLOCK_M), end, ROW64)
         dk, dv = _dkdv_step(e0, end, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LSE, DELTA, INV_N,
                             ibase, nbase, sqt, sdot, S, D, DV, sm_scale_log2, True,
-                            BLOCK_M, BLOCK_D, BLOCK_DV, DIRECT, PRECISION, MASKED, ROW64, qcur, PREFETCH)
+                            BLOCK_M, BLOCK_D, BLOCK_DV, WEIGHTED, PRECISION, MASKED, ROW64, qcur, PREFETCH)
     return dk, dv
 
 
@@ -474,6 +477,7 @@ def _bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DIRECT: tl.constexpr, ADD_DK: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
     ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
+    MEAN_IN_LSE: tl.constexpr = False,
 ):
     """dk, dv per slot tile, looping over the contiguous entry range [QLO, QHI) that attends it.
     Slot tile pid_n is [pid_n * BLOCK_N, + BLOCK_N), or with TILED TILES[bh, pid_n] (R, NT, 2), as
@@ -483,7 +487,9 @@ def _bwd_dkdv_kernel(
     inside that range run without masks; the ones before and after it are masked.
     ADD_DK (shared QK): DK is the dq buffer, which holds dq at these rows (token positions if DIRECT,
     else entries, which are the slots); add dk to it, so one rounding covers dq + dk.
+    topk weighs each entry's p by its token's 1/n (INV_N) unless MEAN_IN_LSE (see _bwd_dq_kernel).
     """
+    WEIGHTED: tl.constexpr = not DIRECT and not MEAN_IN_LSE
     if EVEN_D:  # head dims equal to their tiles: the column masks fold away (fewer live predicates)
         D = BLOCK_D
         DV = BLOCK_DV
@@ -522,17 +528,17 @@ def _bwd_dkdv_kernel(
             dk, dv = _dkdv_step(e0, qhi, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LSE, DELTA, INV_N,
                                 ibase, nbase, sqt, sdot, S, D, DV, sm_scale_log2,
                                 (e0 < full_lo) | (e0 >= full_hi),
-                                BLOCK_M, BLOCK_D, BLOCK_DV, DIRECT, PRECISION, 2, ROW64)
+                                BLOCK_M, BLOCK_D, BLOCK_DV, WEIGHTED, PRECISION, 2, ROW64)
     else:
         dk, dv = _dkdv_loop(qlo, full_lo, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LSE, DELTA, INV_N,
                             ibase, nbase, sqt, sdot, S, D, DV, sm_scale_log2,
-                            BLOCK_M, BLOCK_D, BLOCK_DV, DIRECT, PRECISION, 1, ROW64, PREFETCH)
+                            BLOCK_M, BLOCK_D, BLOCK_DV, WEIGHTED, PRECISION, 1, ROW64, PREFETCH)
         dk, dv = _dkdv_loop(full_lo, full_hi, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LSE, DELTA, INV_N,
                             ibase, nbase, sqt, sdot, S, D, DV, sm_scale_log2,
-                            BLOCK_M, BLOCK_D, BLOCK_DV, DIRECT, PRECISION, 0, ROW64, PREFETCH)
+                            BLOCK_M, BLOCK_D, BLOCK_DV, WEIGHTED, PRECISION, 0, ROW64, PREFETCH)
         dk, dv = _dkdv_loop(full_hi, qhi, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LSE, DELTA, INV_N,
                             ibase, nbase, sqt, sdot, S, D, DV, sm_scale_log2,
-                            BLOCK_M, BLOCK_D, BLOCK_DV, DIRECT, PRECISION, 1, ROW64, PREFETCH)
+                            BLOCK_M, BLOCK_D, BLOCK_DV, WEIGHTED, PRECISION, 1, ROW64, PREFETCH)
     dk = dk * sm_scale
     if DIRECT:
         row = kpos
@@ -753,15 +759,18 @@ def _write_cluster_tiles(COUNTS, CUM, TILES, row, T, NB, NT, BM: tl.constexpr, C
 
 @triton.jit
 def _combine_kernel(
-    X, PERM, ROWPTR, LO, HI, Y, INV_N,
+    X, PERM, ROWPTR, LO, HI, Y, INV_N, LSE,
     sxb, sxh, sxe, syb, syh, syt,
     H, T, E, D,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, MEAN: tl.constexpr, AHEAD: tl.constexpr,
+    LSE_OUT: tl.constexpr = False,
 ):
     """Y[t] = sum of X[e] over the entries e at position t, via a position-sorted PERM.
 
-    MEAN (forward scatter-mean): divide by the number of entries that had a key (HI > LO) and store
-    that inverse count in INV_N for the backward; tokens no cluster gave a key get 0.
+    MEAN (forward scatter-mean): divide by the number n of entries that had a key (HI > LO) and store
+    that inverse count in INV_N for the backward; tokens no cluster gave a key get 0. LSE_OUT (with
+    MEAN): also add log2(n) (n at least 1) to each entry's LSE (BH, E) in place, so that the backward's
+    exp2(s - LSE) is the entry's p already weighed by 1/n (the kernels' MEAN_IN_LSE).
 
     AHEAD: each token's first AHEAD entries are gathered at once (one (BLOCK_T, AHEAD, D) load), and
     only entries past them in a loop. Each step of that loop is two dependent gathers (PERM, then the
@@ -807,9 +816,18 @@ def _combine_kernel(
             hi = tl.load(HI + ibase + e, mask=has, other=0)
             nk += (hi > lo).to(tl.float32)
     if MEAN:
-        inv = 1.0 / tl.maximum(nk, 1.0)
+        n = tl.maximum(nk, 1.0)
+        inv = 1.0 / n
         acc = acc * inv[:, None]
         tl.store(INV_N + bh.to(tl.int64) * T + offs_t, inv, mask=tmask)
+        if LSE_OUT:
+            log_n = tl.log2(n)
+            lse_a = tl.load(LSE + ibase + e_a, mask=has_a, other=0.0)
+            tl.store(LSE + ibase + e_a, lse_a + log_n[:, None], mask=has_a)
+            for j in range(AHEAD, tl.max(cnt, axis=0)):
+                has = j < cnt
+                e = tl.load(PERM + ibase + start + j, mask=has, other=0).to(tl.int64)
+                tl.store(LSE + ibase + e, tl.load(LSE + ibase + e, mask=has, other=0.0) + log_n, mask=has)
     tl.store(Y + b * syb + h * syh + offs_t[:, None] * syt + offs_d[None, :], acc.to(Y.dtype.element_ty),
              mask=tmask[:, None] & dmask)
 
