@@ -317,7 +317,7 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, O, LSE, INV_N, QPOS, LO, HI, KPOS, TILES, DELTA, DQ,
+    Q, K, V, DO, O, LSE, INV_N, QPOS, LO, HI, KPOS, TILES, DELTA, DQ, LSE_W,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sob, soh, sot, sdqb, sdqh, sdqt,
     H, T, E, S, D, DV, NTILES, sm_scale, sm_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -329,8 +329,8 @@ def _bwd_dq_kernel(
     the dk/dv kernel.
 
     With topk the entry's output is scaled by 1/n (scatter-mean); the kernels keep dO unscaled and
-    scale p by it instead, which saves a rounding of dO: MEAN_IN_LSE, LSE already holds lse + log2(n)
-    (_combine_kernel's LSE_OUT), so exp2(s - LSE) is p / n; otherwise dq is multiplied by INV_N.
+    multiply ds by INV_N instead, which saves a rounding of dO. MEAN_IN_LSE (topk): also store
+    LSE_W = LSE + log2(n) per entry, with which the dk/dv kernel's exp2(s - LSE_W) is p / n already.
     """
     if EVEN_D:  # head dims equal to their tiles: the column masks fold away (fewer live predicates)
         D = BLOCK_D
@@ -355,16 +355,16 @@ def _bwd_dq_kernel(
     do = tl.load(DO + b * sdob + h * sdoh + qpos[:, None] * sdot + offs_dv[None, :], mask=dvmask, other=0.0)
     if DIRECT:
         orow = qpos
-    else:
-        orow = offs_e.to(tl.int64)
-    if DIRECT or MEAN_IN_LSE:
         inv_n = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     else:
+        orow = offs_e.to(tl.int64)
         inv_n = tl.load(INV_N + bh.to(tl.int64) * T + qpos, mask=emask, other=0.0)
     o = tl.load(O + b * sob + h * soh + orow[:, None] * sot + offs_dv[None, :], mask=dvmask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
     tl.store(DELTA + ibase + offs_e, delta, mask=emask)
     lse = tl.load(LSE + ibase + offs_e, mask=emask, other=float("inf"))
+    if MEAN_IN_LSE:  # inv_n is 1/n with n >= 1 (_combine_kernel); +inf (no key) stays +inf
+        tl.store(LSE_W + ibase + offs_e, lse - tl.log2(inv_n), mask=emask)
 
     kbase = K + b * skb + h * skh
     vbase = V + b * svb + h * svh
@@ -487,7 +487,8 @@ def _bwd_dkdv_kernel(
     inside that range run without masks; the ones before and after it are masked.
     ADD_DK (shared QK): DK is the dq buffer, which holds dq at these rows (token positions if DIRECT,
     else entries, which are the slots); add dk to it, so one rounding covers dq + dk.
-    topk weighs each entry's p by its token's 1/n (INV_N) unless MEAN_IN_LSE (see _bwd_dq_kernel).
+    topk weighs each entry's p by its token's 1/n: with MEAN_IN_LSE, LSE is the dq kernel's LSE_W, which
+    holds it (no per-step gather of INV_N at the entries' tokens, no multiply); else by INV_N.
     """
     WEIGHTED: tl.constexpr = not DIRECT and not MEAN_IN_LSE
     if EVEN_D:  # head dims equal to their tiles: the column masks fold away (fewer live predicates)
@@ -759,18 +760,15 @@ def _write_cluster_tiles(COUNTS, CUM, TILES, row, T, NB, NT, BM: tl.constexpr, C
 
 @triton.jit
 def _combine_kernel(
-    X, PERM, ROWPTR, LO, HI, Y, INV_N, LSE,
+    X, PERM, ROWPTR, LO, HI, Y, INV_N,
     sxb, sxh, sxe, syb, syh, syt,
     H, T, E, D,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, MEAN: tl.constexpr, AHEAD: tl.constexpr,
-    LSE_OUT: tl.constexpr = False,
 ):
     """Y[t] = sum of X[e] over the entries e at position t, via a position-sorted PERM.
 
-    MEAN (forward scatter-mean): divide by the number n of entries that had a key (HI > LO) and store
-    that inverse count in INV_N for the backward; tokens no cluster gave a key get 0. LSE_OUT (with
-    MEAN): also add log2(n) (n at least 1) to each entry's LSE (BH, E) in place, so that the backward's
-    exp2(s - LSE) is the entry's p already weighed by 1/n (the kernels' MEAN_IN_LSE).
+    MEAN (forward scatter-mean): divide by the number of entries that had a key (HI > LO) and store
+    that inverse count in INV_N for the backward; tokens no cluster gave a key get 0.
 
     AHEAD: each token's first AHEAD entries are gathered at once (one (BLOCK_T, AHEAD, D) load), and
     only entries past them in a loop. Each step of that loop is two dependent gathers (PERM, then the
@@ -816,18 +814,9 @@ def _combine_kernel(
             hi = tl.load(HI + ibase + e, mask=has, other=0)
             nk += (hi > lo).to(tl.float32)
     if MEAN:
-        n = tl.maximum(nk, 1.0)
-        inv = 1.0 / n
+        inv = 1.0 / tl.maximum(nk, 1.0)
         acc = acc * inv[:, None]
         tl.store(INV_N + bh.to(tl.int64) * T + offs_t, inv, mask=tmask)
-        if LSE_OUT:
-            log_n = tl.log2(n)
-            lse_a = tl.load(LSE + ibase + e_a, mask=has_a, other=0.0)
-            tl.store(LSE + ibase + e_a, lse_a + log_n[:, None], mask=has_a)
-            for j in range(AHEAD, tl.max(cnt, axis=0)):
-                has = j < cnt
-                e = tl.load(PERM + ibase + start + j, mask=has, other=0).to(tl.int64)
-                tl.store(LSE + ibase + e, tl.load(LSE + ibase + e, mask=has, other=0.0) + log_n, mask=has)
     tl.store(Y + b * syb + h * syh + offs_t[:, None] * syt + offs_d[None, :], acc.to(Y.dtype.element_ty),
              mask=tmask[:, None] & dmask)
 

@@ -592,6 +592,15 @@ def _inverse(pos: torch.Tensor, T: int, run: int = 0):
     return perm.to(torch.int32).contiguous(), rowptr
 
 
+# True: topk's dq kernel also writes each entry's log-sum-exp plus log2(n) (n: the keyed entries of its
+# token, the scatter-mean's divisor; +2 MiB at 64k), and dk/dv recomputes p from that, so p carries the
+# 1/n already: no per-step gather of INV_N at the entries' tokens and no multiply of the tile (sm_90
+# SASS of its unmasked loop 296 -> 238 instructions, spills 26 -> 8). dk and dv round differently (one
+# exponent instead of exponent and product); dq is unchanged. False: the multiplies, for
+# benchmarks/attention.py --ab ("1/n multiplies"). (Folding it in the forward's combine instead, in
+# place of LSE: combine 50 -> ~107 us there, session 15.)
+MEAN_IN_LSE = True
+
 # True: topk's per-token index from cluster membership bits (three small kernels and a prefix sum);
 # False: from torch.sort, for benchmarks/attention.py --ab ("sorted inverse").
 COUNTING_INVERSE = True
@@ -646,28 +655,16 @@ def _row64(*ts) -> bool:
     return any(t.shape[2] * t.stride(2) + t.shape[3] >= 2**31 for t in ts)
 
 
-def _combine(x, perm, rowptr, lo, hi, T, mean, out_dtype, lse=None):
-    """Per-token sums of x (B, H, E, Dx) by the position-sorted permutation perm; mean: the scatter-mean
-    over the entries that had a key, and with lse (BH, E) float32 also lse += log2(n) in place (see
-    _combine_kernel, LSE_OUT) -> (y (B, H, T, Dx), inv_n (BH, T) or None)."""
+def _combine(x, perm, rowptr, lo, hi, T, mean, out_dtype):
     B, H, E, Dx = x.shape
     y = _new((B, H, T, Dx), out_dtype, x.device)
     inv_n = _new((B * H, T), torch.float32, x.device) if mean else y
     block_t, warps, ahead = _cfg(x, "combine")
     grid = (cdiv(T, block_t), B * H)
-    launch(K._combine_kernel, grid, x, perm, rowptr, lo, hi, y, inv_n, inv_n if lse is None else lse,
+    launch(K._combine_kernel, grid, x, perm, rowptr, lo, hi, y, inv_n,
            *_s4(x), *_s4(y), H, T, E, Dx,
-           BLOCK_T=block_t, BLOCK_D=_pow2(Dx), MEAN=mean, AHEAD=ahead, LSE_OUT=mean and lse is not None,
-           num_warps=warps)
+           BLOCK_T=block_t, BLOCK_D=_pow2(Dx), MEAN=mean, AHEAD=ahead, num_warps=warps)
     return y, (inv_n if mean else None)
-
-
-# True: topk's forward combine adds log2(n) to each entry's log-sum-exp (n: the keyed entries of its
-# token), so the backward's recomputed p already carries the scatter-mean's 1/n; dk/dv then drops a
-# per-step gather of INV_N at the entries' tokens and the tile's multiply, dq its final multiply.
-# Not the same bits as multiplying by 1/n (p rounds once either way, from another exponent).
-# False: the kernels multiply by INV_N, for benchmarks/attention.py --ab ("1/n multiplies").
-MEAN_IN_LSE = True
 
 
 def attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale: float, direct: bool):
@@ -703,7 +700,7 @@ def routing_indices(q, k, centroids, window: int, causal: bool, assign: str):
 @custom_op("routeformer::routing_fwd")
 def _routing_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor, lo: torch.Tensor,
                  hi: torch.Tensor, kpos: torch.Tensor, tiles: torch.Tensor, scale: float, direct: bool,
-                 shared: bool, window: int = 0, run: int = 0, mean_in_lse: bool = True
+                 shared: bool, window: int = 0, run: int = 0
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (out (B,H,T,Dv), o_entries, lse (BH,E), inv_n (BH,T), perm (BH,E), rowptr (BH,T+1)).
 
@@ -712,8 +709,7 @@ def _routing_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.
     too: W > 0 says that entry e is slot e with HI = e + 1 and LO = max(first slot of its cluster,
     e + 1 - W) (shared-QK nearest; shared-QK causal topk, whose clusters hold at most W), which bounds
     the backward's searches of tile_entry_ranges; 0: nothing known. run (topk): entries per cluster,
-    for the per-token index (_inverse); 0: not known (a sort). mean_in_lse (MEAN_IN_LSE, topk): the
-    returned lse holds log2(n) of the scatter-mean too; routing_bwd must be given the same.
+    for the per-token index (_inverse); 0: not known (a sort).
     """
     T = q.shape[2]
     o_e, lse = attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct)
@@ -721,12 +717,12 @@ def _routing_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.
         o_ph, n_ph, p_ph, r_ph = _placeholders(q)
         return o_e, o_ph, lse, n_ph, p_ph, r_ph
     perm, rowptr = _inverse(qpos, T, run)
-    out, inv_n = _combine(o_e, perm, rowptr, lo, hi, T, True, q.dtype, lse if mean_in_lse else None)
+    out, inv_n = _combine(o_e, perm, rowptr, lo, hi, T, True, q.dtype)
     return out, o_e, lse, inv_n, perm, rowptr
 
 
 @_routing_fwd.op.register_fake
-def _(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct, shared, window=0, run=0, mean_in_lse=True):
+def _(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct, shared, window=0, run=0):
     B, H, T, _ = q.shape
     Dv, E = v.shape[-1], qpos.shape[1]
     out = q.new_empty((B, H, T, Dv))
@@ -742,10 +738,10 @@ def _(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct, shared, window=0, run=0
 def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  o_e: torch.Tensor, lse: torch.Tensor, inv_n: torch.Tensor, qpos: torch.Tensor, lo: torch.Tensor,
                  hi: torch.Tensor, kpos: torch.Tensor, tiles: torch.Tensor, perm: torch.Tensor,
-                 rowptr: torch.Tensor, scale: float, direct: bool, shared: bool, window: int = 0, run: int = 0,
-                 mean_in_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (dq, dk, dv); with shared QK dq already holds dk and dk is an empty placeholder. window, run,
-    mean_in_lse: as given to routing_fwd, whose lse this is."""
+                 rowptr: torch.Tensor, scale: float, direct: bool, shared: bool, window: int = 0, run: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dq, dk, dv); with shared QK dq already holds dk and dk is an empty placeholder. window, run:
+    see routing_fwd."""
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     E, S = qpos.shape[1], kpos.shape[1]
@@ -759,18 +755,20 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     o_rows = out if direct else o_e
     inv = lse if direct else inv_n  # placeholder pointer when unused
     dq = _new((B, H, T, D), q.dtype, dev) if direct else _new((B, H, E, D), part, dev)
+    # topk: the log-sum-exp with the scatter-mean's log2(n) added, written by dq for dk/dv (MEAN_IN_LSE)
+    fold = MEAN_IN_LSE and not direct
+    lse_w = _new((B * H, E), torch.float32, dev) if fold else lse
     bm, bn, warps, stages = _cfg(q, "dq")
     tiled = _tiled(tiles, q, bm)
     n_dq = tiles.shape[1] if tiled else cdiv(E, bm)
     launch(K._bwd_dq_kernel, (n_dq, B * H),
-           q, k, v, dout, o_rows, lse, inv, qpos, lo, hi, kpos, tiles if tiled else qpos, delta, dq,
+           q, k, v, dout, o_rows, lse, inv, qpos, lo, hi, kpos, tiles if tiled else qpos, delta, dq, lse_w,
            *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(o_rows), *_s4(dq),
            H, T, E, S, D, Dv, n_dq, scale, sl2,
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=prec, SPLIT=SPLIT_TILES["dq"],
            ROW64=_row64(q, k, v, dout, o_rows, dq), EVEN_D=_even_d(D, Dv), TILED=tiled, PREFETCH=PREFETCH["dq"],
-           SCALAR_BAND=SCALAR_BAND, MEAN_IN_LSE=mean_in_lse and not direct, num_warps=warps, num_stages=stages,
-           **_regs(q, "dq"))
+           SCALAR_BAND=SCALAR_BAND, MEAN_IN_LSE=fold, num_warps=warps, num_stages=stages, **_regs(q, "dq"))
 
     bm, bn, warps, stages = _cfg(q, "dkdv")
     tiled = _tiled(tiles, q, bn)
@@ -785,13 +783,13 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         dk = dq if shared else _new((B, H, S, D), part, dev)
         dv = _new((B, H, S, Dv), part, dev)
     launch(K._bwd_dkdv_kernel, (nt, B * H),
-           q, k, v, dout, lse, inv, delta, qpos, lo, hi, kpos, tiles if tiled else qpos, qlo, qhi, flo, fhi, dk, dv,
+           q, k, v, dout, lse_w, inv, delta, qpos, lo, hi, kpos, tiles if tiled else qpos, qlo, qhi, flo, fhi, dk, dv,
            *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(dk), *_s4(dv),
            H, T, E, S, nt, D, Dv, scale, sl2,
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, ADD_DK=shared, PRECISION=prec, SPLIT=SPLIT_TILES["dkdv"],
            ROW64=_row64(q, k, v, dout, dk, dv), EVEN_D=_even_d(D, Dv), TILED=tiled, PREFETCH=PREFETCH["dkdv_direct" if direct else "dkdv"],
-           MEAN_IN_LSE=mean_in_lse and not direct, num_warps=warps, num_stages=stages, **_regs(q, "dkdv_direct" if direct else "dkdv"))
+           MEAN_IN_LSE=fold, num_warps=warps, num_stages=stages, **_regs(q, "dkdv_direct" if direct else "dkdv"))
     empty = q.new_empty(0)
     if direct:
         return dq, (empty if shared else dk), dv
@@ -811,7 +809,7 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
 
 @_routing_bwd.op.register_fake
 def _(dout, q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, tiles, perm, rowptr, scale, direct, shared,
-      window=0, run=0, mean_in_lse=True):
+      window=0, run=0):
     # The real op returns fresh contiguous tensors; empty_like would keep a transposed input's strides.
     return q.new_empty(q.shape), (q.new_empty(0) if shared else k.new_empty(k.shape)), v.new_empty(v.shape)
 
@@ -821,8 +819,7 @@ def _setup_context(ctx, inputs, output):
     out, o_e, lse, inv_n, perm, rowptr = output
     ctx.save_for_backward(q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, tiles, perm, rowptr)
     ctx.scale, ctx.direct = scale, direct
-    defaults = [0, 0, True]  # routing_fwd's window, run, mean_in_lse
-    ctx.window, ctx.run, ctx.mean_in_lse = list(extra) + defaults[len(extra):]
+    ctx.window, ctx.run = (list(extra) + [0, 0])[:2]
     ctx.n_inputs = len(inputs)
     # Shared QK: one gradient (dq + dk), summed by the kernels instead of autograd.
     ctx.shared = shared
@@ -834,7 +831,7 @@ def _backward(ctx, dout, *_unused):
         return (None,) * ctx.n_inputs
     q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, tiles, perm, rowptr = ctx.saved_tensors
     dq, dk, dv = _routing_bwd(dout, q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, tiles, perm, rowptr,
-                              ctx.scale, ctx.direct, ctx.shared, ctx.window, ctx.run, ctx.mean_in_lse)
+                              ctx.scale, ctx.direct, ctx.shared, ctx.window, ctx.run)
     return (dq, (None if ctx.shared else dk), dv) + (None,) * (ctx.n_inputs - 3)
 
 
@@ -866,5 +863,4 @@ def routing_attention_triton(q, k, v, centroids, *, window, causal, assign, scal
     # topk causal (without the mask a cluster's entries all see the whole cluster).
     band = window if shared and (assign == "nearest" or causal) else 0
     run = 0 if assign == "nearest" else qpos.shape[1] // centroids.shape[1]  # topk: W (or T) per cluster
-    return _routing(q, k, v, qpos, lo, hi, kpos, tiles, scale, assign == "nearest", shared, band, run,
-                    MEAN_IN_LSE)[0]
+    return _routing(q, k, v, qpos, lo, hi, kpos, tiles, scale, assign == "nearest", shared, band, run)[0]
