@@ -652,6 +652,24 @@ def test_mean_in_lse_gives_what_the_1_over_n_multiplies_give(shared, monkeypatch
     assert counts.max() > 2, counts  # weights 1/n below 1/2: the fold is not a no-op
 
 
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("shared", [True, False])
+def test_mean_in_lse_gives_what_the_1_over_n_multiplies_give_gpu(shared, monkeypatch):
+    """As above at a real size, bf16: window 500 over T = 5000, 20 clusters (tokens in several)."""
+    q, k, v, centroids = _inputs(1, 2, 5000, 64, 64, 20, shared, torch.bfloat16, "cuda", 16)
+    dout = torch.randn(v.shape, generator=torch.Generator().manual_seed(8)).to(v)
+    results = []
+    for setting in (True, False):
+        monkeypatch.setattr(TO, "MEAN_IN_LSE", setting)
+        out = routing_attention(q, k, v, centroids, window=500, causal=True, assign="topk", backend="triton")
+        results.append((out, *torch.autograd.grad(out, (q, v) if shared else (q, k, v), dout)))
+    exact = 1 if shared else 2
+    for i, (a, b) in enumerate(zip(*results)):
+        tol = dict(atol=0, rtol=0) if i < exact else dict(atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(a, b, **tol, msg=f"output {i}")
+
+
 def _row_offsets_agree(q, v, centroids, window, assign, monkeypatch):
     dout = torch.randn(v.shape, generator=torch.Generator().manual_seed(4)).to(v)
     results = []
