@@ -537,7 +537,7 @@ AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through 
                "tf32x3 scores", "argmax tiles 64x32", "score tiles 64x32",
                "jit launches", "uncentred argmax", "whole-row entry searches", "split loops", "one-loop dk/dv",
                "head-dim masks", "in-kernel centroid split", "fixed tiles", "two-stage select", "sorted inverse",
-               "prefetch everywhere", "combine one entry at a time", "band reductions", "1/n in the log-sum-exp")
+               "prefetch everywhere", "combine one entry at a time", "band reductions", "1/n multiplies")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -614,8 +614,8 @@ def _variant(name):
         TO.COUNTING_INVERSE = False
     elif name == "band reductions":  # the forward's and dq's slot band reduced over the tile, as before session 14
         TO.SCALAR_BAND = False
-    elif name == "1/n in the log-sum-exp":  # topk's dk/dv reads p / n from dq's log-sum-exp (session 15, off)
-        TO.MEAN_IN_LSE = True
+    elif name == "1/n multiplies":  # topk's dk/dv multiplies p by 1/n per step, as before session 16
+        TO.MEAN_IN_LSE = False
     elif name == "prefetch everywhere":  # every kernel reads the next tile's gather indices (session 14)
         TO.PREFETCH.update(dict.fromkeys(TO.PREFETCH, True))
     elif name == "combine one entry at a time":  # topk's per-token sums one entry per step, as before session 14

@@ -597,12 +597,12 @@ def _inverse(pos: torch.Tensor, T: int, run: int = 0):
 # 1/n already: no per-step gather of INV_N at the entries' tokens and no multiply of the tile (sm_90
 # SASS of its unmasked loop 296 -> 238 instructions, spills 26 -> 8). dk and dv round differently (one
 # exponent instead of exponent and product); dq and the forward are unchanged.
-# OFF until timed on the GPU in this form. Session 15 measured the same dk/dv kernel with the fold done
-# in the forward's combine instead (in place of LSE): dk/dv 330 -> 285 us at 64k, but that combine went
-# 50 -> ~107 us (runs/h200_2026-12-03_s15_cd0e18f_*); here the fold is one contiguous store in dq. No
-# device time was left to measure it: benchmarks/attention.py --ab variant "1/n in the log-sum-exp"
-# switches it on, tests/ops/test_routing_triton.py has its CPU and GPU equivalence tests.
-MEAN_IN_LSE = False
+# Measured in this form in session 16 (H200, runs/h200_2026-12-03_s16_*): dk/dv 331 -> 286 us at 64k,
+# dq 184 -> 192 us (the extra store), topk graph fwd+bwd 1.116 -> 1.080 ms, memory 336 -> 338 MiB.
+# Session 15 had tried the fold in the forward's combine instead (in place of LSE): the same dk/dv gain
+# but that combine went 50 -> ~107 us. False: dk/dv multiplies by 1/n per step, for
+# benchmarks/attention.py --ab ("1/n multiplies"); tests/ops/test_routing_triton.py checks both agree.
+MEAN_IN_LSE = True
 
 # True: topk's per-token index from cluster membership bits (three small kernels and a prefix sum);
 # False: from torch.sort, for benchmarks/attention.py --ab ("sorted inverse").
