@@ -168,3 +168,24 @@ def test_presplit_centroids_same_bits(monkeypatch, T, D, C):
 def test_presplit_centroids_match_gpu(monkeypatch, T, D, C):
     x, centroids = _inputs(1, 2, T, D, C, torch.bfloat16, "cuda", seed=6)
     _presplit_against_in_kernel(monkeypatch, x, centroids + 0.5, exact=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_scores_not_stored_leave_the_group_maxima(dtype, monkeypatch):
+    """benchmarks/score_pass.py times the scoring pass without its score stores (STORE_SCORES False):
+    that is only the same work if the group maxima come out the same bits, and the scores untouched."""
+    from routeformer.ops.routing import _score_kernels as SK
+
+    x, centroids = _inputs(1, 2, 150, 24, 40, dtype, "cpu", seed=9)
+    s_t, gmax = SK._launch(x, centroids, write=True, argmax=False, c_begin=16, c_count=24)[:2]
+    # _launch allocates the scores with torch.empty: hand it a poisoned buffer to see it left unwritten
+    poison = torch.full_like(s_t, float("nan"))
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison if a and a[0] == tuple(s_t.shape)
+                        else real_empty(*a, **k))
+    s_none, gmax_none = SK._launch(x, centroids, write=True, argmax=False, c_begin=16, c_count=24,
+                                   store_scores=False)[:2]
+    monkeypatch.undo()
+    assert s_none is poison and bool(torch.isnan(s_none).all())
+    assert torch.equal(gmax_none, gmax)
+    assert torch.isfinite(s_t).all()

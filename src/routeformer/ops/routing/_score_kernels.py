@@ -124,6 +124,7 @@ def _scores_kernel(
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_SIZE: tl.constexpr,
     WRITE: tl.constexpr, ARGMAX: tl.constexpr, PRECISION: tl.constexpr, COUNT_BINS: tl.constexpr,
     COUNT_T: tl.constexpr, CENTRED: tl.constexpr, PRESPLIT: tl.constexpr, EVEN_C: tl.constexpr,
+    STORE_SCORES: tl.constexpr = True,
 ):
     """One tile of BLOCK_T positions of one (batch, head) against centroids C_BEGIN .. C_BEGIN+C_COUNT-1.
 
@@ -146,6 +147,7 @@ def _scores_kernel(
     PRESPLIT (bf16x3): the pieces of c (or of c - mean(c)) and sum(c) come ready in PIECES (3, H*C, D)
     and CSUM (H*C,) from _centroid_pieces_kernel (PRESPLIT_CENTROIDS); otherwise they are made here.
     EVEN_C: C_COUNT is a multiple of BLOCK_C, so no cluster tile has padding for the argmax to mask.
+    STORE_SCORES False (WRITE, for benchmarks/score_pass.py only): GMAX alone, to time the S_T stores.
     """
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -196,7 +198,8 @@ def _scores_kernel(
             s = tl.dot(xn, tl.trans(cent), input_precision=PRECISION)
         if WRITE:
             rows = (row0 + offs_c)[None, :]
-            tl.store(S_T + rows * T + offs_t[:, None], s, mask=tmask[:, None] & cmask[None, :])
+            if STORE_SCORES:
+                tl.store(S_T + rows * T + offs_t[:, None], s, mask=tmask[:, None] & cmask[None, :])
             NG: tl.constexpr = BLOCK_T // GROUP_SIZE
             gmax = tl.max(tl.reshape(tl.where(tmask[:, None], s, float("-inf")), [NG, GROUP_SIZE, BLOCK_C]), axis=1)
             offs_g = pid * NG + tl.arange(0, NG)
@@ -275,9 +278,10 @@ def _centroid_pieces(x: torch.Tensor, cent: torch.Tensor, centred: bool, argmax:
 
 
 def _launch(x: torch.Tensor, centroids: torch.Tensor, write: bool, argmax: bool, c_begin: int = 0,
-            c_count: int | None = None, count_bins: int = 0, pieces=None):
+            c_count: int | None = None, count_bins: int = 0, pieces=None, store_scores: bool = True):
     """The scoring kernel on clusters [c_begin, c_begin + c_count); pieces: _centroid_pieces' result
-    for these centroids where the caller has it (several scoring passes), else made here if used."""
+    for these centroids where the caller has it (several scoring passes), else made here if used.
+    store_scores False: the scores are not written (see _scores_kernel; a measurement, not a result)."""
     B, H, T, D = x.shape
     C = centroids.shape[1]
     c_count = C - c_begin if c_count is None else c_count
@@ -309,7 +313,8 @@ def _launch(x: torch.Tensor, centroids: torch.Tensor, write: bool, argmax: bool,
            x.stride(2), H, T, C, c_begin, c_count, D, G, _EPS,
            BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_D=block_d, GROUP_SIZE=scores.GROUP,
            WRITE=write, ARGMAX=argmax, PRECISION=precision, COUNT_BINS=count_bins,
-           COUNT_T=count_t, CENTRED=centred, PRESPLIT=presplit, EVEN_C=c_count % block_c == 0, num_warps=warps,
+           COUNT_T=count_t, CENTRED=centred, PRESPLIT=presplit, EVEN_C=c_count % block_c == 0,
+           STORE_SCORES=store_scores, num_warps=warps,
            num_stages=PRESPLIT_STAGES if presplit else 3)
     return s_t, gmax, amax, counts
 

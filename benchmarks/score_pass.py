@@ -1,0 +1,71 @@
+"""What one of topk's scoring passes is bound by: the pass as topk_index runs it (64 clusters x 8 heads
+at T = 64k, W = 512: float32 scores and group maxima), the same kernel without the scores' stores
+(_scores_kernel's STORE_SCORES: the group maxima alone), and the device's write ceiling for the same
+bytes (a torch fill of a buffer the size of the scores; and a copy, read + write).
+
+    PYTHONPATH=src python benchmarks/score_pass.py [--T 65536] [--out score_pass.json]
+
+Times are medians of CUDA-event timings of CUDA-graph replays (benchmarks/attention.py's _bench_graph);
+GB/s counts the scores' bytes only (the input rows, 1/16 of them, and the group maxima aside).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+_spec = importlib.util.spec_from_file_location("attention_bench", Path(__file__).with_name("attention.py"))
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def measure(T: int) -> list[dict]:
+    from routeformer.ops.routing import _score_kernels as SK
+    from routeformer.ops.routing import triton_ops as TO
+
+    H, D, W = 8, 64, 512
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    centroids = torch.nn.functional.normalize(torch.randn(H, T // W, D, device="cuda", generator=g), dim=-1)
+    chunk = TO.cluster_chunk(x, T // W)
+    cent = centroids.float().contiguous()
+    pieces = SK._centroid_pieces(x, cent, centred=False, argmax=False)
+    s_ref, gmax_ref = SK._launch(x, cent, True, False, 0, chunk, pieces=pieces)[:2]
+    gmax_only = SK._launch(x, cent, True, False, 0, chunk, pieces=pieces, store_scores=False)[1]
+    if not torch.equal(gmax_only, gmax_ref):
+        raise SystemExit("STORE_SCORES=False changed the group maxima: the timing would not be of the same work")
+    nbytes = s_ref.numel() * s_ref.element_size()
+    buf, other = torch.empty_like(s_ref), torch.empty_like(s_ref)
+    rows = []
+    for name, fn, moved in (
+            ("scoring pass (scores + group maxima)",
+             lambda: SK._launch(x, cent, True, False, 0, chunk, pieces=pieces), nbytes),
+            ("the same, group maxima only",
+             lambda: SK._launch(x, cent, True, False, 0, chunk, pieces=pieces, store_scores=False), 0),
+            ("torch fill of the scores' bytes", lambda: buf.fill_(0.5), nbytes),
+            ("torch copy of the scores' bytes (read + write)", lambda: other.copy_(buf), 2 * nbytes)):
+        with torch.no_grad():
+            ms = bench._bench_graph(fn)
+        rows.append({"T": T, "what": name, "us": ms * 1e3, "GB/s": moved / ms / 1e6 if moved else None})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--T", default="65536", help="comma list of sequence lengths")
+    p.add_argument("--out", default=None, help="JSON file for the rows")
+    a = p.parse_args()
+    rows = [r for T in a.T.split(",") for r in measure(int(T))]
+    if a.out:
+        Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+    print("| T | what | us | GB/s |\n|---:|---|---:|---:|")
+    for r in rows:
+        gbs = f"{r['GB/s']:.0f}" if r["GB/s"] else "-"
+        print(f"| {r['T']} | {r['what']} | {r['us']:.1f} | {gbs} |")
+
+
+if __name__ == "__main__":
+    main()
