@@ -1,7 +1,8 @@
-"""What one of topk's scoring passes is bound by: the pass as topk_index runs it (64 clusters x 8 heads
-at T = 64k, W = 512: float32 scores and group maxima), the same kernel without the scores' stores
-(_scores_kernel's STORE_SCORES: the group maxima alone), and the device's write ceiling for the same
-bytes (a torch fill of a buffer the size of the scores; and a copy, read + write).
+"""What one of topk's scoring passes is bound by: a pass of 64 clusters x 8 heads at T = 64k, W = 512
+(float32 scores and group maxima; the cluster passes, triton_ops.HEAD_PASSES False), the same kernel
+without the scores' stores (_scores_kernel's STORE_SCORES: the group maxima alone), the pass topk_index
+runs by default (triton_ops.scoring_passes: 128 clusters x 4 heads, the same bytes), and the device's
+write ceiling for the same bytes (a torch fill of a buffer the size of the scores; and a copy).
 
     PYTHONPATH=src python benchmarks/score_pass.py [--T 65536] [--out score_pass.json]
 
@@ -37,14 +38,20 @@ def measure(T: int) -> list[dict]:
     gmax_only = SK._launch(x, cent, True, False, 0, chunk, pieces=pieces, store_scores=False)[1]
     if not torch.equal(gmax_only, gmax_ref):
         raise SystemExit("STORE_SCORES=False changed the group maxima: the timing would not be of the same work")
+    rows_per_pass, head_chunk = TO.scoring_passes(x, T // W)
+    n_rows = H if rows_per_pass is None else rows_per_pass
+    head_pass = SK._launch(x, cent, True, False, 0, head_chunk, pieces=pieces, bh_count=n_rows)[0]
     nbytes = s_ref.numel() * s_ref.element_size()
     buf, other = torch.empty_like(s_ref), torch.empty_like(s_ref)
     rows = []
     for name, fn, moved in (
-            ("scoring pass (scores + group maxima)",
+            (f"cluster pass: {chunk} clusters x {H} heads (scores + group maxima)",
              lambda: SK._launch(x, cent, True, False, 0, chunk, pieces=pieces), nbytes),
             ("the same, group maxima only",
              lambda: SK._launch(x, cent, True, False, 0, chunk, pieces=pieces, store_scores=False), 0),
+            (f"default pass: {head_chunk} clusters x {n_rows} heads",
+             lambda: SK._launch(x, cent, True, False, 0, head_chunk, pieces=pieces, bh_count=n_rows),
+             head_pass.numel() * head_pass.element_size()),
             ("torch fill of the scores' bytes", lambda: buf.fill_(0.5), nbytes),
             ("torch copy of the scores' bytes (read + write)", lambda: other.copy_(buf), 2 * nbytes)):
         with torch.no_grad():

@@ -343,6 +343,56 @@ def test_cluster_passes_equal_one_pass(monkeypatch):
         fused_scores(x, centroids, 40, 1)
 
 
+def test_batch_head_passes_equal_one_pass(monkeypatch):
+    """Scoring blocks of batch-heads against all clusters (fused kernel, interpreter), alone and with
+    cluster chunks, blocks crossing a batch boundary and a short last block: the same bits of scores
+    as the whole launch, and the same positions selected."""
+    from routeformer.ops.routing import _score_kernels as SK
+    from routeformer.ops.routing import scores
+
+    monkeypatch.setattr(scores, "use_fused", lambda x: True)
+    monkeypatch.setattr(scores, "GROUP", 4)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, 150, 24, generator=g).to(torch.bfloat16)  # 6 batch-heads
+    x[:, :, 90:110] = x[:, :, 7:8]  # exact ties
+    centroids = torch.randn(3, 40, 24, generator=g)
+    whole_scores, whole_gmax = SK._launch(x, centroids, write=True, argmax=False)[:2]
+    for r0, n in ((0, 6), (2, 3), (5, 1)):  # (2, 3) spans batch 0's last head and batch 1's first two
+        part, gmax = SK._launch(x, centroids, write=True, argmax=False, bh_begin=r0, bh_count=n)[:2]
+        lead = (2, 3) if n == 6 else (1, n)  # the whole range keeps x's (B, H)
+        assert part.shape == (*lead, 40, 150) and gmax.shape[:3] == (*lead, 40)
+        assert torch.equal(part.flatten(0, 1), whole_scores.flatten(0, 1)[r0:r0 + n])
+        assert torch.equal(gmax.flatten(0, 1), whole_gmax.flatten(0, 1)[r0:r0 + n])
+    want = TO.topk_index(x, centroids, 9)
+    assert torch.equal(want.long(), topk_positions(whole_scores.transpose(2, 3), 9))
+    for rows, chunk in ((4, None), (1, None), (4, 16)):  # a short last block; blocks with cluster chunks
+        monkeypatch.setattr(TO, "ROWS_PER_PASS", rows)
+        monkeypatch.setattr(TO, "CLUSTER_CHUNK", chunk)
+        assert TO.scoring_passes(x, 40) == (rows, TO.cluster_chunk(x, 40))
+        assert torch.equal(TO.topk_index(x, centroids, 9), want), (rows, chunk)
+    with pytest.raises(ValueError, match="batch-heads"):
+        SK._launch(x, centroids, write=True, argmax=False, bh_begin=5, bh_count=2)
+    with pytest.raises(ValueError, match="batch-heads"):
+        SK._launch(x, centroids, write=False, argmax=True, bh_begin=1, bh_count=2)
+
+
+def test_scoring_passes_plan():
+    """Blocks of batch-heads against all clusters wherever cluster_chunk's budget holds one batch-head's
+    scores for all clusters, never more scores per pass than the cluster passes; else cluster passes."""
+    x = torch.empty(1, 8, 65536, 64, dtype=torch.bfloat16)
+    block_c = TO.cluster_chunk(x, 1)  # a budget never goes below one cluster tile
+    assert TO.cluster_chunk(x, 128) == 64  # the budget: 64 clusters of all 8 heads
+    assert TO.scoring_passes(x, 128) == (4, 128)  # = 4 heads of all 128 clusters
+    assert TO.scoring_passes(x, 256) == (2, 256)
+    assert TO.scoring_passes(x, 64) == (None, 64)  # everything in one pass
+    assert TO.scoring_passes(x[:, :1], 128) == (None, 64)  # one head: only cluster chunks shrink a pass
+    assert TO.scoring_passes(x, 8 * 64 * 2) == (None, 64)  # < 1 head per pass
+    for C in (40, 100, 128, 300, 1000):
+        rows, chunk = TO.scoring_passes(x, C)
+        per_pass = (8 if rows is None else rows) * chunk
+        assert per_pass <= 8 * TO.cluster_chunk(x, C) and chunk >= min(C, block_c), C
+
+
 @pytest.mark.parametrize("one_kernel", [True, False])
 def test_select_top_equals_stable_sort(monkeypatch, one_kernel):
     """Both row selectors (one kernel per row; torch.topk + scan) on ties, signed zeros, -inf and odd L."""
@@ -367,12 +417,15 @@ def test_select_top_equals_stable_sort(monkeypatch, one_kernel):
 @gpu
 @needs_cuda
 def test_scoring_passes_select_what_one_pass_selects_gpu(monkeypatch):
-    """T = 64k, C = 128, bf16 D = 64: two passes of 64 clusters, whose scores must be the bits of the
-    whole-C launch (the one the reference backend takes), so both select the same positions."""
+    """T = 64k, C = 128, bf16 D = 64: two passes of 4 heads, or two of 64 clusters, whose scores must be
+    the bits of the whole launch (the one the reference backend takes), so all select the same positions."""
     x = torch.randn(1, 8, 65536, 64, device="cuda", dtype=torch.bfloat16)
     centroids = torch.nn.functional.normalize(torch.randn(8, 128, 64, device="cuda"), dim=-1)
-    assert TO.cluster_chunk(x, 128) == 64
-    passes = TO.topk_index(x, centroids, 512)
+    assert TO.cluster_chunk(x, 128) == 64 and TO.scoring_passes(x, 128) == (4, 128)
+    passes = TO.topk_index(x, centroids, 512)  # two passes of 4 heads
+    monkeypatch.setattr(TO, "HEAD_PASSES", False)
+    assert TO.scoring_passes(x, 128) == (None, 64)
+    assert torch.equal(passes, TO.topk_index(x, centroids, 512))  # two passes of 64 clusters
     monkeypatch.setattr(TO, "CLUSTER_CHUNK", 1 << 20)
     assert torch.equal(passes, TO.topk_index(x, centroids, 512))
 

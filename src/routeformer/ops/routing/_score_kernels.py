@@ -120,7 +120,7 @@ def _centroid_pieces_kernel(CENT, PIECES, CSUM, R, D, BLOCK_R: tl.constexpr, BLO
 @triton.jit
 def _scores_kernel(
     X, CENT, PIECES, CSUM, S_T, GMAX, AMAX, COUNTS,
-    sxb, sxh, sxt, H, T, C, C_BEGIN, C_COUNT, D, G, eps,
+    sxb, sxh, sxt, H, T, C, C_BEGIN, C_COUNT, BH_BEGIN, D, G, eps,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_SIZE: tl.constexpr,
     WRITE: tl.constexpr, ARGMAX: tl.constexpr, PRECISION: tl.constexpr, COUNT_BINS: tl.constexpr,
     COUNT_T: tl.constexpr, CENTRED: tl.constexpr, PRESPLIT: tl.constexpr, EVEN_C: tl.constexpr,
@@ -128,9 +128,11 @@ def _scores_kernel(
 ):
     """One tile of BLOCK_T positions of one (batch, head) against centroids C_BEGIN .. C_BEGIN+C_COUNT-1.
 
-    WRITE: S_T (BH, C_COUNT, T) float32 scores and GMAX (BH, C_COUNT, G) the max over each GROUP_SIZE
-    positions. A chunk that starts at a multiple of BLOCK_C runs exactly the tiles of the whole-C
-    launch, so its scores are the same bits (triton_ops.topk_index relies on it).
+    Program (i, j) scores batch-head BH_BEGIN + j (b * H + h) of X; BH_BEGIN > 0 only with WRITE.
+    WRITE: S_T (BH', C_COUNT, T) float32 scores and GMAX (BH', C_COUNT, G) the max over each GROUP_SIZE
+    positions, for the BH' batch-heads of the grid. A chunk that starts at a multiple of BLOCK_C runs
+    exactly the tiles of the whole-C launch, and any BH_BEGIN the same tiles of its batch-heads, so their
+    scores are the same bits (triton_ops.topk_index relies on it).
     ARGMAX: AMAX (BH, T) int64, the first cluster of highest score (torch.argmax's tie rule); with
     COUNT_BINS (a power of two >= C) also COUNTS (BH, COUNT_BINS, cdiv(T, COUNT_T)) int32, how many of
     each COUNT_T positions chose each cluster (the counting sort of triton_ops._nearest_indices_shared;
@@ -150,7 +152,7 @@ def _scores_kernel(
     STORE_SCORES False (WRITE, for benchmarks/score_pass.py only): GMAX alone, to time the S_T stores.
     """
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = BH_BEGIN + tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -168,7 +170,7 @@ def _scores_kernel(
         xn = xc * rstd[:, None]
     best = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
     best_c = tl.zeros([BLOCK_T], dtype=tl.int32)
-    row0 = bh.to(tl.int64) * C_COUNT - C_BEGIN
+    row0 = tl.program_id(1).to(tl.int64) * C_COUNT - C_BEGIN
     c_end = C_BEGIN + C_COUNT
     for c0 in range(C_BEGIN, c_end, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
@@ -278,11 +280,19 @@ def _centroid_pieces(x: torch.Tensor, cent: torch.Tensor, centred: bool, argmax:
 
 
 def _launch(x: torch.Tensor, centroids: torch.Tensor, write: bool, argmax: bool, c_begin: int = 0,
-            c_count: int | None = None, count_bins: int = 0, pieces=None, store_scores: bool = True):
+            c_count: int | None = None, count_bins: int = 0, pieces=None, store_scores: bool = True,
+            bh_begin: int = 0, bh_count: int | None = None):
     """The scoring kernel on clusters [c_begin, c_begin + c_count); pieces: _centroid_pieces' result
     for these centroids where the caller has it (several scoring passes), else made here if used.
-    store_scores False: the scores are not written (see _scores_kernel; a measurement, not a result)."""
+    store_scores False: the scores are not written (see _scores_kernel; a measurement, not a result).
+    bh_begin, bh_count (write only): score batch-heads [bh_begin, bh_begin + bh_count) of the flattened
+    (B * H) rows alone; the scores and maxima are then (1, bh_count, c_count, .)."""
     B, H, T, D = x.shape
+    bh_count = B * H - bh_begin if bh_count is None else bh_count
+    if (bh_begin, bh_count) != (0, B * H) and (argmax or not 0 <= bh_begin < bh_begin + bh_count <= B * H):
+        raise ValueError(f"scoring batch-heads [{bh_begin}, {bh_begin} + {bh_count}) of {B * H}: only the "
+                         "scores (write, not argmax) take a batch-head range, inside [0, B * H)")
+    rows = (B, H) if bh_count == B * H else (1, bh_count)
     C = centroids.shape[1]
     c_count = C - c_begin if c_count is None else c_count
     if x.stride(-1) != 1:
@@ -290,15 +300,15 @@ def _launch(x: torch.Tensor, centroids: torch.Tensor, write: bool, argmax: bool,
     cent = centroids.float().contiguous()
     G = cdiv(T, scores.GROUP)
     dev = x.device
-    s_t = torch.empty((B, H, c_count, T) if write else (0,), dtype=torch.float32, device=dev)
-    gmax = torch.empty((B, H, c_count, G) if write else (0,), dtype=torch.float32, device=dev)
+    s_t = torch.empty((*rows, c_count, T) if write else (0,), dtype=torch.float32, device=dev)
+    gmax = torch.empty((*rows, c_count, G) if write else (0,), dtype=torch.float32, device=dev)
     amax = torch.empty((B, H, T) if argmax else (0,), dtype=torch.int64, device=dev)
     block_d = max(16, next_pow2(D))
     block_t, block_c, warps = tiles(x, argmax=argmax)
     count_t = count_tile(x) if count_bins else block_t  # (a constant where unused: no extra compilations)
     if block_t % count_t:
         raise ValueError(f"score tile {block_t} is not a multiple of the count tile {count_t} (ARGMAX_TILES)")
-    grid = (cdiv(T, block_t), B * H)
+    grid = (cdiv(T, block_t), bh_count)
     precision = _precision(x)
     counts = torch.empty((B * H, count_bins, cdiv(T, count_t)) if count_bins else (0,), dtype=torch.int32,
                          device=dev)
@@ -310,7 +320,7 @@ def _launch(x: torch.Tensor, centroids: torch.Tensor, write: bool, argmax: bool,
     else:
         pieces = csum = cent  # unread
     launch(_scores_kernel, grid, x, cent, pieces, csum, s_t, gmax, amax, counts, x.stride(0), x.stride(1),
-           x.stride(2), H, T, C, c_begin, c_count, D, G, _EPS,
+           x.stride(2), H, T, C, c_begin, c_count, bh_begin, D, G, _EPS,
            BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_D=block_d, GROUP_SIZE=scores.GROUP,
            WRITE=write, ARGMAX=argmax, PRECISION=precision, COUNT_BINS=count_bins,
            COUNT_T=count_t, CENTRED=centred, PRESPLIT=presplit, EVEN_C=c_count % block_c == 0,
@@ -333,19 +343,24 @@ def fused_scores(x: torch.Tensor, centroids: torch.Tensor, c_begin: int = 0, c_c
     return s_t, gmax
 
 
-def score_in_passes(x: torch.Tensor, centroids: torch.Tensor, chunk: int, consume) -> None:
-    """consume(c0, scores, group maxima) for fused_scores(x, centroids, c0, chunk), c0 = 0, chunk, ...,
-    with the centroid pieces made once for all passes. Each pass's scores are dropped before the next
-    pass allocates its own (a loop over a generator would hold two: 128 MiB more at T = 64k). For use
-    inside a custom op (triton_ops.topk_index), where no tracer sees it."""
+def score_in_passes(x: torch.Tensor, centroids: torch.Tensor, chunk: int, consume, rows: int | None = None) -> None:
+    """consume(r0, c0, scores, group maxima) for each scoring pass: batch-heads [r0, r0 + rows) of the
+    flattened (B * H) (rows None: all of them, r0 = 0, scores (B, H, ., .); else (1, rows, ., .)) against
+    clusters [c0, c0 + chunk), the clusters fastest, with the centroid pieces made once for all passes.
+    Each pass's scores are dropped before the next pass allocates its own (a loop over a generator
+    would hold two: 128 MiB more at T = 64k). For use inside a custom op (triton_ops.topk_index), where
+    no tracer sees it."""
+    B, H = x.shape[:2]
     C = centroids.shape[1]
     cent = centroids.float().contiguous()
     pieces = None
     if PRESPLIT_CENTROIDS and _precision(x).startswith("bf16x3"):
         pieces = _centroid_pieces(x, cent, centred=False, argmax=False)
-    for c0 in range(0, C, chunk):
-        consume(c0, *_launch(x, cent, write=True, argmax=False, c_begin=c0, c_count=min(chunk, C - c0),
-                             pieces=pieces)[:2])
+    step = B * H if rows is None else rows
+    for r0 in range(0, B * H, step):
+        for c0 in range(0, C, chunk):
+            consume(r0, c0, *_launch(x, cent, write=True, argmax=False, c_begin=c0, c_count=min(chunk, C - c0),
+                                     pieces=pieces, bh_begin=r0, bh_count=min(step, B * H - r0))[:2])
 
 
 @fused_scores.op.register_fake

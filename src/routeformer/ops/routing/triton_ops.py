@@ -306,6 +306,32 @@ def cluster_chunk(x: torch.Tensor, C: int) -> int:
     return min(C, max(block_c, chunk // block_c * block_c))
 
 
+# True: where one pass may not hold every cluster's scores of every batch-head (cluster_chunk < C) but
+# does hold all clusters of some batch-heads, topk_index scores whole-C passes over blocks of batch-heads
+# (rows_per_pass) instead of cluster chunks over all of them. Same scores in the same bytes per pass,
+# but each pass reads its batch-heads' x once (the cluster passes each read all of x) and each program
+# reuses its x tile and LayerNorm statistics for all cluster tiles. On an H200 at T = 64k the whole-C
+# scoring took 0.142 ms against 2 x 0.081 in two cluster passes (session 16's tile sweep). False: the
+# cluster passes, for benchmarks/attention.py --ab ("cluster passes").
+HEAD_PASSES = True
+# Batch-heads per scoring pass; None: as HEAD_PASSES decides. Tests set it to exercise several passes.
+ROWS_PER_PASS: int | None = None
+
+
+def scoring_passes(x: torch.Tensor, C: int) -> tuple[int | None, int]:
+    """(batch-heads per pass, None for all of them; clusters per pass) of topk_index's scoring passes,
+    never holding more scores at once than cluster_chunk's passes over all batch-heads would."""
+    B, H = x.shape[:2]
+    chunk = cluster_chunk(x, C)
+    if ROWS_PER_PASS is not None:
+        return ROWS_PER_PASS, chunk
+    if HEAD_PASSES and CLUSTER_CHUNK is None and chunk < C:
+        rows = B * H * chunk // C
+        if rows >= 1:
+            return (None if rows >= B * H else rows), C
+    return None, chunk
+
+
 def _select_from_scores(s_t: torch.Tensor, gmax: torch.Tensor | None, w: int) -> torch.Tensor:
     """(B, H, C', T) float32 scores and their group maxima (None: computed here) -> (B, H, C', w)
     int32 top-w positions; the two stages of topk_index."""
@@ -347,7 +373,13 @@ def _topk_index_fused(x: torch.Tensor, centroids: torch.Tensor, window: int) -> 
     C = centroids.shape[1]
     w = min(window, T)
     out = _new((B, H, C, w), torch.int32, x.device)
-    score_in_passes(x, centroids, cluster_chunk(x, C), lambda c0, s_t, gmax: _select_pass(s_t, gmax, w, out, c0))
+    rows, chunk = scoring_passes(x, C)
+
+    def select(r0, c0, s_t, gmax):  # a pass over some batch-heads writes their rows of out
+        dest = out if rows is None else out.view(1, B * H, C, w).narrow(1, r0, s_t.shape[1])
+        _select_pass(s_t, gmax, w, dest, c0)
+
+    score_in_passes(x, centroids, chunk, select, rows)
     return out
 
 
@@ -364,8 +396,9 @@ def topk_index(x: torch.Tensor, centroids: torch.Tensor, window: int) -> torch.T
     the W groups with the highest maxima (ordering elements by (score, -position), as the reference's
     stable sort does, each group's maximum element is unique). Every element of another group has W
     larger elements (the W kept maxima), so the top W all lie in the kept groups: the second stage
-    takes the top W of those W*GROUP candidates, which sit in position order. On CUDA the clusters
-    are scored in passes of `cluster_chunk`, so the scores alive at once never outgrow 2x the size of x.
+    takes the top W of those W*GROUP candidates, which sit in position order. On CUDA the scores are
+    made in passes (`scoring_passes`: blocks of batch-heads against all clusters, or all batch-heads
+    against chunks of clusters), so the scores alive at once never outgrow 2x the size of x.
     """
     if not scores_mod.use_fused(x):
         # The formula path (CPU, interpreter tests) scores all clusters in one matmul, as the
