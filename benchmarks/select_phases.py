@@ -57,6 +57,19 @@ def measure(T: int) -> list[dict]:
     for p in (1, 2, 3):
         rows.append({**base, "name": f"threshold kernel, phases 1..{p}", "ms": bench._bench_graph(
             lambda p=p: TO._launch_threshold_select(s_t, gmax, out, W, 0, group, phases=p))})
+    # The first bound's slack (THRESHOLD_L1_SLACK): the default against the exact search, phase 1 and
+    # all of it, with the kept positions it leaves.
+    slack = TO.THRESHOLD_L1_SLACK
+    for value in (0, slack):
+        TO.THRESHOLD_L1_SLACK = value
+        kept = TO._launch_threshold_select(s_t, gmax, out, W, 0, group, phases=3).float()
+        TO._launch_threshold_select(s_t, gmax, out, W, 0, group)
+        rows.append({**base, "name": f"slack {value}: phase 1", "ms": bench._bench_graph(
+            lambda: TO._launch_threshold_select(s_t, gmax, out, W, 0, group, phases=1))})
+        rows.append({**base, "name": f"slack {value}: threshold select", "ms": bench._bench_graph(
+            lambda: TO._launch_threshold_select(s_t, gmax, out, W, 0, group)), "agrees": torch.equal(out, want),
+            "kept positions mean/max": [kept.mean().item(), kept.max().item()]})
+    TO.THRESHOLD_L1_SLACK = slack
     default = TO.THRESHOLD_TILES["cuda"]
     for cfg in TILES:  # (CHUNK_G, warps, stages) of the kept-positions loop
         TO.THRESHOLD_TILES["cuda"] = cfg
@@ -70,7 +83,10 @@ def measure(T: int) -> list[dict]:
 
 
 # Settings timed after the phases, the default first and last.
-TILES = [(128, 4, 2), (128, 4, 3), (128, 8, 2), (64, 4, 3), (64, 4, 1), (128, 2, 2), (128, 4, 2)]
+# Session 17 added one- and two-warp rows: a row's searches are chains of block-wide sums, which on one
+# warp need no barrier or shared memory.
+TILES = [(128, 4, 2), (128, 4, 3), (128, 8, 2), (64, 4, 3), (64, 4, 1), (128, 2, 2), (64, 2, 3), (32, 2, 3),
+         (64, 1, 2), (64, 1, 3), (32, 1, 2), (32, 1, 3), (16, 1, 3), (128, 4, 2)]
 
 
 def main() -> None:

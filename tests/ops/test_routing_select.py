@@ -69,6 +69,22 @@ def test_threshold_select_equals_stable_sort(monkeypatch, T, w, group):
     assert set(flag.unique().tolist()) <= {0, 1}
 
 
+@pytest.mark.parametrize("slack", [0, 1 << 20, 1 << 31])
+def test_threshold_select_is_exact_whatever_its_first_bound_slack(monkeypatch, slack):
+    """The first bound may stop below the W-th maximum (THRESHOLD_L1_SLACK): 0 is the exact maximum,
+    2**20 keys keeps many more candidates, 2**31 leaves the bound at the row's lowest maximum (rows
+    then overflow the buffers and the fallback finishes them). The selection is the same."""
+    monkeypatch.setattr(TO, "THRESHOLD_L1_SLACK", slack)
+    g = torch.Generator().manual_seed(slack % 97)
+    s_t = torch.randn(2, 1, 4, 700, generator=g)
+    s_t[0, 0, 1, ::3] = s_t[0, 0, 1, 5]  # ties at a random value
+    s_t[1, 0, 2] = s_t[1, 0, 2].round()  # few distinct values
+    out, flag = _select(s_t, 10, 4, monkeypatch=monkeypatch)
+    assert torch.equal(out.long(), _stable_top(s_t, 10)), slack
+    if slack == 0:
+        assert flag.view(2, 4)[0, 0] == 0  # a random row fits
+
+
 def test_threshold_select_writes_its_slice_of_a_wider_output(monkeypatch):
     """A scoring pass over clusters c0 .. c0 + C' writes only those rows of the (B, H, C, w) output."""
     g = torch.Generator().manual_seed(2)

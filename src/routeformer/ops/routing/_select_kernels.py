@@ -34,12 +34,14 @@ def _order_key(s, valid):
 
 
 @triton.jit
-def _kth_key(key, W, lo, hi):
+def _kth_key(key, W, lo, hi, SLACK: tl.constexpr = 0):
     """The W-th largest of the int32 keys, given int64 scalars lo <= it <= hi with at least W keys >= lo.
 
     A bisection that stops when the range is one key: about log2(hi - lo) steps (a row's keys from its
-    minimum to its maximum span far less than 2**32 unless their signs differ)."""
-    while lo < hi:
+    minimum to its maximum span far less than 2**32 unless their signs differ). SLACK > 0: it stops once
+    the range is at most SLACK + 1 keys and returns its lower end, a key at most SLACK below the W-th
+    largest that still has at least W keys at or above it (log2(SLACK + 1) steps fewer)."""
+    while lo + SLACK < hi:
         mid = lo + (hi - lo + 1) // 2
         ok = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0) >= W
         lo = tl.where(ok, mid, lo)
@@ -127,13 +129,16 @@ def _threshold_select_kernel(
     T, G, W, NB, CP, C_OUT, C0,
     SG: tl.constexpr, GROUP: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_G: tl.constexpr,
     CHUNK_G: tl.constexpr, CAP: tl.constexpr, STAGES: tl.constexpr, PHASES: tl.constexpr = 4,
+    L1_SLACK: tl.constexpr = 0,
 ):
     """Exact top-W positions of one row of S_T (R, T) float32 scores, ascending, ties to the lower
     position, from GMAX (R, G), the maximum of each GROUP positions; OUT as in _select_rows_kernel.
 
     1. L1 = the W-th largest of the NB = ceil(G / SG) maxima of SG consecutive groups (NB >= W). Those
        W maxima are W distinct scores >= L1, so every score below L1 has W larger ones: the top W are
-       all >= L1, and they lie in the groups whose maximum is >= L1.
+       all >= L1, and they lie in the groups whose maximum is >= L1. Any lower key with W maxima at or
+       above it bounds them as well: with L1_SLACK the search stops within L1_SLACK keys of the W-th
+       maximum (_kth_key's SLACK), a few more candidates for fewer steps; the result is the same.
     2. Those groups' indices, in order, into GIDX (R, CAP).
     3. Their positions scoring >= L1, in position order, as keys into EKEY (R, CAP) and positions into
        EPOS (R, CAP). With NB about 2W this is ~1.4 W positions for scores without ties.
@@ -154,7 +159,7 @@ def _threshold_select_kernel(
     bmax = tl.max(tl.load(gbase + gi, mask=gi < G, other=float("-inf")), axis=1)
     bkey = _order_key(bmax, bvalid)
     lo = tl.min(tl.where(bvalid, bkey, 2147483647), axis=0).to(tl.int64)
-    l1 = _kth_key(bkey, W, lo, tl.max(bkey, axis=0).to(tl.int64)).to(tl.int32)
+    l1 = _kth_key(bkey, W, lo, tl.max(bkey, axis=0).to(tl.int64), L1_SLACK).to(tl.int32)
     if PHASES == 1:
         tl.store(FLAG + row, l1)
         return

@@ -217,7 +217,8 @@ def _launch_threshold_select(s_t: torch.Tensor, gmax: torch.Tensor, out: torch.T
     chunk, warps, stages = THRESHOLD_TILES["cuda" if gpu else "cpu"]
     launch(SK._threshold_select_kernel, (R,), s_t, gmax, out, gidx, ekey, epos, flag, T, G, w, nb, Cp,
            out.shape[2], c0, SG=sg, GROUP=group, BLOCK_NB=next_pow2(nb), BLOCK_G=1024 if gpu else 16,
-           CHUNK_G=chunk, CAP=cap, STAGES=stages, PHASES=phases, num_warps=warps * max(1, cap // 1024))
+           CHUNK_G=chunk, CAP=cap, STAGES=stages, PHASES=phases, L1_SLACK=THRESHOLD_L1_SLACK,
+           num_warps=warps * max(1, cap // 1024))
     if phases < 4:
         return flag
     if G <= SELECT_ROWS_MAX:
@@ -241,6 +242,12 @@ THRESHOLD_MAX_W = 1024
 # registers, three per SM). H200, T = 64k (benchmarks/select_phases.py, session 13): 50.5 us per pass
 # against 63.6 for (64, 4, 1) and 49.2 for (128, 4, 3). The CPU chunk exercises the loop.
 THRESHOLD_TILES = {"cuda": (128, 4, 2), "cpu": (4, 4, 1)}
+# How far below the W-th largest first-stage maximum the threshold select's first bound may stop (in
+# float32 ulps, _select_kernels._kth_key's SLACK): a row's maxima at T = 64k span ~2**23 keys, so 4095
+# halves its ~23 bisection steps; a bound ~5e-4 relative lower keeps a few more candidate positions. The
+# selection is exact either way. 0: the exact W-th maximum, for benchmarks/attention.py --ab ("exact
+# first bound"); benchmarks/select_phases.py times phase 1 with both.
+THRESHOLD_L1_SLACK = 4095
 
 
 # Warps of the one-row select kernel; None: one per 512 of the row (4 to 16). benchmarks/attention.py
