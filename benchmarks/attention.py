@@ -244,9 +244,7 @@ def _kernel_rows(T):
         with torch.no_grad():
             idx = TO.routing_indices(q, q, centroids, WINDOW, True, assign)
             t_assign = _bench_graph(lambda: TO.routing_indices(q, q, centroids, WINDOW, True, assign))
-            run = 0 if assign == "nearest" else WINDOW  # topk's entries per cluster: its tile order
-            t_kernel = _bench_graph(lambda: TO.attention_fwd(q, q, v, *idx, 1 / math.sqrt(D), assign == "nearest",
-                                                             run))
+            t_kernel = _bench_graph(lambda: TO.attention_fwd(q, q, v, *idx, 1 / math.sqrt(D), assign == "nearest"))
         flops = 2 * T * WINDOW * D * H * B
         out.append({"name": f"kernel {assign}", "T": T, "assign_ms": t_assign, "kernel_ms": t_kernel,
                     "tflops": flops / t_kernel / 1e9})
@@ -471,12 +469,11 @@ def sweep(T, parts=SWEEP_PARTS):
     for assign in ("topk", "nearest"):
         direct = assign == "nearest"
         idx = TO.routing_indices(q, q, centroids, WINDOW, True, assign)
-        run = 0 if direct else WINDOW  # topk's entries per cluster (the kernels' tile order)
         for cfg in (fwd_cfgs if "fwd" in parts else []) + (reg_fwd if "regs" in parts else []):
             TO.CONFIG["cuda"] = dict(default, fwd=cfg[:4])
             set_regs("fwd", cfg)
             try:
-                t = _bench(lambda: TO.attention_fwd(q, q, v, *idx, scale, direct, run))
+                t = _bench(lambda: TO.attention_fwd(q, q, v, *idx, scale, direct))
                 res.append((assign, "fwd", cfg, t, 2 * T * WINDOW * D * H / t / 1e9))
             except Exception as e:
                 res.append((assign, "fwd", cfg, float("nan"), str(e)[:60]))
@@ -494,9 +491,9 @@ def sweep(T, parts=SWEEP_PARTS):
             for mode, regs, wide in split_cfgs:
                 TO.SPLIT_TILES[name], TO.MAXNREG[name] = mode, regs
                 TO._row64 = lambda *ts, wide=wide: wide
-                fn = ((lambda: TO.attention_fwd(q, q, v, *idx, scale, direct, run)) if name == "fwd" else
+                fn = ((lambda: TO.attention_fwd(q, q, v, *idx, scale, direct)) if name == "fwd" else
                       (lambda: TO._routing_bwd(dout, q.detach(), q.detach(), v.detach(), saved[0], saved[1], saved[2],
-                                               saved[3], *idx, saved[4], saved[5], scale, direct, True, 0, run)))
+                                               saved[3], *idx, saved[4], saved[5], scale, direct, True)))
                 try:
                     res.append((assign, f"{name} split/regs/int64" if name == "fwd" else "bwd(dq split/regs/int64)",
                                 (mode, regs, wide), _bench(fn), math.nan))
@@ -541,7 +538,7 @@ AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through 
                "jit launches", "uncentred argmax", "whole-row entry searches", "split loops", "one-loop dk/dv",
                "head-dim masks", "in-kernel centroid split", "fixed tiles", "two-stage select", "sorted inverse",
                "prefetch everywhere", "combine one entry at a time", "band reductions", "1/n multiplies",
-               "cluster passes", "exact first bound", "launch-order tiles")
+               "cluster passes", "exact first bound")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -579,7 +576,6 @@ def _variant(name):
              TO.CLUSTER_TILES, TO.THRESHOLD_SELECT, TO.COUNTING_INVERSE)
     prefetch, config, scalar_band = dict(TO.PREFETCH), {kind: dict(c) for kind, c in TO.CONFIG.items()}, TO.SCALAR_BAND
     mean_in_lse, head_passes, l1_slack = TO.MEAN_IN_LSE, TO.HEAD_PASSES, TO.THRESHOLD_L1_SLACK
-    heavy_first = TO.HEAVY_FIRST
     entry_ranges = TO.tile_entry_ranges
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
@@ -625,8 +621,6 @@ def _variant(name):
         TO.HEAD_PASSES = False
     elif name == "exact first bound":  # topk's threshold select searches L1 exactly, as before session 17
         TO.THRESHOLD_L1_SLACK = 0
-    elif name == "launch-order tiles":  # topk's attention programs in launch order, as before session 17
-        TO.HEAVY_FIRST = False
     elif name == "prefetch everywhere":  # every kernel reads the next tile's gather indices (session 14)
         TO.PREFETCH.update(dict.fromkeys(TO.PREFETCH, True))
     elif name == "combine one entry at a time":  # topk's per-token sums one entry per step, as before session 14
@@ -655,7 +649,6 @@ def _variant(name):
         TO.PREFETCH.update(prefetch)
         TO.SCALAR_BAND = scalar_band
         TO.MEAN_IN_LSE, TO.HEAD_PASSES, TO.THRESHOLD_L1_SLACK = mean_in_lse, head_passes, l1_slack
-        TO.HEAVY_FIRST = heavy_first
         for kind, c in config.items():
             TO.CONFIG[kind].update(c)
 
@@ -675,7 +668,7 @@ def ab(Ts, only=()):
                 if assign == "nearest" and name in ("one scoring pass", "torch.topk select", "candidate gather ops",
                                                     "score tiles 64x32", "two-stage select", "sorted inverse",
                                                     "combine one entry at a time", "cluster passes",
-                                                    "exact first bound", "launch-order tiles"):
+                                                    "exact first bound"):
                     continue  # nearest has no top-k
                 if assign == "topk" and name in ("sorted cluster ids", "argmax tiles 64x32"):
                     continue  # a nearest-only change

@@ -88,7 +88,6 @@ def test_switch_variants_flip_their_switch_and_restore_it():
                         ("1/n multiplies", lambda: not TO.MEAN_IN_LSE),
                         ("cluster passes", lambda: not TO.HEAD_PASSES),
                         ("exact first bound", lambda: TO.THRESHOLD_L1_SLACK == 0),
-                        ("launch-order tiles", lambda: not TO.HEAVY_FIRST),
                         ("combine one entry at a time", lambda: TO.CONFIG["cuda"]["combine"][2] == 1)):
         with bench._variant(name):
             assert check(), name
@@ -98,7 +97,7 @@ def test_switch_variants_flip_their_switch_and_restore_it():
         assert SK.CENTRED_ARGMAX and TO.tile_entry_ranges is entry_ranges and TO.FOLD_EVEN_D, name
         assert SK.PRESPLIT_CENTROIDS and TO.CLUSTER_TILES and TO.THRESHOLD_SELECT and TO.COUNTING_INVERSE, name
         assert TO.PREFETCH == default_prefetch and TO.CONFIG == default_config and TO.SCALAR_BAND, name
-        assert TO.MEAN_IN_LSE and TO.HEAD_PASSES and TO.THRESHOLD_L1_SLACK > 0 and TO.HEAVY_FIRST, name
+        assert TO.MEAN_IN_LSE and TO.HEAD_PASSES and TO.THRESHOLD_L1_SLACK > 0, name
 
 
 def test_table_shares_the_assignment_of_the_graph_forward():

@@ -683,44 +683,6 @@ def test_kernel_switches_change_no_bit_gpu(assign, switch, monkeypatch):
     _switch_agrees(q, v, centroids, 500, assign, monkeypatch, *_kernel_switches()[switch])
 
 
-def _heavy_first_agrees(q, k, v, centroids, window, monkeypatch):
-    """topk's attention kernels with every cluster's heaviest tile launched first (HEAVY_FIRST) and in
-    launch order: a permutation of the programs, so the same bits (outputs poisoned: a tile no program
-    took would show)."""
-    dout = torch.randn(v.shape, generator=torch.Generator().manual_seed(9)).to(v)
-    wrt = (q, v) if k is q else (q, k, v)
-    results = []
-    for setting in (True, False):
-        monkeypatch.setattr(TO, "HEAVY_FIRST", setting)
-        out = routing_attention(q, k, v, centroids, window=window, causal=True, assign="topk", backend="triton")
-        results.append((out, *torch.autograd.grad(out, wrt, dout)))
-    for i, (a, b) in enumerate(zip(*results)):
-        assert torch.isfinite(a).all(), i
-        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=f"output {i}")
-
-
-@pytest.mark.parametrize("shared", [True, False])
-def test_heavy_first_tile_order_changes_no_bit(shared, monkeypatch):
-    """Window 32 over the interpreter's 16-wide tiles: two tiles per cluster, 4 clusters (T = 110)."""
-    q, k, v, centroids = _inputs(1, 2, 110, 24, 20, 4, shared, torch.float32, "cpu", 17)
-    bm, bn = TO.CONFIG["cpu"]["fwd"][0], TO.CONFIG["cpu"]["dkdv"][1]
-    assert TO._tiles_per_run(32, 4 * 32, bm, False) == 32 // bm > 1  # the order is really changed
-    assert TO._tiles_per_run(32, 4 * 32, bn, False) == 32 // bn > 1
-    assert TO._tiles_per_run(30, 4 * 30, bm, False) == 0  # clusters not whole tiles: launch order
-    assert TO._tiles_per_run(32, 4 * 32, bm, True) == 0  # nearest's cluster tiles: launch order
-    _heavy_first_agrees(q, k, v, centroids, 32, monkeypatch)
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("shared", [True, False])
-def test_heavy_first_tile_order_changes_no_bit_gpu(shared, monkeypatch):
-    """The benchmark's window 512 (8 forward tiles, 8 or 16 dk/dv tiles per cluster), 10 clusters, bf16."""
-    q, k, v, centroids = _inputs(1, 2, 5000, 64, 64, 10, shared, torch.bfloat16, "cuda", 18)
-    assert TO._tiles_per_run(512, 10 * 512, TO.CONFIG["cuda"]["fwd"][0], False) == 8
-    _heavy_first_agrees(q, k, v, centroids, 512, monkeypatch)
-
-
 @pytest.mark.parametrize("shared", [True, False])
 def test_mean_in_lse_gives_what_the_1_over_n_multiplies_give(shared, monkeypatch):
     """topk's scatter-mean weight folded into the log-sum-exp that dk/dv reads (MEAN_IN_LSE) against

@@ -234,24 +234,10 @@ def _entry_tile(TILES, bh, pid, NTILES, E, BLOCK: tl.constexpr, TILED: tl.conste
 
 
 @triton.jit
-def _heavy_first(pid, n, TPC, LAST: tl.constexpr):
-    """Program pid's tile when the n tiles are C runs of TPC tiles (topk: a cluster's W entries or
-    slots, W = TPC * BLOCK) whose work grows along the run (LAST: entry tile t of a causal cluster sees
-    t + 1 slot tiles) or shrinks (slot tile t is seen by TPC - t entry tiles): the programs take every
-    cluster's heaviest tile first, then the next, so the last programs to start are the lightest and
-    the grid's tail is short. A permutation of the tiles: every result is the same. TPC 0: pid itself."""
-    if TPC > 0:
-        n_runs = n // TPC
-        j = pid // n_runs
-        pid = (pid % n_runs) * TPC + (TPC - 1 - j if LAST else j)
-    return pid
-
-
-@triton.jit
 def _fwd_kernel(
     Q, K, V, QPOS, LO, HI, KPOS, TILES, O, LSE,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-    H, E, S, D, DV, NTILES, TPC, sm_scale_log2,
+    H, E, S, D, DV, NTILES, sm_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DIRECT: tl.constexpr, SKIP_EMPTY: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
     ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
@@ -262,7 +248,7 @@ def _fwd_kernel(
     if EVEN_D:  # head dims equal to their tiles: the column masks fold away (fewer live predicates)
         D = BLOCK_D
         DV = BLOCK_DV
-    pid_m = _heavy_first(tl.program_id(0), tl.num_programs(0), TPC, True)  # TPC: see _heavy_first
+    pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     # int64: b * stride overflows int32 once a tensor passes 2**31 elements.
     b = (bh // H).to(tl.int64)
@@ -333,7 +319,7 @@ def _fwd_kernel(
 def _bwd_dq_kernel(
     Q, K, V, DO, O, LSE, INV_N, QPOS, LO, HI, KPOS, TILES, DELTA, DQ, LSE_W,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sob, soh, sot, sdqb, sdqh, sdqt,
-    H, T, E, S, D, DV, NTILES, TPC, sm_scale, sm_scale_log2,
+    H, T, E, S, D, DV, NTILES, sm_scale, sm_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DIRECT: tl.constexpr, SKIP_EMPTY: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
     ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
@@ -349,7 +335,7 @@ def _bwd_dq_kernel(
     if EVEN_D:  # head dims equal to their tiles: the column masks fold away (fewer live predicates)
         D = BLOCK_D
         DV = BLOCK_DV
-    pid_m = _heavy_first(tl.program_id(0), tl.num_programs(0), TPC, True)  # TPC: see _heavy_first
+    pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     # int64: b * stride overflows int32 once a tensor passes 2**31 elements.
     b = (bh // H).to(tl.int64)
@@ -487,7 +473,7 @@ def _dkdv_loop(start, end, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LS
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, INV_N, DELTA, QPOS, LO, HI, KPOS, TILES, QLO, QHI, FLO, FHI, DK, DV_OUT,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
-    H, T, E, S, NT, TPC, D, DV, sm_scale, sm_scale_log2,
+    H, T, E, S, NT, D, DV, sm_scale, sm_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DIRECT: tl.constexpr, ADD_DK: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
     ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
@@ -508,7 +494,7 @@ def _bwd_dkdv_kernel(
     if EVEN_D:  # head dims equal to their tiles: the column masks fold away (fewer live predicates)
         D = BLOCK_D
         DV = BLOCK_DV
-    pid_n = _heavy_first(tl.program_id(0), tl.num_programs(0), TPC, False)  # TPC: see _heavy_first
+    pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     # int64: b * stride overflows int32 once a tensor passes 2**31 elements.
     b = (bh // H).to(tl.int64)

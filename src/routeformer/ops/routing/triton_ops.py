@@ -710,23 +710,8 @@ def _combine(x, perm, rowptr, lo, hi, T, mean, out_dtype):
     return y, (inv_n if mean else None)
 
 
-# True: topk's attention kernels start every cluster's heaviest tile first (_kernels._heavy_first), so
-# that the grid ends on light tiles; False: launch order, for benchmarks/attention.py --ab ("launch-order
-# tiles"). A permutation of the programs: the same bits either way.
-HEAVY_FIRST = True
-
-
-def _tiles_per_run(run: int, n: int, block: int, tiled: bool) -> int:
-    """The kernels' TPC: tiles per topk cluster of `run` entries (or slots) in n, or 0 where the tiles
-    do not split into whole clusters (or HEAVY_FIRST is off)."""
-    if not HEAVY_FIRST or tiled or run <= 0 or run % block or n % run:
-        return 0
-    return run // block
-
-
-def attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale: float, direct: bool, run: int = 0):
-    """The in-cluster attention kernel alone -> (o (B,H,T,Dv) if direct else (B,H,E,Dv), lse (BH,E)).
-    run: topk's entries per cluster (the heavy-first tile order), 0 if unknown."""
+def attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale: float, direct: bool):
+    """The in-cluster attention kernel alone -> (o (B,H,T,Dv) if direct else (B,H,E,Dv), lse (BH,E))."""
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     E, S = qpos.shape[1], kpos.shape[1]
@@ -737,7 +722,7 @@ def attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale: float, direct: bool
     grid = (tiles.shape[1] if tiled else cdiv(E, bm), B * H)
     launch(K._fwd_kernel, grid, q, k, v, qpos, lo, hi, kpos, tiles if tiled else qpos, o, lse,
            *_s4(q), *_s4(k), *_s4(v), *_s4(o),
-           H, E, S, D, Dv, grid[0], _tiles_per_run(run, E, bm, tiled), scale * math.log2(math.e),
+           H, E, S, D, Dv, grid[0], scale * math.log2(math.e),
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=_precision(q),
            SPLIT=SPLIT_TILES["fwd"], ROW64=_row64(q, k, v, o), EVEN_D=_even_d(D, Dv), TILED=tiled,
@@ -770,7 +755,7 @@ def _routing_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.
     for the per-token index (_inverse); 0: not known (a sort).
     """
     T = q.shape[2]
-    o_e, lse = attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct, run)
+    o_e, lse = attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct)
     if direct:
         o_ph, n_ph, p_ph, r_ph = _placeholders(q)
         return o_e, o_ph, lse, n_ph, p_ph, r_ph
@@ -822,7 +807,7 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     launch(K._bwd_dq_kernel, (n_dq, B * H),
            q, k, v, dout, o_rows, lse, inv, qpos, lo, hi, kpos, tiles if tiled else qpos, delta, dq, lse_w,
            *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(o_rows), *_s4(dq),
-           H, T, E, S, D, Dv, n_dq, _tiles_per_run(run, E, bm, tiled), scale, sl2,
+           H, T, E, S, D, Dv, n_dq, scale, sl2,
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=prec, SPLIT=SPLIT_TILES["dq"],
            ROW64=_row64(q, k, v, dout, o_rows, dq), EVEN_D=_even_d(D, Dv), TILED=tiled, PREFETCH=PREFETCH["dq"],
@@ -843,7 +828,7 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     launch(K._bwd_dkdv_kernel, (nt, B * H),
            q, k, v, dout, lse_w, inv, delta, qpos, lo, hi, kpos, tiles if tiled else qpos, qlo, qhi, flo, fhi, dk, dv,
            *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(dk), *_s4(dv),
-           H, T, E, S, nt, _tiles_per_run(run, S, bn, tiled), D, Dv, scale, sl2,
+           H, T, E, S, nt, D, Dv, scale, sl2,
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, ADD_DK=shared, PRECISION=prec, SPLIT=SPLIT_TILES["dkdv"],
            ROW64=_row64(q, k, v, dout, dk, dv), EVEN_D=_even_d(D, Dv), TILED=tiled, PREFETCH=PREFETCH["dkdv_direct" if direct else "dkdv"],
