@@ -57,6 +57,26 @@ def measure(T: int) -> list[dict]:
         with torch.no_grad():
             ms = bench._bench_graph(fn)
         rows.append({"T": T, "what": name, "us": ms * 1e3, "GB/s": moved / ms / 1e6 if moved else None})
+    # The default pass on other pipeline stages (PRESPLIT_STAGES: its loop runs four cluster tiles,
+    # where the cluster passes ran two) and cluster tiles (TILES); stages must keep the bits.
+    stages, tiles = SK.PRESPLIT_STAGES, dict(SK.TILES)
+    for what, n_stages, tile in (("stages 1", 1, None), ("stages 3", 3, None), ("tile (128, 64, 4)", None, (128, 64, 4)),
+                                 ("tile (128, 64, 8)", None, (128, 64, 8)), ("tile (64, 32, 4)", None, (64, 32, 4))):
+        SK.PRESPLIT_STAGES = n_stages or stages
+        SK.TILES["cuda"] = tile or tiles["cuda"]
+        try:
+            got = SK._launch(x, cent, True, False, 0, head_chunk, pieces=pieces, bh_count=n_rows)[0]
+            with torch.no_grad():
+                ms = bench._bench_graph(lambda: SK._launch(x, cent, True, False, 0, head_chunk, pieces=pieces,
+                                                           bh_count=n_rows))
+            rows.append({"T": T, "what": f"default pass, {what}", "us": ms * 1e3, "GB/s": None,
+                         "same bits": bool(torch.equal(got, head_pass))})
+        except Exception as e:  # a setting that does not fit is a row, not the end of the run
+            rows.append({"T": T, "what": f"default pass, {what}: {type(e).__name__}", "us": float("nan"), "GB/s": None})
+        finally:
+            SK.PRESPLIT_STAGES = stages
+            SK.TILES.clear()
+            SK.TILES.update(tiles)
     return rows
 
 
@@ -71,7 +91,8 @@ def main() -> None:
     print("| T | what | us | GB/s |\n|---:|---|---:|---:|")
     for r in rows:
         gbs = f"{r['GB/s']:.0f}" if r["GB/s"] else "-"
-        print(f"| {r['T']} | {r['what']} | {r['us']:.1f} | {gbs} |")
+        same = "" if "same bits" not in r else f" (same bits: {r['same bits']})"
+        print(f"| {r['T']} | {r['what']}{same} | {r['us']:.1f} | {gbs} |")
 
 
 if __name__ == "__main__":
