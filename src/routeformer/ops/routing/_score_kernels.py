@@ -17,8 +17,8 @@ from . import scores  # scores.GROUP is read at each call so tests can shrink it
 _EPS = 1e-5  # kmeans.normalize's LayerNorm epsilon
 # (BLOCK_T, BLOCK_C, warps) of the scoring passes (topk), for head dims up to 64; benchmarks/attention.py
 # --sweep (part "scores") and benchmarks/score_pass.py time alternatives (session 17, whole-C passes of
-# 4 heads at 64k: this tile on 2 stages 76.0 us, 76.9-83.4 on the others). BLOCK_T is a multiple of scores.GROUP. The interpreter
-# runs each program as numpy: small C tiles exercise the C loop. On an H200 at T = 64k (2026-12-02,
+# 4 heads at 64k: this tile on 2 stages 76.0 us, 76.9-83.4 on the others). BLOCK_T is a multiple of
+# scores.GROUP. The interpreter runs each program as numpy: small C tiles exercise the C loop. On an H200 at T = 64k (2026-12-02,
 # session 8, runs/h200_2026-12-02_7655994_scores_sweep.txt) the whole-C bf16-split pass took 0.160 ms on
 # (128, 32, 4) against 0.191 on run D's (64, 32, 4); (128, 64, 8) 0.166.
 TILES = {"cuda": (128, 32, 4), "cpu": (64, 16, 4)}
