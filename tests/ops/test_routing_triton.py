@@ -6,6 +6,8 @@ computed from the original inputs, so both sides attend exactly the same pairs.
 """
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -753,6 +755,94 @@ def test_int64_row_offsets_give_what_int32_offsets_give_gpu(assign, monkeypatch)
     _row_offsets_agree(q, v, centroids, 500, assign, monkeypatch)
 
 
+def _release_cases(q, v, centroids, window, monkeypatch):
+    """topk fwd+bwd gradients with the entry outputs freed after the dq kernel (and dq, dv summed in one
+    launch or two) and kept as before: the same bits, as the same kernels run in the same order."""
+    dout = torch.randn(v.shape, generator=torch.Generator().manual_seed(5)).to(v)
+    results = {}
+    for release, pair in ((False, False), (True, False), (True, True)):
+        monkeypatch.setattr(TO, "RELEASE_ENTRY_OUTPUTS", release)
+        monkeypatch.setattr(TO, "PAIR_COMBINE", pair)
+        out = routing_attention(q, q, v, centroids, window=window, causal=True, assign="topk", backend="triton")
+        results[release, pair] = (out, *torch.autograd.grad(out, (q, v), dout))
+    for key, got in results.items():
+        for a, b in zip(results[False, False], got):
+            torch.testing.assert_close(a, b, atol=0, rtol=0, msg=str(key))
+
+
+def test_freeing_entry_outputs_changes_no_bit(monkeypatch):
+    """Window 30 of T = 61, 6 clusters: tokens in up to 6 clusters, head dim 24 (not a power of 2)."""
+    q, _, v, centroids = _inputs(1, 2, 61, 24, 24, 6, True, torch.float32, "cpu", 17)
+    _release_cases(q, v, centroids, 30, monkeypatch)
+
+
+def test_entry_outputs_survive_a_retained_graph(monkeypatch):
+    """The backward frees topk's per-entry outputs only when the graph is not kept: with retain_graph=True
+    a second backward gives the same gradients; without it, the first one owns and frees them."""
+    q, _, v, centroids = _inputs(1, 2, 61, 24, 24, 6, True, torch.float32, "cpu", 18)
+    owned, freed, refs = [], [], []
+    impl, entry_ranges = TO._routing_bwd_impl, TO.tile_entry_ranges
+
+    def spy(*args):
+        owned.append(args[-1])
+        refs.append(weakref.ref(args[5][0]))  # entry_outputs = [o_e]
+        return impl(*args)
+
+    def ranges(*args, **kwargs):  # runs right after the dq kernel: o_e is gone by then, or kept
+        freed.append(refs[-1]() is None)
+        return entry_ranges(*args, **kwargs)
+
+    monkeypatch.setattr(TO, "_routing_bwd_impl", spy)
+    monkeypatch.setattr(TO, "tile_entry_ranges", ranges)
+    out = routing_attention(q, q, v, centroids, window=30, causal=True, assign="topk", backend="triton")
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(6))
+    first = torch.autograd.grad(out, (q, v), dout, retain_graph=True)
+    second = torch.autograd.grad(out, (q, v), dout)
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert owned == [False, True] and freed == [False, True]
+    with pytest.raises(RuntimeError):  # freed (torch's own saved tensors too): no third backward
+        torch.autograd.grad(out, (q, v), dout)
+
+
+@gpu
+@needs_cuda
+def test_freeing_entry_outputs_changes_no_bit_gpu(monkeypatch):
+    q, _, v, centroids = _inputs(1, 2, 5000, 64, 64, 20, True, torch.bfloat16, "cuda", 19)
+    _release_cases(q, v, centroids, 500, monkeypatch)
+
+
+@gpu
+@needs_cuda
+def test_freeing_entry_outputs_lowers_the_backward_peak_gpu(monkeypatch):
+    """At the benchmark setting (T = 64k, bf16, 8 heads, D = 64) the topk fwd+bwd peak drops by the
+    per-entry outputs' size (64 MiB) when they are freed and dq and dv are summed in two launches, and
+    stays where it was with one launch."""
+    T = 65536
+    q, v, dout = (torch.randn(1, 8, T, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q.requires_grad_(), v.requires_grad_()
+    centroids = torch.nn.functional.normalize(torch.randn(8, T // 512, 64, device="cuda"), dim=-1)
+    size = q.numel() * q.element_size()  # o_e: one row per (cluster, rank) = T rows here
+    peaks = {}
+    for release, pair in ((False, False), (True, False), (True, True)):
+        monkeypatch.setattr(TO, "RELEASE_ENTRY_OUTPUTS", release)
+        monkeypatch.setattr(TO, "PAIR_COMBINE", pair)
+        run = lambda: routing_attention(q, q, v, centroids, window=512, assign="topk",  # noqa: E731
+                                        backend="triton").backward(dout)
+        run()
+        q.grad = v.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        q.grad = v.grad = None
+        peaks[release, pair] = torch.cuda.max_memory_allocated() - base
+    mib = {k: p / 2**20 for k, p in peaks.items()}
+    assert peaks[True, False] <= peaks[False, False] - 0.95 * size, mib
+    assert peaks[True, True] <= peaks[False, False] + 2**20, mib
+
+
 def _combine_case(BH, T, E, Dx, dtype, device, seed):
     """Entries at random positions: some tokens with none, one token with many (the per-token loop runs
     that many steps for its whole tile), and entries without a key (HI <= LO), which the mean does not
@@ -784,6 +874,14 @@ def _check_combine(BH, T, E, Dx, dtype, device):
         torch.testing.assert_close(y[0].double(), expected, **tol, msg=f"{mean=}")
         if mean:
             torch.testing.assert_close(inv.double(), 1 / n.clamp_min(1))
+    # Two inputs in one launch (PAIR, the shared-QK backward's dq and dv): each the bits of its own launch.
+    x2 = torch.randn(x.shape, generator=torch.Generator().manual_seed(T + 1)).to(device=device, dtype=dtype)
+    (y, y2), inv = TO._combine(x, perm, rowptr, lo, hi, T, False, dtype, x2=x2)
+    assert inv is None
+    torch.testing.assert_close(y, TO._combine(x, perm, rowptr, lo, hi, T, False, dtype)[0], atol=0, rtol=0)
+    torch.testing.assert_close(y2, TO._combine(x2, perm, rowptr, lo, hi, T, False, dtype)[0], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="x2 must match x"):
+        TO._combine(x, perm, rowptr, lo, hi, T, False, dtype, x2=x2[..., :-1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

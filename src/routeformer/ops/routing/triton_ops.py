@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import TRITON_DTYPES, TRITON_MAX_ROUTING_HEAD_DIM, gpu_plan
+from .. import _dispatch
 from .._dispatch import custom_op, with_autograd
 from .._ints import cdiv, next_pow2
 from .._launch import launch
@@ -698,15 +699,22 @@ def _row64(*ts) -> bool:
     return any(t.shape[2] * t.stride(2) + t.shape[3] >= 2**31 for t in ts)
 
 
-def _combine(x, perm, rowptr, lo, hi, T, mean, out_dtype):
+def _combine(x, perm, rowptr, lo, hi, T, mean, out_dtype, x2=None):
+    """Per-token sums (or with `mean` scatter-means) of the per-entry rows x -> (y, inv_n or None); with
+    x2 (x's shape and strides, not with mean) also its sums in the same launch -> ((y, y2), None)."""
     B, H, E, Dx = x.shape
+    if x2 is not None and (mean or x2.shape != x.shape or x2.stride() != x.stride() or x2.dtype != x.dtype):
+        raise ValueError("_combine: x2 must match x in shape, strides and dtype, and not with mean")
     y = _new((B, H, T, Dx), out_dtype, x.device)
     inv_n = _new((B * H, T), torch.float32, x.device) if mean else y
+    y2 = y if x2 is None else _new((B, H, T, Dx), out_dtype, x.device)
     block_t, warps, ahead = _cfg(x, "combine")
     grid = (cdiv(T, block_t), B * H)
-    launch(K._combine_kernel, grid, x, perm, rowptr, lo, hi, y, inv_n,
+    launch(K._combine_kernel, grid, x, perm, rowptr, lo, hi, y, inv_n, x if x2 is None else x2, y2,
            *_s4(x), *_s4(y), H, T, E, Dx,
-           BLOCK_T=block_t, BLOCK_D=_pow2(Dx), MEAN=mean, AHEAD=ahead, num_warps=warps)
+           BLOCK_T=block_t, BLOCK_D=_pow2(Dx), MEAN=mean, AHEAD=ahead, PAIR=x2 is not None, num_warps=warps)
+    if x2 is not None:
+        return (y, y2), None
     return y, (inv_n if mean else None)
 
 
@@ -777,14 +785,36 @@ def _(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct, shared, window=0, run=0
             q.new_empty((B * H, E), dtype=torch.int32), q.new_empty((B * H, T + 1), dtype=torch.int32))
 
 
-@custom_op("routeformer::routing_bwd")
-def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                 o_e: torch.Tensor, lse: torch.Tensor, inv_n: torch.Tensor, qpos: torch.Tensor, lo: torch.Tensor,
-                 hi: torch.Tensor, kpos: torch.Tensor, tiles: torch.Tensor, perm: torch.Tensor,
-                 rowptr: torch.Tensor, scale: float, direct: bool, shared: bool, window: int = 0, run: int = 0
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (dq, dk, dv); with shared QK dq already holds dk and dk is an empty placeholder. window, run:
-    see routing_fwd."""
+# topk's per-entry outputs o_e (the size of q) serve the backward's dq kernel alone (for delta), so an
+# eager backward frees them right after it, unless the graph is kept for another backward
+# (retain_graph=True): the context holds them in a list rather than through save_for_backward, whose
+# references live until the backward returns. With them freed, the shared-QK backward sums dq and dv
+# per token in one combine launch (PAIR_COMBINE) at the peak that two launches had with them alive
+# (64k: out, dq and dv per entry and both sums, 338 MiB). False: saved as before session 18
+# (benchmarks/attention.py --ab "keep entry outputs").
+RELEASE_ENTRY_OUTPUTS = True
+# One combine launch for the shared-QK backward's dq and dv sums (see _combine_kernel, PAIR) when the
+# entry outputs were freed; else (or False: --ab "separate backward combines") two, each per-entry
+# buffer dropped as soon as it is summed.
+PAIR_COMBINE = True
+
+
+def _keep_graph() -> bool:
+    """Whether the running backward keeps the graph for another (retain_graph=True), so that what it saved
+    must survive; True where this torch cannot tell."""
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if query is None:
+        return True
+    try:
+        return bool(query())
+    except RuntimeError:  # not inside a backward
+        return True
+
+
+def _routing_bwd_impl(dout, q, k, v, out, entry_outputs: list, lse, inv_n, qpos, lo, hi, kpos, tiles, perm,
+                      rowptr, scale: float, direct: bool, shared: bool, window: int, run: int, owned: bool):
+    """The backward (see routing_bwd). entry_outputs: [o_e] (topk), which this empties once the dq kernel
+    has read it; owned: nothing else holds o_e, so that emptying the list frees it."""
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     E, S = qpos.shape[1], kpos.shape[1]
@@ -795,7 +825,7 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     # Per-entry gradients are summed per token later; fp32 inputs keep fp32 partial sums.
     part = torch.float32 if q.dtype == torch.float32 else q.dtype
     delta = _new((B * H, E), torch.float32, dev)
-    o_rows = out if direct else o_e
+    o_rows = out if direct else entry_outputs[0]
     inv = lse if direct else inv_n  # placeholder pointer when unused
     dq = _new((B, H, T, D), q.dtype, dev) if direct else _new((B, H, E, D), part, dev)
     # topk: the log-sum-exp with the scatter-mean's log2(n) added, written by dq for dk/dv (MEAN_IN_LSE)
@@ -812,6 +842,11 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
            DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=prec, SPLIT=SPLIT_TILES["dq"],
            ROW64=_row64(q, k, v, dout, o_rows, dq), EVEN_D=_even_d(D, Dv), TILED=tiled, PREFETCH=PREFETCH["dq"],
            SCALAR_BAND=SCALAR_BAND, MEAN_IN_LSE=fold, num_warps=warps, num_stages=stages, **_regs(q, "dq"))
+    # Nothing below reads o_e: if the caller let go of it, it is freed here (stream order keeps the
+    # memory from being reused before the kernel above has read it).
+    released = owned and not direct
+    del o_rows
+    entry_outputs.clear()
 
     bm, bn, warps, stages = _cfg(q, "dkdv")
     tiled = _tiled(tiles, q, bn)
@@ -836,6 +871,9 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     empty = q.new_empty(0)
     if direct:
         return dq, (empty if shared else dk), dv
+    if shared and released and PAIR_COMBINE and D == Dv and dq.stride() == dv.stride():
+        (dq_t, dv_t), _ = _combine(dq, perm, rowptr, lo, hi, T, False, q.dtype, x2=dv)
+        return dq_t, empty, dv_t
     # Each per-entry buffer is dropped as soon as it is summed per token, so that the partials and the
     # summed gradients are never all alive at once (peak memory).
     kperm, krowptr = (perm, rowptr) if shared else _inverse(kpos, T, run)
@@ -850,6 +888,18 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     return dq_t, _combine(dk, kperm, krowptr, lo, hi, T, False, q.dtype)[0], dv_t
 
 
+@custom_op("routeformer::routing_bwd")
+def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 o_e: torch.Tensor, lse: torch.Tensor, inv_n: torch.Tensor, qpos: torch.Tensor, lo: torch.Tensor,
+                 hi: torch.Tensor, kpos: torch.Tensor, tiles: torch.Tensor, perm: torch.Tensor,
+                 rowptr: torch.Tensor, scale: float, direct: bool, shared: bool, window: int = 0, run: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dq, dk, dv); with shared QK dq already holds dk and dk is an empty placeholder. window, run:
+    see routing_fwd. (The caller's o_e stays alive: a custom op cannot free its inputs.)"""
+    return _routing_bwd_impl(dout, q, k, v, out, [o_e], lse, inv_n, qpos, lo, hi, kpos, tiles, perm, rowptr,
+                             scale, direct, shared, window, run, False)
+
+
 @_routing_bwd.op.register_fake
 def _(dout, q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, tiles, perm, rowptr, scale, direct, shared,
       window=0, run=0):
@@ -860,7 +910,10 @@ def _(dout, q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, tiles, perm, rowp
 def _setup_context(ctx, inputs, output):
     q, k, v, qpos, lo, hi, kpos, tiles, scale, direct, shared, *extra = inputs
     out, o_e, lse, inv_n, perm, rowptr = output
-    ctx.save_for_backward(q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, tiles, perm, rowptr)
+    # Eager topk: o_e held in a list that the backward may empty (RELEASE_ENTRY_OUTPUTS); traced, saved.
+    ctx.entry_outputs = [o_e] if RELEASE_ENTRY_OUTPUTS and not direct and not _dispatch.tracing() else None
+    ctx.save_for_backward(q, k, v, out, lse if ctx.entry_outputs else o_e, lse, inv_n, qpos, lo, hi, kpos,
+                          tiles, perm, rowptr)
     ctx.scale, ctx.direct = scale, direct
     ctx.window, ctx.run = (list(extra) + [0, 0])[:2]
     ctx.n_inputs = len(inputs)
@@ -873,8 +926,22 @@ def _backward(ctx, dout, *_unused):
     if dout is None:  # only the non-differentiable outputs were used
         return (None,) * ctx.n_inputs
     q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, tiles, perm, rowptr = ctx.saved_tensors
-    dq, dk, dv = _routing_bwd(dout, q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, tiles, perm, rowptr,
-                              ctx.scale, ctx.direct, ctx.shared, ctx.window, ctx.run)
+    held = ctx.entry_outputs
+    if held is not None:
+        if not held:
+            raise RuntimeError("routing attention (topk): this graph's backward already ran and freed its "
+                               "per-entry outputs; pass retain_graph=True to the first backward to run another, "
+                               "or set routeformer.ops.routing.triton_ops.RELEASE_ENTRY_OUTPUTS = False")
+        o_e = held[0]
+    args = (lse, inv_n, qpos, lo, hi, kpos, tiles, perm, rowptr, ctx.scale, ctx.direct, ctx.shared, ctx.window,
+            ctx.run)
+    if held is not None and not _dispatch.tracing():
+        # Give the kernels the context's own list unless another backward will need o_e again.
+        keep = _keep_graph()
+        del o_e
+        dq, dk, dv = _routing_bwd_impl(dout, q, k, v, out, list(held) if keep else held, *args, not keep)
+    else:
+        dq, dk, dv = _routing_bwd(dout, q, k, v, out, o_e, *args)
     return (dq, (None if ctx.shared else dk), dv) + (None,) * (ctx.n_inputs - 3)
 
 
