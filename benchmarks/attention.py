@@ -538,7 +538,7 @@ AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through 
                "jit launches", "uncentred argmax", "whole-row entry searches", "split loops", "one-loop dk/dv",
                "head-dim masks", "in-kernel centroid split", "fixed tiles", "two-stage select", "sorted inverse",
                "prefetch everywhere", "combine one entry at a time", "band reductions", "1/n multiplies",
-               "cluster passes", "exact first bound", "keep entry outputs", "separate backward combines")
+               "cluster passes", "exact first bound", "keep entry outputs")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -576,7 +576,7 @@ def _variant(name):
              TO.CLUSTER_TILES, TO.THRESHOLD_SELECT, TO.COUNTING_INVERSE)
     prefetch, config, scalar_band = dict(TO.PREFETCH), {kind: dict(c) for kind, c in TO.CONFIG.items()}, TO.SCALAR_BAND
     mean_in_lse, head_passes, l1_slack = TO.MEAN_IN_LSE, TO.HEAD_PASSES, TO.THRESHOLD_L1_SLACK
-    release, pair = TO.RELEASE_ENTRY_OUTPUTS, TO.PAIR_COMBINE
+    release = TO.RELEASE_ENTRY_OUTPUTS
     entry_ranges = TO.tile_entry_ranges
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
@@ -622,10 +622,8 @@ def _variant(name):
         TO.HEAD_PASSES = False
     elif name == "exact first bound":  # topk's threshold select searches L1 exactly, as before session 17
         TO.THRESHOLD_L1_SLACK = 0
-    elif name == "keep entry outputs":  # topk's o_e alive through the backward, two combines: before session 18
+    elif name == "keep entry outputs":  # topk's o_e alive through the whole backward, as before session 18
         TO.RELEASE_ENTRY_OUTPUTS = False
-    elif name == "separate backward combines":  # o_e freed early, dq and dv summed in two launches
-        TO.PAIR_COMBINE = False
     elif name == "prefetch everywhere":  # every kernel reads the next tile's gather indices (session 14)
         TO.PREFETCH.update(dict.fromkeys(TO.PREFETCH, True))
     elif name == "combine one entry at a time":  # topk's per-token sums one entry per step, as before session 14
@@ -654,7 +652,7 @@ def _variant(name):
         TO.PREFETCH.update(prefetch)
         TO.SCALAR_BAND = scalar_band
         TO.MEAN_IN_LSE, TO.HEAD_PASSES, TO.THRESHOLD_L1_SLACK = mean_in_lse, head_passes, l1_slack
-        TO.RELEASE_ENTRY_OUTPUTS, TO.PAIR_COMBINE = release, pair
+        TO.RELEASE_ENTRY_OUTPUTS = release
         for kind, c in config.items():
             TO.CONFIG[kind].update(c)
 
@@ -674,8 +672,7 @@ def ab(Ts, only=()):
                 if assign == "nearest" and name in ("one scoring pass", "torch.topk select", "candidate gather ops",
                                                     "score tiles 64x32", "two-stage select", "sorted inverse",
                                                     "combine one entry at a time", "cluster passes",
-                                                    "exact first bound", "keep entry outputs",
-                                                    "separate backward combines"):
+                                                    "exact first bound", "keep entry outputs"):
                     continue  # nearest has no top-k
                 if assign == "topk" and name in ("sorted cluster ids", "argmax tiles 64x32"):
                     continue  # a nearest-only change

@@ -111,10 +111,8 @@ def record_launches(T: int) -> list:
                 direct = assign == "nearest"
                 run = 0 if direct else idx[0].shape[1] // centroids.shape[1]  # as routing_attention_triton
                 saved = TO._routing_fwd.impl(q, keys, v, *idx, scale, direct, shared, 0, run)
-                # As an eager backward that owns the entry outputs runs it (shared topk: one combine of dq
-                # and dv, _combine_kernel PAIR); separate keys sum dq, dk and dv in three launches.
-                TO._routing_bwd_impl(dout, q, keys, v, saved[0], [saved[1]], saved[2], saved[3], *idx,
-                                     saved[4], saved[5], scale, direct, shared, 0, run, True)
+                TO._routing_bwd.impl(dout, q, keys, v, saved[0], saved[1], saved[2], saved[3], *idx,
+                                     saved[4], saved[5], scale, direct, shared, 0, run)
                 if run:  # the sorted per-token index too (run 0: torch.sort and _count_below_kernel)
                     TO._routing_fwd.impl(q, keys, v, *idx, scale, direct, shared)
         # The tf32x3 score kernel (bf16 inputs take the bf16-split one by default) compiles too.

@@ -756,18 +756,16 @@ def test_int64_row_offsets_give_what_int32_offsets_give_gpu(assign, monkeypatch)
 
 
 def _release_cases(q, v, centroids, window, monkeypatch):
-    """topk fwd+bwd gradients with the entry outputs freed after the dq kernel (and dq, dv summed in one
-    launch or two) and kept as before: the same bits, as the same kernels run in the same order."""
+    """topk fwd+bwd with the entry outputs freed after the dq kernel and kept as before: the same bits, as
+    the same kernels run in the same order."""
     dout = torch.randn(v.shape, generator=torch.Generator().manual_seed(5)).to(v)
-    results = {}
-    for release, pair in ((False, False), (True, False), (True, True)):
+    results = []
+    for release in (False, True):
         monkeypatch.setattr(TO, "RELEASE_ENTRY_OUTPUTS", release)
-        monkeypatch.setattr(TO, "PAIR_COMBINE", pair)
         out = routing_attention(q, q, v, centroids, window=window, causal=True, assign="topk", backend="triton")
-        results[release, pair] = (out, *torch.autograd.grad(out, (q, v), dout))
-    for key, got in results.items():
-        for a, b in zip(results[False, False], got):
-            torch.testing.assert_close(a, b, atol=0, rtol=0, msg=str(key))
+        results.append((out, *torch.autograd.grad(out, (q, v), dout)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 def test_freeing_entry_outputs_changes_no_bit(monkeypatch):
@@ -777,14 +775,14 @@ def test_freeing_entry_outputs_changes_no_bit(monkeypatch):
 
 
 def test_entry_outputs_survive_a_retained_graph(monkeypatch):
-    """The backward frees topk's per-entry outputs only when the graph is not kept: with retain_graph=True
-    a second backward gives the same gradients; without it, the first one owns and frees them."""
+    """The backward frees topk's per-entry outputs right after its dq kernel only when the graph is not
+    kept: with retain_graph=True they survive and a second backward gives the same gradients; the
+    second (not retained) frees them."""
     q, _, v, centroids = _inputs(1, 2, 61, 24, 24, 6, True, torch.float32, "cpu", 18)
-    owned, freed, refs = [], [], []
+    freed, refs = [], []
     impl, entry_ranges = TO._routing_bwd_impl, TO.tile_entry_ranges
 
     def spy(*args):
-        owned.append(args[-1])
         refs.append(weakref.ref(args[5][0]))  # entry_outputs = [o_e]
         return impl(*args)
 
@@ -800,7 +798,7 @@ def test_entry_outputs_survive_a_retained_graph(monkeypatch):
     second = torch.autograd.grad(out, (q, v), dout)
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
-    assert owned == [False, True] and freed == [False, True]
+    assert freed == [False, True]
     with pytest.raises(RuntimeError):  # freed (torch's own saved tensors too): no third backward
         torch.autograd.grad(out, (q, v), dout)
 
@@ -816,17 +814,15 @@ def test_freeing_entry_outputs_changes_no_bit_gpu(monkeypatch):
 @needs_cuda
 def test_freeing_entry_outputs_lowers_the_backward_peak_gpu(monkeypatch):
     """At the benchmark setting (T = 64k, bf16, 8 heads, D = 64) the topk fwd+bwd peak drops by the
-    per-entry outputs' size (64 MiB) when they are freed and dq and dv are summed in two launches, and
-    stays where it was with one launch."""
+    per-entry outputs' size (64 MiB) when they are freed after the dq kernel."""
     T = 65536
     q, v, dout = (torch.randn(1, 8, T, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     q.requires_grad_(), v.requires_grad_()
     centroids = torch.nn.functional.normalize(torch.randn(8, T // 512, 64, device="cuda"), dim=-1)
     size = q.numel() * q.element_size()  # o_e: one row per (cluster, rank) = T rows here
     peaks = {}
-    for release, pair in ((False, False), (True, False), (True, True)):
+    for release in (False, True):
         monkeypatch.setattr(TO, "RELEASE_ENTRY_OUTPUTS", release)
-        monkeypatch.setattr(TO, "PAIR_COMBINE", pair)
         run = lambda: routing_attention(q, q, v, centroids, window=512, assign="topk",  # noqa: E731
                                         backend="triton").backward(dout)
         run()
@@ -837,10 +833,8 @@ def test_freeing_entry_outputs_lowers_the_backward_peak_gpu(monkeypatch):
         run()
         torch.cuda.synchronize()
         q.grad = v.grad = None
-        peaks[release, pair] = torch.cuda.max_memory_allocated() - base
-    mib = {k: p / 2**20 for k, p in peaks.items()}
-    assert peaks[True, False] <= peaks[False, False] - 0.95 * size, mib
-    assert peaks[True, True] <= peaks[False, False] + 2**20, mib
+        peaks[release] = torch.cuda.max_memory_allocated() - base
+    assert peaks[True] <= peaks[False] - 0.95 * size, {k: p / 2**20 for k, p in peaks.items()}
 
 
 def _combine_case(BH, T, E, Dx, dtype, device, seed):
@@ -874,14 +868,6 @@ def _check_combine(BH, T, E, Dx, dtype, device):
         torch.testing.assert_close(y[0].double(), expected, **tol, msg=f"{mean=}")
         if mean:
             torch.testing.assert_close(inv.double(), 1 / n.clamp_min(1))
-    # Two inputs in one launch (PAIR, the shared-QK backward's dq and dv): each the bits of its own launch.
-    x2 = torch.randn(x.shape, generator=torch.Generator().manual_seed(T + 1)).to(device=device, dtype=dtype)
-    (y, y2), inv = TO._combine(x, perm, rowptr, lo, hi, T, False, dtype, x2=x2)
-    assert inv is None
-    torch.testing.assert_close(y, TO._combine(x, perm, rowptr, lo, hi, T, False, dtype)[0], atol=0, rtol=0)
-    torch.testing.assert_close(y2, TO._combine(x2, perm, rowptr, lo, hi, T, False, dtype)[0], atol=0, rtol=0)
-    with pytest.raises(ValueError, match="x2 must match x"):
-        TO._combine(x, perm, rowptr, lo, hi, T, False, dtype, x2=x2[..., :-1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

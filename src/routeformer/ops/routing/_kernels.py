@@ -760,17 +760,12 @@ def _write_cluster_tiles(COUNTS, CUM, TILES, row, T, NB, NT, BM: tl.constexpr, C
 
 @triton.jit
 def _combine_kernel(
-    X, PERM, ROWPTR, LO, HI, Y, INV_N, X2, Y2,
+    X, PERM, ROWPTR, LO, HI, Y, INV_N,
     sxb, sxh, sxe, syb, syh, syt,
     H, T, E, D,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, MEAN: tl.constexpr, AHEAD: tl.constexpr,
-    PAIR: tl.constexpr = False,
 ):
     """Y[t] = sum of X[e] over the entries e at position t, via a position-sorted PERM.
-
-    PAIR: also Y2[t] = sum of X2[e] (X2, Y2 shaped and strided as X, Y; not with MEAN). The two sums
-    share each token's index reads (ROWPTR, then PERM), the latency chain that bounds this kernel, so
-    one launch for the backward's dq and dv sums instead of two (shared-QK topk).
 
     MEAN (forward scatter-mean): divide by the number of entries that had a key (HI > LO) and store
     that inverse count in INV_N for the backward; tokens no cluster gave a key get 0.
@@ -803,10 +798,6 @@ def _combine_kernel(
     x_a = tl.load(xbase + e_a[:, :, None] * sxe + offs_d[None, None, :],
                   mask=has_a[:, :, None] & dmask[None, :, :], other=0.0)
     acc = tl.sum(x_a.to(tl.float32), axis=1)
-    if PAIR:
-        x2base = X2 + b * sxb + h * sxh
-        acc2 = tl.sum(tl.load(x2base + e_a[:, :, None] * sxe + offs_d[None, None, :],
-                              mask=has_a[:, :, None] & dmask[None, :, :], other=0.0).to(tl.float32), axis=1)
     if MEAN:
         lo_a = tl.load(LO + ibase + e_a, mask=has_a, other=0)
         hi_a = tl.load(HI + ibase + e_a, mask=has_a, other=0)
@@ -818,8 +809,6 @@ def _combine_kernel(
         e = tl.load(PERM + ibase + start + j, mask=has, other=0).to(tl.int64)
         m2 = has[:, None] & dmask
         acc += tl.load(xbase + e[:, None] * sxe + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
-        if PAIR:
-            acc2 += tl.load(x2base + e[:, None] * sxe + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
         if MEAN:
             lo = tl.load(LO + ibase + e, mask=has, other=0)
             hi = tl.load(HI + ibase + e, mask=has, other=0)
@@ -830,9 +819,6 @@ def _combine_kernel(
         tl.store(INV_N + bh.to(tl.int64) * T + offs_t, inv, mask=tmask)
     tl.store(Y + b * syb + h * syh + offs_t[:, None] * syt + offs_d[None, :], acc.to(Y.dtype.element_ty),
              mask=tmask[:, None] & dmask)
-    if PAIR:
-        tl.store(Y2 + b * syb + h * syh + offs_t[:, None] * syt + offs_d[None, :], acc2.to(Y2.dtype.element_ty),
-                 mask=tmask[:, None] & dmask)
 
 
 @triton.jit

@@ -699,22 +699,15 @@ def _row64(*ts) -> bool:
     return any(t.shape[2] * t.stride(2) + t.shape[3] >= 2**31 for t in ts)
 
 
-def _combine(x, perm, rowptr, lo, hi, T, mean, out_dtype, x2=None):
-    """Per-token sums (or with `mean` scatter-means) of the per-entry rows x -> (y, inv_n or None); with
-    x2 (x's shape and strides, not with mean) also its sums in the same launch -> ((y, y2), None)."""
+def _combine(x, perm, rowptr, lo, hi, T, mean, out_dtype):
     B, H, E, Dx = x.shape
-    if x2 is not None and (mean or x2.shape != x.shape or x2.stride() != x.stride() or x2.dtype != x.dtype):
-        raise ValueError("_combine: x2 must match x in shape, strides and dtype, and not with mean")
     y = _new((B, H, T, Dx), out_dtype, x.device)
     inv_n = _new((B * H, T), torch.float32, x.device) if mean else y
-    y2 = y if x2 is None else _new((B, H, T, Dx), out_dtype, x.device)
     block_t, warps, ahead = _cfg(x, "combine")
     grid = (cdiv(T, block_t), B * H)
-    launch(K._combine_kernel, grid, x, perm, rowptr, lo, hi, y, inv_n, x if x2 is None else x2, y2,
+    launch(K._combine_kernel, grid, x, perm, rowptr, lo, hi, y, inv_n,
            *_s4(x), *_s4(y), H, T, E, Dx,
-           BLOCK_T=block_t, BLOCK_D=_pow2(Dx), MEAN=mean, AHEAD=ahead, PAIR=x2 is not None, num_warps=warps)
-    if x2 is not None:
-        return (y, y2), None
+           BLOCK_T=block_t, BLOCK_D=_pow2(Dx), MEAN=mean, AHEAD=ahead, num_warps=warps)
     return y, (inv_n if mean else None)
 
 
@@ -788,15 +781,12 @@ def _(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct, shared, window=0, run=0
 # topk's per-entry outputs o_e (the size of q) serve the backward's dq kernel alone (for delta), so an
 # eager backward frees them right after it, unless the graph is kept for another backward
 # (retain_graph=True): the context holds them in a list rather than through save_for_backward, whose
-# references live until the backward returns. With them freed, the shared-QK backward sums dq and dv
-# per token in one combine launch (PAIR_COMBINE) at the peak that two launches had with them alive
-# (64k: out, dq and dv per entry and both sums, 338 MiB). False: saved as before session 18
-# (benchmarks/attention.py --ab "keep entry outputs").
+# references live until the backward returns. H200, 64k, session 18 (A/B "keep entry outputs", graph
+# fwd+bwd): the peak 338 -> 274 MiB, the time unchanged (1.057 against 1.059 ms). Summing dq and dv in
+# one combine launch at the old peak instead (both per-token sums alive at once) took 1.064 ms: the
+# combine is bound by its bytes, not by the index reads the two sums would share (~106 us against
+# 2 x 51), so that variant was removed.
 RELEASE_ENTRY_OUTPUTS = True
-# One combine launch for the shared-QK backward's dq and dv sums (see _combine_kernel, PAIR) when the
-# entry outputs were freed; else (or False: --ab "separate backward combines") two, each per-entry
-# buffer dropped as soon as it is summed.
-PAIR_COMBINE = True
 
 
 def _keep_graph() -> bool:
@@ -812,9 +802,9 @@ def _keep_graph() -> bool:
 
 
 def _routing_bwd_impl(dout, q, k, v, out, entry_outputs: list, lse, inv_n, qpos, lo, hi, kpos, tiles, perm,
-                      rowptr, scale: float, direct: bool, shared: bool, window: int, run: int, owned: bool):
+                      rowptr, scale: float, direct: bool, shared: bool, window: int, run: int):
     """The backward (see routing_bwd). entry_outputs: [o_e] (topk), which this empties once the dq kernel
-    has read it; owned: nothing else holds o_e, so that emptying the list frees it."""
+    has read it: o_e is freed there if nothing else holds it."""
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     E, S = qpos.shape[1], kpos.shape[1]
@@ -844,7 +834,6 @@ def _routing_bwd_impl(dout, q, k, v, out, entry_outputs: list, lse, inv_n, qpos,
            SCALAR_BAND=SCALAR_BAND, MEAN_IN_LSE=fold, num_warps=warps, num_stages=stages, **_regs(q, "dq"))
     # Nothing below reads o_e: if the caller let go of it, it is freed here (stream order keeps the
     # memory from being reused before the kernel above has read it).
-    released = owned and not direct
     del o_rows
     entry_outputs.clear()
 
@@ -871,9 +860,6 @@ def _routing_bwd_impl(dout, q, k, v, out, entry_outputs: list, lse, inv_n, qpos,
     empty = q.new_empty(0)
     if direct:
         return dq, (empty if shared else dk), dv
-    if shared and released and PAIR_COMBINE and D == Dv and dq.stride() == dv.stride():
-        (dq_t, dv_t), _ = _combine(dq, perm, rowptr, lo, hi, T, False, q.dtype, x2=dv)
-        return dq_t, empty, dv_t
     # Each per-entry buffer is dropped as soon as it is summed per token, so that the partials and the
     # summed gradients are never all alive at once (peak memory).
     kperm, krowptr = (perm, rowptr) if shared else _inverse(kpos, T, run)
@@ -897,7 +883,7 @@ def _routing_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     """-> (dq, dk, dv); with shared QK dq already holds dk and dk is an empty placeholder. window, run:
     see routing_fwd. (The caller's o_e stays alive: a custom op cannot free its inputs.)"""
     return _routing_bwd_impl(dout, q, k, v, out, [o_e], lse, inv_n, qpos, lo, hi, kpos, tiles, perm, rowptr,
-                             scale, direct, shared, window, run, False)
+                             scale, direct, shared, window, run)
 
 
 @_routing_bwd.op.register_fake
@@ -939,7 +925,7 @@ def _backward(ctx, dout, *_unused):
         # Give the kernels the context's own list unless another backward will need o_e again.
         keep = _keep_graph()
         del o_e
-        dq, dk, dv = _routing_bwd_impl(dout, q, k, v, out, list(held) if keep else held, *args, not keep)
+        dq, dk, dv = _routing_bwd_impl(dout, q, k, v, out, list(held) if keep else held, *args)
     else:
         dq, dk, dv = _routing_bwd(dout, q, k, v, out, o_e, *args)
     return (dq, (None if ctx.shared else dk), dv) + (None,) * (ctx.n_inputs - 3)
