@@ -803,6 +803,31 @@ def test_entry_outputs_survive_a_retained_graph(monkeypatch):
         torch.autograd.grad(out, (q, v), dout)
 
 
+@pytest.mark.parametrize("hooks", ["checkpoint", "save_on_cpu"])
+def test_saved_tensor_hooks_see_the_entry_outputs(hooks, monkeypatch):
+    """Under saved-tensor hooks (activation checkpointing drops saved tensors and recomputes them, save_on_cpu
+    moves them) o_e goes through save_for_backward, where the hooks see it, rather than the context's list:
+    the same gradients as without hooks."""
+    q, _, v, centroids = _inputs(1, 2, 61, 24, 24, 6, True, torch.float32, "cpu", 20)
+    dout = torch.randn(v.shape, generator=torch.Generator().manual_seed(9))
+    saved_path = []  # backwards that took o_e from save_for_backward (through the backward op's impl)
+    impl = TO._routing_bwd.impl
+    monkeypatch.setattr(TO._routing_bwd, "impl", lambda *args: saved_path.append(1) or impl(*args))
+    attend = lambda q, v: routing_attention(q, q, v, centroids, window=30, causal=True,  # noqa: E731
+                                            assign="topk", backend="triton")
+    want = torch.autograd.grad(attend(q, v), (q, v), dout)
+    assert not saved_path  # no hooks: the context's list
+    if hooks == "checkpoint":
+        out = torch.utils.checkpoint.checkpoint(attend, q, v, use_reentrant=False)
+    else:
+        with torch.autograd.graph.save_on_cpu():
+            out = attend(q, v)
+    got = torch.autograd.grad(out, (q, v), dout)
+    assert saved_path
+    for a, b in zip(want, got):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 @gpu
 @needs_cuda
 def test_freeing_entry_outputs_changes_no_bit_gpu(monkeypatch):

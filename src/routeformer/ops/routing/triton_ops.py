@@ -789,6 +789,18 @@ def _(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct, shared, window=0, run=0
 RELEASE_ENTRY_OUTPUTS = True
 
 
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks are installed (activation checkpointing, torch.autograd.graph.save_on_cpu):
+    they see only what save_for_backward saves, so o_e must go through it; True where torch cannot tell."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return True
+    try:
+        return top(False) is not None
+    except (TypeError, RuntimeError):
+        return True
+
+
 def _keep_graph() -> bool:
     """Whether the running backward keeps the graph for another (retain_graph=True), so that what it saved
     must survive; True where this torch cannot tell."""
@@ -896,8 +908,10 @@ def _(dout, q, k, v, out, o_e, lse, inv_n, qpos, lo, hi, kpos, tiles, perm, rowp
 def _setup_context(ctx, inputs, output):
     q, k, v, qpos, lo, hi, kpos, tiles, scale, direct, shared, *extra = inputs
     out, o_e, lse, inv_n, perm, rowptr = output
-    # Eager topk: o_e held in a list that the backward may empty (RELEASE_ENTRY_OUTPUTS); traced, saved.
-    ctx.entry_outputs = [o_e] if RELEASE_ENTRY_OUTPUTS and not direct and not _dispatch.tracing() else None
+    # Eager topk: o_e held in a list that the backward may empty (RELEASE_ENTRY_OUTPUTS); traced, or
+    # under saved-tensor hooks (which must see it to drop or move it), saved.
+    ctx.entry_outputs = ([o_e] if RELEASE_ENTRY_OUTPUTS and not direct and not _dispatch.tracing()
+                         and not _saved_tensor_hooks_active() else None)
     ctx.save_for_backward(q, k, v, out, lse if ctx.entry_outputs else o_e, lse, inv_n, qpos, lo, hi, kpos,
                           tiles, perm, rowptr)
     ctx.scale, ctx.direct = scale, direct
