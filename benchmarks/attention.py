@@ -538,7 +538,7 @@ AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through 
                "jit launches", "uncentred argmax", "whole-row entry searches", "split loops", "one-loop dk/dv",
                "head-dim masks", "in-kernel centroid split", "fixed tiles", "two-stage select", "sorted inverse",
                "prefetch everywhere", "combine one entry at a time", "band reductions", "1/n multiplies",
-               "cluster passes", "exact first bound", "keep entry outputs")
+               "cluster passes", "exact first bound", "keep entry outputs", "inference scoring passes")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -576,7 +576,7 @@ def _variant(name):
              TO.CLUSTER_TILES, TO.THRESHOLD_SELECT, TO.COUNTING_INVERSE)
     prefetch, config, scalar_band = dict(TO.PREFETCH), {kind: dict(c) for kind, c in TO.CONFIG.items()}, TO.SCALAR_BAND
     mean_in_lse, head_passes, l1_slack = TO.MEAN_IN_LSE, TO.HEAD_PASSES, TO.THRESHOLD_L1_SLACK
-    release = TO.RELEASE_ENTRY_OUTPUTS
+    release, budget = TO.RELEASE_ENTRY_OUTPUTS, TO.TRAINING_SCORE_BUDGET
     entry_ranges = TO.tile_entry_ranges
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
@@ -622,6 +622,8 @@ def _variant(name):
         TO.HEAD_PASSES = False
     elif name == "exact first bound":  # topk's threshold select searches L1 exactly, as before session 17
         TO.THRESHOLD_L1_SLACK = 0
+    elif name == "inference scoring passes":  # topk's training calls score in 2x-x passes, as before session 18
+        TO.TRAINING_SCORE_BUDGET = 2
     elif name == "keep entry outputs":  # topk's o_e alive through the whole backward, as before session 18
         TO.RELEASE_ENTRY_OUTPUTS = False
     elif name == "prefetch everywhere":  # every kernel reads the next tile's gather indices (session 14)
@@ -652,7 +654,7 @@ def _variant(name):
         TO.PREFETCH.update(prefetch)
         TO.SCALAR_BAND = scalar_band
         TO.MEAN_IN_LSE, TO.HEAD_PASSES, TO.THRESHOLD_L1_SLACK = mean_in_lse, head_passes, l1_slack
-        TO.RELEASE_ENTRY_OUTPUTS = release
+        TO.RELEASE_ENTRY_OUTPUTS, TO.TRAINING_SCORE_BUDGET = release, budget
         for kind, c in config.items():
             TO.CONFIG[kind].update(c)
 
@@ -672,7 +674,8 @@ def ab(Ts, only=()):
                 if assign == "nearest" and name in ("one scoring pass", "torch.topk select", "candidate gather ops",
                                                     "score tiles 64x32", "two-stage select", "sorted inverse",
                                                     "combine one entry at a time", "cluster passes",
-                                                    "exact first bound", "keep entry outputs"):
+                                                    "exact first bound", "keep entry outputs",
+                                                    "inference scoring passes"):
                     continue  # nearest has no top-k
                 if assign == "topk" and name in ("sorted cluster ids", "argmax tiles 64x32"):
                     continue  # a nearest-only change

@@ -390,9 +390,30 @@ def test_scoring_passes_plan():
     assert TO.scoring_passes(x[:, :1], 128) == (None, 64)  # one head: only cluster chunks shrink a pass
     assert TO.scoring_passes(x, 8 * 64 * 2) == (None, 64)  # < 1 head per pass
     for C in (40, 100, 128, 300, 1000):
-        rows, chunk = TO.scoring_passes(x, C)
-        per_pass = (8 if rows is None else rows) * chunk
-        assert per_pass <= 8 * TO.cluster_chunk(x, C) and chunk >= min(C, block_c), C
+        for budget in (2, 4):
+            rows, chunk = TO.scoring_passes(x, C, budget)
+            per_pass = (8 if rows is None else rows) * chunk
+            assert per_pass <= 8 * TO.cluster_chunk(x, C, budget) and chunk >= min(C, block_c), (C, budget)
+    # A call that will run a backward (TRAINING_SCORE_BUDGET = 4): scores up to 4x the size of x per pass.
+    assert TO.cluster_chunk(x, 256, 4) == 128
+    assert TO.scoring_passes(x, 128, 4) == (None, 128)  # T = 64k: one pass
+    assert TO.scoring_passes(x, 256, 4) == (4, 256)  # T = 128k: two passes of 4 heads
+
+
+def test_score_budget_follows_the_backward(monkeypatch):
+    """topk scores in passes of TRAINING_SCORE_BUDGET where the call will run a backward (grad mode on and
+    an input that requires grad), else of 2x the size of x."""
+    budgets = []
+    indices = TO.routing_indices
+    monkeypatch.setattr(TO, "routing_indices", lambda *a: budgets.append(a[-1]) or indices(*a))
+    q, _, v, centroids = _inputs(1, 2, 40, 16, 16, 3, True, torch.float32, "cpu", 21)
+    attend = lambda q, v: routing_attention(q, q, v, centroids, window=16, assign="topk",  # noqa: E731
+                                            backend="triton")
+    attend(q, v)
+    with torch.no_grad():
+        attend(q, v)
+    attend(q.detach(), v.detach())
+    assert budgets == [TO.TRAINING_SCORE_BUDGET, 2, 2] and TO.TRAINING_SCORE_BUDGET == 4
 
 
 @pytest.mark.parametrize("one_kernel", [True, False])
@@ -839,7 +860,9 @@ def test_freeing_entry_outputs_changes_no_bit_gpu(monkeypatch):
 @needs_cuda
 def test_freeing_entry_outputs_lowers_the_backward_peak_gpu(monkeypatch):
     """At the benchmark setting (T = 64k, bf16, 8 heads, D = 64) the topk fwd+bwd peak drops by the
-    per-entry outputs' size (64 MiB) when they are freed after the dq kernel."""
+    per-entry outputs' size (64 MiB) when they are freed after the dq kernel. (Scoring passes of 2x the
+    size of x, so that the peak is the backward's, not the forward's scores.)"""
+    monkeypatch.setattr(TO, "TRAINING_SCORE_BUDGET", 2)
     T = 65536
     q, v, dout = (torch.randn(1, 8, T, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     q.requires_grad_(), v.requires_grad_()

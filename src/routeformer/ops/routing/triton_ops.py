@@ -296,21 +296,29 @@ TOPK_SELECT = "groups"
 FUSED_CANDIDATES = True
 
 # Clusters scored per pass of topk_index; None: as many as keep the float32 scores of one pass no
-# larger than twice x (see cluster_chunk). Tests set a small number to exercise several passes.
+# larger than `budget` times x (see cluster_chunk). Tests set a small number to exercise several passes.
 CLUSTER_CHUNK: int | None = None
+# The budget (float32 scores of one pass over the size of x) of a call that will run a backward: its
+# backward's own peak holds ~4x the size of x anyway (topk, shared QK: the output, per-entry dq and dv,
+# the summed dq), so a forward transient of 4x does not raise the fwd+bwd peak, while a call without
+# one keeps 2x (the forward's per-entry output and result). At T = 64k (H = 8, D = 64, bf16) that is
+# one pass of all 128 clusters instead of two of 4 heads (session 17 call 6, A/B "one scoring pass":
+# graph fwd+bwd 1.034 against 1.047 ms), at 128k two passes instead of four. 2: as without a backward,
+# for benchmarks/attention.py --ab ("inference scoring passes").
+TRAINING_SCORE_BUDGET = 4
 
 
-def cluster_chunk(x: torch.Tensor, C: int) -> int:
+def cluster_chunk(x: torch.Tensor, C: int, budget: int = 2) -> int:
     """Clusters per scoring pass: the (B, H, C, T) float32 scores grow as T^2 / W (256 MiB at T = 64k,
     H = 8, W = 512, 4x the bf16 input), so topk_index scores the clusters in passes whose scores are at
-    most twice the size of x (D * itemsize / 2 clusters), about what the attention's per-entry output
-    and result take after it; more passes would re-read x more often and launch more kernels for
-    no lower peak. Each pass starts at a multiple of the score kernel's cluster tile, so it runs the
-    very tiles of a whole-C launch and gets the same bits."""
+    most `budget` times the size of x (D * itemsize * budget / 4 clusters): 2, about what the
+    attention's per-entry output and result take after it, or TRAINING_SCORE_BUDGET; more passes would
+    re-read x more often and launch more kernels for no lower peak. Each pass starts at a multiple of
+    the score kernel's cluster tile, so it runs the very tiles of a whole-C launch and gets the same bits."""
     from ._score_kernels import tiles
 
     block_c = tiles(x)[1]
-    chunk = CLUSTER_CHUNK or (x.shape[-1] * x.element_size() // 2)
+    chunk = CLUSTER_CHUNK or (x.shape[-1] * x.element_size() * budget // 4)
     return min(C, max(block_c, chunk // block_c * block_c))
 
 
@@ -326,11 +334,11 @@ HEAD_PASSES = True
 ROWS_PER_PASS: int | None = None
 
 
-def scoring_passes(x: torch.Tensor, C: int) -> tuple[int | None, int]:
+def scoring_passes(x: torch.Tensor, C: int, budget: int = 2) -> tuple[int | None, int]:
     """(batch-heads per pass, None for all of them; clusters per pass) of topk_index's scoring passes,
     never holding more scores at once than cluster_chunk's passes over all batch-heads would."""
     B, H = x.shape[:2]
-    chunk = cluster_chunk(x, C)
+    chunk = cluster_chunk(x, C, budget)
     if ROWS_PER_PASS is not None:
         return ROWS_PER_PASS, chunk
     if HEAD_PASSES and CLUSTER_CHUNK is None and chunk < C:
@@ -374,14 +382,14 @@ def _select_pass(s_t: torch.Tensor, gmax: torch.Tensor, w: int, out: torch.Tenso
 
 
 @custom_op("routeformer::topk_index")
-def _topk_index_fused(x: torch.Tensor, centroids: torch.Tensor, window: int) -> torch.Tensor:
+def _topk_index_fused(x: torch.Tensor, centroids: torch.Tensor, window: int, budget: int = 2) -> torch.Tensor:
     """topk_index on the fused score kernel: one op for all scoring passes, each writing its clusters'
     rows of the one output (no concatenation)."""
     B, H, T, _ = x.shape
     C = centroids.shape[1]
     w = min(window, T)
     out = _new((B, H, C, w), torch.int32, x.device)
-    rows, chunk = scoring_passes(x, C)
+    rows, chunk = scoring_passes(x, C, budget)
 
     def select(r0, c0, s_t, gmax):  # a pass over some batch-heads writes their rows of out
         dest = out if rows is None else out.view(1, B * H, C, w).narrow(1, r0, s_t.shape[1])
@@ -392,12 +400,12 @@ def _topk_index_fused(x: torch.Tensor, centroids: torch.Tensor, window: int) -> 
 
 
 @_topk_index_fused.op.register_fake
-def _(x, centroids, window):
+def _(x, centroids, window, budget=2):
     B, H, T, _ = x.shape
     return x.new_empty((B, H, centroids.shape[1], min(window, T)), dtype=torch.int32)
 
 
-def topk_index(x: torch.Tensor, centroids: torch.Tensor, window: int) -> torch.Tensor:
+def topk_index(x: torch.Tensor, centroids: torch.Tensor, window: int, budget: int = 2) -> torch.Tensor:
     """(B, H, C, W) int32 positions, equal to assignment.topk_positions of the same scores.
 
     Two stages, exact: split each cluster's row of T scores into groups of GROUP positions and keep
@@ -406,23 +414,24 @@ def topk_index(x: torch.Tensor, centroids: torch.Tensor, window: int) -> torch.T
     larger elements (the W kept maxima), so the top W all lie in the kept groups: the second stage
     takes the top W of those W*GROUP candidates, which sit in position order. On CUDA the scores are
     made in passes (`scoring_passes`: blocks of batch-heads against all clusters, or all batch-heads
-    against chunks of clusters), so the scores alive at once never outgrow 2x the size of x.
+    against chunks of clusters), so the scores alive at once never outgrow `budget` times the size of x
+    (cluster_chunk).
     """
     if not scores_mod.use_fused(x):
         # The formula path (CPU, interpreter tests) scores all clusters in one matmul, as the
         # reference does: a matmul over fewer columns may round differently.
         return _select_from_scores(scores_mod.assignment_scores(x, centroids, fused=False), None,
                                    min(window, x.shape[2]))
-    return _topk_index_fused(x, centroids, window)
+    return _topk_index_fused(x, centroids, window, budget)
 
 
 # ---------------------------------------------------------------------------------------------
 # Index structures shared by both modes (see _kernels.py).
 
 
-def _topk_indices(q, k, centroids, window, causal):
-    qi = topk_index(q, centroids, window)
-    ki = qi if k is q else topk_index(k, centroids, window)
+def _topk_indices(q, k, centroids, window, causal, budget=2):
+    qi = topk_index(q, centroids, window, budget)
+    ki = qi if k is q else topk_index(k, centroids, window, budget)
     B, H, C, W = qi.shape
     flat = lambda t: t.reshape(B * H, C * W).contiguous()  # noqa: E731
     if k is q or not causal:
@@ -732,12 +741,13 @@ def attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale: float, direct: bool
     return o, lse
 
 
-def routing_indices(q, k, centroids, window: int, causal: bool, assign: str):
+def routing_indices(q, k, centroids, window: int, causal: bool, assign: str, score_budget: int = 2):
     """The assignment as the kernels consume it -> (qpos, lo, hi, kpos), each (BH, E or S) int32, and
-    the cluster tiles (BH, NT, 2) int32 or an empty tensor (see _nearest_slots_counting)."""
+    the cluster tiles (BH, NT, 2) int32 or an empty tensor (see _nearest_slots_counting). score_budget:
+    topk's scoring passes' (cluster_chunk)."""
     with torch.no_grad():
         if assign == "topk":
-            return _topk_indices(q, k, centroids, window, causal)
+            return _topk_indices(q, k, centroids, window, causal, score_budget)
         return _nearest_indices(q, k, centroids, window)
 
 
@@ -968,7 +978,11 @@ def routing_attention_triton(q, k, v, centroids, *, window, causal, assign, scal
     shared = k is q
     q, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, v))
     k = q if shared else (k if k.stride(-1) == 1 else k.contiguous())
-    qpos, lo, hi, kpos, tiles = routing_indices(q, k, centroids, window, causal, assign)
+    # A call that will run a backward may score in larger passes (TRAINING_SCORE_BUDGET): its backward's
+    # peak is larger anyway.
+    backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    qpos, lo, hi, kpos, tiles = routing_indices(q, k, centroids, window, causal, assign,
+                                                TRAINING_SCORE_BUDGET if backward else 2)
     # The slot structure that bounds tile_entry_ranges' searches (see routing_fwd): shared QK, and for
     # topk causal (without the mask a cluster's entries all see the whole cluster).
     band = window if shared and (assign == "nearest" or causal) else 0
