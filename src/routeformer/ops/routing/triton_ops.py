@@ -302,9 +302,9 @@ CLUSTER_CHUNK: int | None = None
 # backward's own peak holds ~4x the size of x anyway (topk, shared QK: the output, per-entry dq and dv,
 # the summed dq), so a forward transient of 4x does not raise the fwd+bwd peak, while a call without
 # one keeps 2x (the forward's per-entry output and result). At T = 64k (H = 8, D = 64, bf16) that is
-# one pass of all 128 clusters instead of two of 4 heads (session 17 call 6, A/B "one scoring pass":
-# graph fwd+bwd 1.034 against 1.047 ms), at 128k two passes instead of four. 2: as without a backward,
-# for benchmarks/attention.py --ab ("inference scoring passes").
+# one pass of all 128 clusters instead of two of 4 heads, at 128k two passes instead of four. H200,
+# 64k, session 18 (A/B "inference scoring passes", graph fwd+bwd): 1.032 against 1.048 ms, the fwd+bwd
+# peak 288 against 274 MiB (dense 388). 2: as without a backward, for benchmarks/attention.py --ab.
 TRAINING_SCORE_BUDGET = 4
 
 
