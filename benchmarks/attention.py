@@ -538,7 +538,8 @@ AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through 
                "jit launches", "uncentred argmax", "whole-row entry searches", "split loops", "one-loop dk/dv",
                "head-dim masks", "in-kernel centroid split", "fixed tiles", "two-stage select", "sorted inverse",
                "prefetch everywhere", "combine one entry at a time", "band reductions", "1/n multiplies",
-               "cluster passes", "exact first bound", "keep entry outputs", "inference scoring passes")
+               "cluster passes", "exact first bound", "keep entry outputs", "inference scoring passes",
+               "paired tiles")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -577,6 +578,7 @@ def _variant(name):
     prefetch, config, scalar_band = dict(TO.PREFETCH), {kind: dict(c) for kind, c in TO.CONFIG.items()}, TO.SCALAR_BAND
     mean_in_lse, head_passes, l1_slack = TO.MEAN_IN_LSE, TO.HEAD_PASSES, TO.THRESHOLD_L1_SLACK
     release, budget = TO.RELEASE_ENTRY_OUTPUTS, TO.TRAINING_SCORE_BUDGET
+    paired = dict(TO.PAIRED_TILES)
     entry_ranges = TO.tile_entry_ranges
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
@@ -626,6 +628,8 @@ def _variant(name):
         TO.TRAINING_SCORE_BUDGET = 2
     elif name == "keep entry outputs":  # topk's o_e alive through the whole backward, as before session 18
         TO.RELEASE_ENTRY_OUTPUTS = False
+    elif name == "paired tiles":  # the forward and dq run two entry tiles per program (session 19)
+        TO.PAIRED_TILES.update(dict.fromkeys(TO.PAIRED_TILES, True))
     elif name == "prefetch everywhere":  # every kernel reads the next tile's gather indices (session 14)
         TO.PREFETCH.update(dict.fromkeys(TO.PREFETCH, True))
     elif name == "combine one entry at a time":  # topk's per-token sums one entry per step, as before session 14
@@ -652,6 +656,7 @@ def _variant(name):
         SK.ARGMAX_TILES.update(argmax_tiles)
         TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = index_ops
         TO.PREFETCH.update(prefetch)
+        TO.PAIRED_TILES.update(paired)
         TO.SCALAR_BAND = scalar_band
         TO.MEAN_IN_LSE, TO.HEAD_PASSES, TO.THRESHOLD_L1_SLACK = mean_in_lse, head_passes, l1_slack
         TO.RELEASE_ENTRY_OUTPUTS, TO.TRAINING_SCORE_BUDGET = release, budget
@@ -746,6 +751,9 @@ def main(argv=None):
     p.add_argument("--cpu-profile", type=int, default=0, help="only profile the host time of ours at this T")
     p.add_argument("--ab", default="", help="only measure each recent change alone at these T (e.g. 8192,65536)")
     p.add_argument("--ab-only", default="", help="with --ab: only these variants (comma list) beside 'all changes'")
+    p.add_argument("--variant", default="", choices=("",) + AB_VARIANTS[1:], metavar="NAME",
+                   help="with --profile, --sweep, --cpu-profile or --ncu: run under this --ab variant "
+                        "(e.g. 'paired tiles')")
     p.add_argument("--topk-select", default="groups", choices=("groups", "full"),
                    help="how our topk assignment finds the W-th score (triton_ops.TOPK_SELECT)")
     args = p.parse_args(argv)
@@ -760,6 +768,17 @@ def main(argv=None):
             with open(args.out, "w") as fh:
                 json.dump({"device": torch.cuda.get_device_name(), "ab": rows}, fh, indent=1)
         return
+    profiling = args.ncu or args.profile or args.sweep or args.cpu_profile
+    if args.variant and not profiling:
+        sys.exit("--variant: only with --profile, --sweep, --cpu-profile or --ncu (the table has no variants)")
+    if profiling:
+        with _variant(args.variant) if args.variant else contextlib.nullcontext():
+            _profiles(args)
+        return
+    _table(args)
+
+
+def _profiles(args):
     if args.ncu:
         ncu_target(args.ncu)
         return
@@ -774,7 +793,9 @@ def main(argv=None):
             if unknown:
                 sys.exit(f"--sweep-parts: unknown {sorted(unknown)}; choose from {', '.join(SWEEP_PARTS)}")
             sweep(args.sweep, parts)
-        return
+
+
+def _table(args):
     Ts = [int(t) for t in args.T.split(",")]
     keep = [s for s in args.rows.split(",") if s]
     rows, kernels = [], []

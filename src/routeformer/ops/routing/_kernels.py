@@ -234,7 +234,8 @@ def _entry_tile(TILES, bh, pid, NTILES, E, BLOCK: tl.constexpr, TILED: tl.conste
 
 
 @triton.jit
-def _fwd_kernel(
+def _fwd_tile(
+    pid_m,
     Q, K, V, QPOS, LO, HI, KPOS, TILES, O, LSE,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
     H, E, S, D, DV, NTILES, sm_scale_log2,
@@ -243,12 +244,10 @@ def _fwd_kernel(
     ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
     SCALAR_BAND: tl.constexpr = True,
 ):
-    """Attention of the entry tile pid_m: entries [pid_m * BLOCK_M, + BLOCK_M), or with TILED the
-    tile's [first, end) from TILES (R, NTILES, 2) (see _write_cluster_tiles)."""
+    """One entry tile of _fwd_kernel (pid_m: which)."""
     if EVEN_D:  # head dims equal to their tiles: the column masks fold away (fewer live predicates)
         D = BLOCK_D
         DV = BLOCK_DV
-    pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     # int64: b * stride overflows int32 once a tensor passes 2**31 elements.
     b = (bh // H).to(tl.int64)
@@ -316,7 +315,44 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_dq_kernel(
+def _fwd_kernel(
+    Q, K, V, QPOS, LO, HI, KPOS, TILES, O, LSE,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+    H, E, S, D, DV, NTILES, sm_scale_log2,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DIRECT: tl.constexpr, SKIP_EMPTY: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+    ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
+    SCALAR_BAND: tl.constexpr = True, PAIRED: tl.constexpr = False,
+):
+    """Attention of the entry tile pid_m: entries [pid_m * BLOCK_M, + BLOCK_M), or with TILED the
+    tile's [first, end) from TILES (R, NTILES, 2) (see _write_cluster_tiles).
+
+    PAIRED: program p runs tile p, then tile NTILES - 1 - p (if it is another): a grid of
+    cdiv(NTILES, 2). Under the causal mask a cluster's first tiles see few slots and its last ones
+    many, and tile p's partner is as heavy as p is light, so every program does about the same work."""
+    # One call site per branch: the unpaired kernel compiles exactly as before PAIRED existed.
+    pid0 = tl.program_id(0)
+    if PAIRED:
+        partner = NTILES - 1 - pid0
+        for j in range(0, 1 + (partner > pid0).to(tl.int32)):
+            _fwd_tile(pid0 + j * (partner - pid0),
+                      Q, K, V, QPOS, LO, HI, KPOS, TILES, O, LSE,
+                      sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+                      H, E, S, D, DV, NTILES, sm_scale_log2,
+                      BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, DIRECT, SKIP_EMPTY, PRECISION, SPLIT,
+                      ROW64, EVEN_D, TILED, PREFETCH, SCALAR_BAND)
+    else:
+        _fwd_tile(pid0,
+                  Q, K, V, QPOS, LO, HI, KPOS, TILES, O, LSE,
+                  sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+                  H, E, S, D, DV, NTILES, sm_scale_log2,
+                  BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, DIRECT, SKIP_EMPTY, PRECISION, SPLIT,
+                  ROW64, EVEN_D, TILED, PREFETCH, SCALAR_BAND)
+
+
+@triton.jit
+def _dq_tile(
+    pid_m,
     Q, K, V, DO, O, LSE, INV_N, QPOS, LO, HI, KPOS, TILES, DELTA, DQ, LSE_W,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sob, soh, sot, sdqb, sdqh, sdqt,
     H, T, E, S, D, DV, NTILES, sm_scale, sm_scale_log2,
@@ -325,17 +361,10 @@ def _bwd_dq_kernel(
     ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
     SCALAR_BAND: tl.constexpr = True, MEAN_IN_LSE: tl.constexpr = False,
 ):
-    """dq per query entry (entry tiles as in _fwd_kernel); also stores DELTA = rowsum(dO * O_entry) for
-    the dk/dv kernel.
-
-    With topk the entry's output is scaled by 1/n (scatter-mean); the kernels keep dO unscaled and
-    multiply ds by INV_N instead, which saves a rounding of dO. MEAN_IN_LSE (topk): also store
-    LSE_W = LSE + log2(n) per entry, with which the dk/dv kernel's exp2(s - LSE_W) is p / n already.
-    """
+    """One entry tile of _bwd_dq_kernel (pid_m: which)."""
     if EVEN_D:  # head dims equal to their tiles: the column masks fold away (fewer live predicates)
         D = BLOCK_D
         DV = BLOCK_DV
-    pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     # int64: b * stride overflows int32 once a tensor passes 2**31 elements.
     b = (bh // H).to(tl.int64)
@@ -401,6 +430,43 @@ def _bwd_dq_kernel(
         drow = offs_e.to(tl.int64)
     tl.store(DQ + b * sdqb + h * sdqh + drow[:, None] * sdqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=dmask)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, O, LSE, INV_N, QPOS, LO, HI, KPOS, TILES, DELTA, DQ, LSE_W,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sob, soh, sot, sdqb, sdqh, sdqt,
+    H, T, E, S, D, DV, NTILES, sm_scale, sm_scale_log2,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DIRECT: tl.constexpr, SKIP_EMPTY: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+    ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
+    SCALAR_BAND: tl.constexpr = True, MEAN_IN_LSE: tl.constexpr = False, PAIRED: tl.constexpr = False,
+):
+    """dq per query entry (entry tiles as in _fwd_kernel); also stores DELTA = rowsum(dO * O_entry) for
+    the dk/dv kernel.
+
+    With topk the entry's output is scaled by 1/n (scatter-mean); the kernels keep dO unscaled and
+    multiply ds by INV_N instead, which saves a rounding of dO. MEAN_IN_LSE (topk): also store
+    LSE_W = LSE + log2(n) per entry, with which the dk/dv kernel's exp2(s - LSE_W) is p / n already.
+    PAIRED: two tiles per program, as in _fwd_kernel.
+    """
+    pid0 = tl.program_id(0)
+    if PAIRED:
+        partner = NTILES - 1 - pid0
+        for j in range(0, 1 + (partner > pid0).to(tl.int32)):
+            _dq_tile(pid0 + j * (partner - pid0),
+                     Q, K, V, DO, O, LSE, INV_N, QPOS, LO, HI, KPOS, TILES, DELTA, DQ, LSE_W,
+                     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sob, soh, sot, sdqb, sdqh, sdqt,
+                     H, T, E, S, D, DV, NTILES, sm_scale, sm_scale_log2,
+                     BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, DIRECT, SKIP_EMPTY, PRECISION, SPLIT,
+                     ROW64, EVEN_D, TILED, PREFETCH, SCALAR_BAND, MEAN_IN_LSE)
+    else:
+        _dq_tile(pid0,
+                 Q, K, V, DO, O, LSE, INV_N, QPOS, LO, HI, KPOS, TILES, DELTA, DQ, LSE_W,
+                 sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sob, soh, sot, sdqb, sdqh, sdqt,
+                 H, T, E, S, D, DV, NTILES, sm_scale, sm_scale_log2,
+                 BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, DIRECT, SKIP_EMPTY, PRECISION, SPLIT,
+                 ROW64, EVEN_D, TILED, PREFETCH, SCALAR_BAND, MEAN_IN_LSE)
 
 
 @triton.jit

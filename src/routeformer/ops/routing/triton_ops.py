@@ -72,6 +72,14 @@ SPLIT_TILES = {"fwd": TILE_BRANCH, "dq": TILE_BRANCH, "dkdv": THREE_LOOPS}
 # dq's. So only nearest's dk/dv prefetches. benchmarks/attention.py --ab: "prefetch everywhere".
 PREFETCH = {"fwd": False, "dq": False, "dkdv": False, "dkdv_direct": True}
 
+# Per kernel (the forward, dq): whether each program runs two entry tiles, p and NTILES - 1 - p (the
+# kernels' PAIRED). A cluster's entry tiles under the causal mask see 1 .. W / BLOCK_N slot tiles, so
+# pairing the lightest with the heaviest gives every program the same work and halves the programs
+# (and their prologues: tile bounds, index rows, the q gather). benchmarks/attention.py --ab: "paired
+# tiles" switches both on. Session 19: being measured.
+PAIRED_TILES = {"fwd": False, "dq": False}
+
+
 # True: the forward and dq read their entry tile's slot band from LO and HI at the tile's first and
 # last entries (both are non-decreasing) instead of reducing over the tile (_kernels._entry_band);
 # False for benchmarks/attention.py --ab ("band reductions").
@@ -729,14 +737,16 @@ def attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale: float, direct: bool
     o = _new((B, H, T if direct else E, Dv), q.dtype, q.device)
     bm, bn, warps, stages = _cfg(q, "fwd")
     tiled = _tiled(tiles, q, bm)
-    grid = (tiles.shape[1] if tiled else cdiv(E, bm), B * H)
+    n_tiles = tiles.shape[1] if tiled else cdiv(E, bm)
+    paired = PAIRED_TILES["fwd"]
+    grid = (cdiv(n_tiles, 2) if paired else n_tiles, B * H)
     launch(K._fwd_kernel, grid, q, k, v, qpos, lo, hi, kpos, tiles if tiled else qpos, o, lse,
            *_s4(q), *_s4(k), *_s4(v), *_s4(o),
-           H, E, S, D, Dv, grid[0], scale * math.log2(math.e),
+           H, E, S, D, Dv, n_tiles, scale * math.log2(math.e),
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=_precision(q),
            SPLIT=SPLIT_TILES["fwd"], ROW64=_row64(q, k, v, o), EVEN_D=_even_d(D, Dv), TILED=tiled,
-           PREFETCH=PREFETCH["fwd"], SCALAR_BAND=SCALAR_BAND, num_warps=warps, num_stages=stages,
+           PREFETCH=PREFETCH["fwd"], SCALAR_BAND=SCALAR_BAND, PAIRED=paired, num_warps=warps, num_stages=stages,
            **_regs(q, "fwd"))
     return o, lse
 
@@ -846,14 +856,16 @@ def _routing_bwd_impl(dout, q, k, v, out, entry_outputs: list, lse, inv_n, qpos,
     bm, bn, warps, stages = _cfg(q, "dq")
     tiled = _tiled(tiles, q, bm)
     n_dq = tiles.shape[1] if tiled else cdiv(E, bm)
-    launch(K._bwd_dq_kernel, (n_dq, B * H),
+    paired = PAIRED_TILES["dq"]
+    launch(K._bwd_dq_kernel, (cdiv(n_dq, 2) if paired else n_dq, B * H),
            q, k, v, dout, o_rows, lse, inv, qpos, lo, hi, kpos, tiles if tiled else qpos, delta, dq, lse_w,
            *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(o_rows), *_s4(dq),
            H, T, E, S, D, Dv, n_dq, scale, sl2,
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=prec, SPLIT=SPLIT_TILES["dq"],
            ROW64=_row64(q, k, v, dout, o_rows, dq), EVEN_D=_even_d(D, Dv), TILED=tiled, PREFETCH=PREFETCH["dq"],
-           SCALAR_BAND=SCALAR_BAND, MEAN_IN_LSE=fold, num_warps=warps, num_stages=stages, **_regs(q, "dq"))
+           SCALAR_BAND=SCALAR_BAND, MEAN_IN_LSE=fold, PAIRED=paired, num_warps=warps, num_stages=stages,
+           **_regs(q, "dq"))
     # Nothing below reads o_e: if the caller let go of it, it is freed here (stream order keeps the
     # memory from being reused before the kernel above has read it).
     del o_rows
