@@ -683,7 +683,7 @@ def _switch_agrees(q, v, centroids, window, assign, monkeypatch, name, settings)
 def _kernel_switches():
     """Kernel settings that must not change a bit: each kernel reading the next tile's gather indices
     a step ahead (PREFETCH) or in the step that uses them; the forward's and dq's slot band read at
-    the tile's ends or reduced over it (SCALAR_BAND); the forward and dq running one entry tile per
+    the tile's ends or reduced over it (SCALAR_BAND); each attention kernel running one tile per
     program or two (PAIRED_TILES)."""
     return [("PREFETCH", [dict.fromkeys(TO.PREFETCH, True), dict.fromkeys(TO.PREFETCH, False)]),
             ("SCALAR_BAND", [True, False]),
@@ -699,12 +699,12 @@ def test_kernel_switches_change_no_bit(assign, switch, monkeypatch):
     _switch_agrees(q, v, centroids, 40, assign, monkeypatch, *_kernel_switches()[switch])
 
 
-@pytest.mark.parametrize("clusters", [5, 6])
-def test_paired_tiles_with_an_odd_and_an_even_tile_count(clusters, monkeypatch):
-    """PAIRED_TILES where a program's partner is itself (an odd count of entry tiles: topk's 5 x 40
-    entries are 13 tiles of 16, the middle one runs once) and where every program runs two (6 x 40:
-    15 tiles, then 16 with nearest's cluster tiles)."""
-    q, _, v, centroids = _inputs(1, 2, 110, 24, 24, clusters, True, torch.float32, "cpu", 14)
+@pytest.mark.parametrize("T, clusters", [(110, 5), (120, 7)])
+def test_paired_tiles_with_an_odd_and_an_even_tile_count(T, clusters, monkeypatch):
+    """PAIRED_TILES where one program's partner is itself (odd tile counts: topk's 5 x 40 entries are
+    13 tiles of 16, nearest's 110 are 7; the middle tile runs once) and where every program runs two
+    (topk's 7 x 40 = 280 entries, 18 tiles with a partial last one; nearest's 120, 8 tiles)."""
+    q, _, v, centroids = _inputs(1, 2, T, 24, 24, clusters, True, torch.float32, "cpu", 14)
     for assign in ("topk", "nearest"):
         _switch_agrees(q, v, centroids, 40, assign, monkeypatch, *_kernel_switches()[2])
 

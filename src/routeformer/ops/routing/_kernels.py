@@ -536,7 +536,8 @@ def _dkdv_loop(start, end, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LS
 
 
 @triton.jit
-def _bwd_dkdv_kernel(
+def _dkdv_tile(
+    pid_n,
     Q, K, V, DO, LSE, INV_N, DELTA, QPOS, LO, HI, KPOS, TILES, QLO, QHI, FLO, FHI, DK, DV_OUT,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
     H, T, E, S, NT, D, DV, sm_scale, sm_scale_log2,
@@ -545,22 +546,11 @@ def _bwd_dkdv_kernel(
     ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
     MEAN_IN_LSE: tl.constexpr = False,
 ):
-    """dk, dv per slot tile, looping over the contiguous entry range [QLO, QHI) that attends it.
-    Slot tile pid_n is [pid_n * BLOCK_N, + BLOCK_N), or with TILED TILES[bh, pid_n] (R, NT, 2), as
-    the entry tiles of _fwd_kernel (shared QK: slot s is entry s).
-
-    SPLIT: the entries [FLO, FHI) see the whole tile (see tile_entry_ranges), so the entry tiles
-    inside that range run without masks; the ones before and after it are masked.
-    ADD_DK (shared QK): DK is the dq buffer, which holds dq at these rows (token positions if DIRECT,
-    else entries, which are the slots); add dk to it, so one rounding covers dq + dk.
-    topk weighs each entry's p by its token's 1/n: with MEAN_IN_LSE, LSE is the dq kernel's LSE_W, which
-    holds it (no per-step gather of INV_N at the entries' tokens, no multiply); else by INV_N.
-    """
+    """One slot tile of _bwd_dkdv_kernel (pid_n: which)."""
     WEIGHTED: tl.constexpr = not DIRECT and not MEAN_IN_LSE
     if EVEN_D:  # head dims equal to their tiles: the column masks fold away (fewer live predicates)
         D = BLOCK_D
         DV = BLOCK_DV
-    pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     # int64: b * stride overflows int32 once a tensor passes 2**31 elements.
     b = (bh // H).to(tl.int64)
@@ -617,6 +607,48 @@ def _bwd_dkdv_kernel(
     tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=kdmask)
     tl.store(DV_OUT + b * sdvb + h * sdvh + row[:, None] * sdvt + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty),
              mask=vdmask)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, INV_N, DELTA, QPOS, LO, HI, KPOS, TILES, QLO, QHI, FLO, FHI, DK, DV_OUT,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
+    H, T, E, S, NT, D, DV, sm_scale, sm_scale_log2,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DIRECT: tl.constexpr, ADD_DK: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+    ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
+    MEAN_IN_LSE: tl.constexpr = False, PAIRED: tl.constexpr = False,
+):
+    """dk, dv per slot tile, looping over the contiguous entry range [QLO, QHI) that attends it.
+    Slot tile pid_n is [pid_n * BLOCK_N, + BLOCK_N), or with TILED TILES[bh, pid_n] (R, NT, 2), as
+    the entry tiles of _fwd_kernel (shared QK: slot s is entry s).
+
+    SPLIT: the entries [FLO, FHI) see the whole tile (see tile_entry_ranges), so the entry tiles
+    inside that range run without masks; the ones before and after it are masked.
+    ADD_DK (shared QK): DK is the dq buffer, which holds dq at these rows (token positions if DIRECT,
+    else entries, which are the slots); add dk to it, so one rounding covers dq + dk.
+    topk weighs each entry's p by its token's 1/n: with MEAN_IN_LSE, LSE is the dq kernel's LSE_W, which
+    holds it (no per-step gather of INV_N at the entries' tokens, no multiply); else by INV_N.
+    PAIRED: two slot tiles per program, p and NT - 1 - p, as in _fwd_kernel (a cluster's first slot
+    tiles are seen by all its later entries, its last ones by few).
+    """
+    pid0 = tl.program_id(0)
+    if PAIRED:
+        partner = NT - 1 - pid0
+        for j in range(0, 1 + (partner > pid0).to(tl.int32)):
+            _dkdv_tile(pid0 + j * (partner - pid0),
+                       Q, K, V, DO, LSE, INV_N, DELTA, QPOS, LO, HI, KPOS, TILES, QLO, QHI, FLO, FHI, DK, DV_OUT,
+                       sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
+                       H, T, E, S, NT, D, DV, sm_scale, sm_scale_log2,
+                       BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, DIRECT, ADD_DK, PRECISION, SPLIT,
+                       ROW64, EVEN_D, TILED, PREFETCH, MEAN_IN_LSE)
+    else:
+        _dkdv_tile(pid0,
+                   Q, K, V, DO, LSE, INV_N, DELTA, QPOS, LO, HI, KPOS, TILES, QLO, QHI, FLO, FHI, DK, DV_OUT,
+                   sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
+                   H, T, E, S, NT, D, DV, sm_scale, sm_scale_log2,
+                   BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, DIRECT, ADD_DK, PRECISION, SPLIT,
+                   ROW64, EVEN_D, TILED, PREFETCH, MEAN_IN_LSE)
 
 
 @triton.jit

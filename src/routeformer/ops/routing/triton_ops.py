@@ -72,12 +72,13 @@ SPLIT_TILES = {"fwd": TILE_BRANCH, "dq": TILE_BRANCH, "dkdv": THREE_LOOPS}
 # dq's. So only nearest's dk/dv prefetches. benchmarks/attention.py --ab: "prefetch everywhere".
 PREFETCH = {"fwd": False, "dq": False, "dkdv": False, "dkdv_direct": True}
 
-# Per kernel (the forward, dq): whether each program runs two entry tiles, p and NTILES - 1 - p (the
-# kernels' PAIRED). A cluster's entry tiles under the causal mask see 1 .. W / BLOCK_N slot tiles, so
-# pairing the lightest with the heaviest gives every program the same work and halves the programs
-# (and their prologues: tile bounds, index rows, the q gather). benchmarks/attention.py --ab: "paired
-# tiles" switches both on. Session 19: being measured.
-PAIRED_TILES = {"fwd": False, "dq": False}
+# Per attention kernel: whether each program runs two tiles, p and NTILES - 1 - p (the kernels'
+# PAIRED). Under the causal mask a cluster's entry tiles see 1 .. W / BLOCK_N slot tiles (and its slot
+# tiles are seen by W / BLOCK_M .. 1 entry tiles), so pairing the lightest with the heaviest gives
+# every program the same work and halves the programs (and their prologues: tile bounds, index rows,
+# the q or k/v gather). benchmarks/attention.py --ab: "paired tiles" switches all on. Session 19:
+# being measured.
+PAIRED_TILES = {"fwd": False, "dq": False, "dkdv": False}
 
 
 # True: the forward and dq read their entry tile's slot band from LO and HI at the tile's first and
@@ -883,14 +884,16 @@ def _routing_bwd_impl(dout, q, k, v, out, entry_outputs: list, lse, inv_n, qpos,
     else:
         dk = dq if shared else _new((B, H, S, D), part, dev)
         dv = _new((B, H, S, Dv), part, dev)
-    launch(K._bwd_dkdv_kernel, (nt, B * H),
+    paired = PAIRED_TILES["dkdv"]
+    launch(K._bwd_dkdv_kernel, (cdiv(nt, 2) if paired else nt, B * H),
            q, k, v, dout, lse_w, inv, delta, qpos, lo, hi, kpos, tiles if tiled else qpos, qlo, qhi, flo, fhi, dk, dv,
            *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(dk), *_s4(dv),
            H, T, E, S, nt, D, Dv, scale, sl2,
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, ADD_DK=shared, PRECISION=prec, SPLIT=SPLIT_TILES["dkdv"],
            ROW64=_row64(q, k, v, dout, dk, dv), EVEN_D=_even_d(D, Dv), TILED=tiled, PREFETCH=PREFETCH["dkdv_direct" if direct else "dkdv"],
-           MEAN_IN_LSE=fold, num_warps=warps, num_stages=stages, **_regs(q, "dkdv_direct" if direct else "dkdv"))
+           MEAN_IN_LSE=fold, PAIRED=paired, num_warps=warps, num_stages=stages,
+           **_regs(q, "dkdv_direct" if direct else "dkdv"))
     empty = q.new_empty(0)
     if direct:
         return dq, (empty if shared else dk), dv
