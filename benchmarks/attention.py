@@ -539,7 +539,7 @@ AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through 
                "head-dim masks", "in-kernel centroid split", "fixed tiles", "two-stage select", "sorted inverse",
                "prefetch everywhere", "combine one entry at a time", "band reductions", "1/n multiplies",
                "cluster passes", "exact first bound", "keep entry outputs", "inference scoring passes",
-               "paired tiles")
+               "unpaired forward")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -578,7 +578,7 @@ def _variant(name):
     prefetch, config, scalar_band = dict(TO.PREFETCH), {kind: dict(c) for kind, c in TO.CONFIG.items()}, TO.SCALAR_BAND
     mean_in_lse, head_passes, l1_slack = TO.MEAN_IN_LSE, TO.HEAD_PASSES, TO.THRESHOLD_L1_SLACK
     release, budget = TO.RELEASE_ENTRY_OUTPUTS, TO.TRAINING_SCORE_BUDGET
-    paired = dict(TO.PAIRED_TILES)
+    paired = TO.PAIRED_FORWARD
     entry_ranges = TO.tile_entry_ranges
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
@@ -628,8 +628,8 @@ def _variant(name):
         TO.TRAINING_SCORE_BUDGET = 2
     elif name == "keep entry outputs":  # topk's o_e alive through the whole backward, as before session 18
         TO.RELEASE_ENTRY_OUTPUTS = False
-    elif name == "paired tiles":  # the forward and dq run two entry tiles per program (session 19)
-        TO.PAIRED_TILES.update(dict.fromkeys(TO.PAIRED_TILES, True))
+    elif name == "unpaired forward":  # one entry tile per forward program, as before session 19
+        TO.PAIRED_FORWARD = False
     elif name == "prefetch everywhere":  # every kernel reads the next tile's gather indices (session 14)
         TO.PREFETCH.update(dict.fromkeys(TO.PREFETCH, True))
     elif name == "combine one entry at a time":  # topk's per-token sums one entry per step, as before session 14
@@ -656,7 +656,7 @@ def _variant(name):
         SK.ARGMAX_TILES.update(argmax_tiles)
         TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = index_ops
         TO.PREFETCH.update(prefetch)
-        TO.PAIRED_TILES.update(paired)
+        TO.PAIRED_FORWARD = paired
         TO.SCALAR_BAND = scalar_band
         TO.MEAN_IN_LSE, TO.HEAD_PASSES, TO.THRESHOLD_L1_SLACK = mean_in_lse, head_passes, l1_slack
         TO.RELEASE_ENTRY_OUTPUTS, TO.TRAINING_SCORE_BUDGET = release, budget
@@ -753,7 +753,7 @@ def main(argv=None):
     p.add_argument("--ab-only", default="", help="with --ab: only these variants (comma list) beside 'all changes'")
     p.add_argument("--variant", default="", choices=("",) + AB_VARIANTS[1:], metavar="NAME",
                    help="with --profile, --sweep, --cpu-profile or --ncu: run under this --ab variant "
-                        "(e.g. 'paired tiles')")
+                        "(e.g. 'unpaired forward')")
     p.add_argument("--topk-select", default="groups", choices=("groups", "full"),
                    help="how our topk assignment finds the W-th score (triton_ops.TOPK_SELECT)")
     args = p.parse_args(argv)

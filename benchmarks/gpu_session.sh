@@ -19,7 +19,7 @@
 # the local step's command (e.g. "--sweep --sweep-T 65536"); AB_ONLY limits the ab step to these
 # variants beside "all changes" (a comma list, e.g. AB_ONLY="argmax tiles 64x32"); NCU_KERNELS replaces
 # the ncu step's kernel names (a regex alternation, e.g. "_scores_kernel"); PROFILE_VARIANT runs the
-# kernels step under one --ab variant (e.g. PROFILE_VARIANT="paired tiles").
+# kernels step under one --ab variant (e.g. PROFILE_VARIANT="unpaired forward").
 # The PyPI peer is installed from .whl/ when present (carry .whl):
 #   python3 -m pip download --no-deps -d .whl routing-transformer==1.6.1 local-attention==1.4.4 \
 #       product-key-memory==0.1.11 mixture-of-experts==0.2.3

@@ -683,11 +683,11 @@ def _switch_agrees(q, v, centroids, window, assign, monkeypatch, name, settings)
 def _kernel_switches():
     """Kernel settings that must not change a bit: each kernel reading the next tile's gather indices
     a step ahead (PREFETCH) or in the step that uses them; the forward's and dq's slot band read at
-    the tile's ends or reduced over it (SCALAR_BAND); each attention kernel running one tile per
-    program or two (PAIRED_TILES)."""
+    the tile's ends or reduced over it (SCALAR_BAND); the forward running one entry tile per
+    program or two (PAIRED_FORWARD)."""
     return [("PREFETCH", [dict.fromkeys(TO.PREFETCH, True), dict.fromkeys(TO.PREFETCH, False)]),
             ("SCALAR_BAND", [True, False]),
-            ("PAIRED_TILES", [dict.fromkeys(TO.PAIRED_TILES, True), dict.fromkeys(TO.PAIRED_TILES, False)])]
+            ("PAIRED_FORWARD", [True, False])]
 
 
 @pytest.mark.parametrize("switch", [0, 1, 2])
@@ -701,7 +701,7 @@ def test_kernel_switches_change_no_bit(assign, switch, monkeypatch):
 
 @pytest.mark.parametrize("T, clusters", [(110, 5), (120, 7)])
 def test_paired_tiles_with_an_odd_and_an_even_tile_count(T, clusters, monkeypatch):
-    """PAIRED_TILES where one program's partner is itself (odd tile counts: topk's 5 x 40 entries are
+    """PAIRED_FORWARD where one program's partner is itself (odd tile counts: topk's 5 x 40 entries are
     13 tiles of 16, nearest's 110 are 7; the middle tile runs once) and where every program runs two
     (topk's 7 x 40 = 280 entries, 18 tiles with a partial last one; nearest's 120, 8 tiles)."""
     q, _, v, centroids = _inputs(1, 2, T, 24, 24, clusters, True, torch.float32, "cpu", 14)

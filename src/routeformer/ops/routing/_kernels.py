@@ -351,8 +351,7 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _dq_tile(
-    pid_m,
+def _bwd_dq_kernel(
     Q, K, V, DO, O, LSE, INV_N, QPOS, LO, HI, KPOS, TILES, DELTA, DQ, LSE_W,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sob, soh, sot, sdqb, sdqh, sdqt,
     H, T, E, S, D, DV, NTILES, sm_scale, sm_scale_log2,
@@ -361,10 +360,17 @@ def _dq_tile(
     ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
     SCALAR_BAND: tl.constexpr = True, MEAN_IN_LSE: tl.constexpr = False,
 ):
-    """One entry tile of _bwd_dq_kernel (pid_m: which)."""
+    """dq per query entry (entry tiles as in _fwd_kernel); also stores DELTA = rowsum(dO * O_entry) for
+    the dk/dv kernel.
+
+    With topk the entry's output is scaled by 1/n (scatter-mean); the kernels keep dO unscaled and
+    multiply ds by INV_N instead, which saves a rounding of dO. MEAN_IN_LSE (topk): also store
+    LSE_W = LSE + log2(n) per entry, with which the dk/dv kernel's exp2(s - LSE_W) is p / n already.
+    """
     if EVEN_D:  # head dims equal to their tiles: the column masks fold away (fewer live predicates)
         D = BLOCK_D
         DV = BLOCK_DV
+    pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     # int64: b * stride overflows int32 once a tensor passes 2**31 elements.
     b = (bh // H).to(tl.int64)
@@ -430,43 +436,6 @@ def _dq_tile(
         drow = offs_e.to(tl.int64)
     tl.store(DQ + b * sdqb + h * sdqh + drow[:, None] * sdqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=dmask)
-
-
-@triton.jit
-def _bwd_dq_kernel(
-    Q, K, V, DO, O, LSE, INV_N, QPOS, LO, HI, KPOS, TILES, DELTA, DQ, LSE_W,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sob, soh, sot, sdqb, sdqh, sdqt,
-    H, T, E, S, D, DV, NTILES, sm_scale, sm_scale_log2,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DIRECT: tl.constexpr, SKIP_EMPTY: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
-    ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
-    SCALAR_BAND: tl.constexpr = True, MEAN_IN_LSE: tl.constexpr = False, PAIRED: tl.constexpr = False,
-):
-    """dq per query entry (entry tiles as in _fwd_kernel); also stores DELTA = rowsum(dO * O_entry) for
-    the dk/dv kernel.
-
-    With topk the entry's output is scaled by 1/n (scatter-mean); the kernels keep dO unscaled and
-    multiply ds by INV_N instead, which saves a rounding of dO. MEAN_IN_LSE (topk): also store
-    LSE_W = LSE + log2(n) per entry, with which the dk/dv kernel's exp2(s - LSE_W) is p / n already.
-    PAIRED: two tiles per program, as in _fwd_kernel.
-    """
-    pid0 = tl.program_id(0)
-    if PAIRED:
-        partner = NTILES - 1 - pid0
-        for j in range(0, 1 + (partner > pid0).to(tl.int32)):
-            _dq_tile(pid0 + j * (partner - pid0),
-                     Q, K, V, DO, O, LSE, INV_N, QPOS, LO, HI, KPOS, TILES, DELTA, DQ, LSE_W,
-                     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sob, soh, sot, sdqb, sdqh, sdqt,
-                     H, T, E, S, D, DV, NTILES, sm_scale, sm_scale_log2,
-                     BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, DIRECT, SKIP_EMPTY, PRECISION, SPLIT,
-                     ROW64, EVEN_D, TILED, PREFETCH, SCALAR_BAND, MEAN_IN_LSE)
-    else:
-        _dq_tile(pid0,
-                 Q, K, V, DO, O, LSE, INV_N, QPOS, LO, HI, KPOS, TILES, DELTA, DQ, LSE_W,
-                 sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sob, soh, sot, sdqb, sdqh, sdqt,
-                 H, T, E, S, D, DV, NTILES, sm_scale, sm_scale_log2,
-                 BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, DIRECT, SKIP_EMPTY, PRECISION, SPLIT,
-                 ROW64, EVEN_D, TILED, PREFETCH, SCALAR_BAND, MEAN_IN_LSE)
 
 
 @triton.jit
@@ -536,8 +505,7 @@ def _dkdv_loop(start, end, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LS
 
 
 @triton.jit
-def _dkdv_tile(
-    pid_n,
+def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, INV_N, DELTA, QPOS, LO, HI, KPOS, TILES, QLO, QHI, FLO, FHI, DK, DV_OUT,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
     H, T, E, S, NT, D, DV, sm_scale, sm_scale_log2,
@@ -546,11 +514,22 @@ def _dkdv_tile(
     ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
     MEAN_IN_LSE: tl.constexpr = False,
 ):
-    """One slot tile of _bwd_dkdv_kernel (pid_n: which)."""
+    """dk, dv per slot tile, looping over the contiguous entry range [QLO, QHI) that attends it.
+    Slot tile pid_n is [pid_n * BLOCK_N, + BLOCK_N), or with TILED TILES[bh, pid_n] (R, NT, 2), as
+    the entry tiles of _fwd_kernel (shared QK: slot s is entry s).
+
+    SPLIT: the entries [FLO, FHI) see the whole tile (see tile_entry_ranges), so the entry tiles
+    inside that range run without masks; the ones before and after it are masked.
+    ADD_DK (shared QK): DK is the dq buffer, which holds dq at these rows (token positions if DIRECT,
+    else entries, which are the slots); add dk to it, so one rounding covers dq + dk.
+    topk weighs each entry's p by its token's 1/n: with MEAN_IN_LSE, LSE is the dq kernel's LSE_W, which
+    holds it (no per-step gather of INV_N at the entries' tokens, no multiply); else by INV_N.
+    """
     WEIGHTED: tl.constexpr = not DIRECT and not MEAN_IN_LSE
     if EVEN_D:  # head dims equal to their tiles: the column masks fold away (fewer live predicates)
         D = BLOCK_D
         DV = BLOCK_DV
+    pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     # int64: b * stride overflows int32 once a tensor passes 2**31 elements.
     b = (bh // H).to(tl.int64)
@@ -607,48 +586,6 @@ def _dkdv_tile(
     tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=kdmask)
     tl.store(DV_OUT + b * sdvb + h * sdvh + row[:, None] * sdvt + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty),
              mask=vdmask)
-
-
-@triton.jit
-def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, INV_N, DELTA, QPOS, LO, HI, KPOS, TILES, QLO, QHI, FLO, FHI, DK, DV_OUT,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
-    H, T, E, S, NT, D, DV, sm_scale, sm_scale_log2,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DIRECT: tl.constexpr, ADD_DK: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
-    ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
-    MEAN_IN_LSE: tl.constexpr = False, PAIRED: tl.constexpr = False,
-):
-    """dk, dv per slot tile, looping over the contiguous entry range [QLO, QHI) that attends it.
-    Slot tile pid_n is [pid_n * BLOCK_N, + BLOCK_N), or with TILED TILES[bh, pid_n] (R, NT, 2), as
-    the entry tiles of _fwd_kernel (shared QK: slot s is entry s).
-
-    SPLIT: the entries [FLO, FHI) see the whole tile (see tile_entry_ranges), so the entry tiles
-    inside that range run without masks; the ones before and after it are masked.
-    ADD_DK (shared QK): DK is the dq buffer, which holds dq at these rows (token positions if DIRECT,
-    else entries, which are the slots); add dk to it, so one rounding covers dq + dk.
-    topk weighs each entry's p by its token's 1/n: with MEAN_IN_LSE, LSE is the dq kernel's LSE_W, which
-    holds it (no per-step gather of INV_N at the entries' tokens, no multiply); else by INV_N.
-    PAIRED: two slot tiles per program, p and NT - 1 - p, as in _fwd_kernel (a cluster's first slot
-    tiles are seen by all its later entries, its last ones by few).
-    """
-    pid0 = tl.program_id(0)
-    if PAIRED:
-        partner = NT - 1 - pid0
-        for j in range(0, 1 + (partner > pid0).to(tl.int32)):
-            _dkdv_tile(pid0 + j * (partner - pid0),
-                       Q, K, V, DO, LSE, INV_N, DELTA, QPOS, LO, HI, KPOS, TILES, QLO, QHI, FLO, FHI, DK, DV_OUT,
-                       sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
-                       H, T, E, S, NT, D, DV, sm_scale, sm_scale_log2,
-                       BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, DIRECT, ADD_DK, PRECISION, SPLIT,
-                       ROW64, EVEN_D, TILED, PREFETCH, MEAN_IN_LSE)
-    else:
-        _dkdv_tile(pid0,
-                   Q, K, V, DO, LSE, INV_N, DELTA, QPOS, LO, HI, KPOS, TILES, QLO, QHI, FLO, FHI, DK, DV_OUT,
-                   sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
-                   H, T, E, S, NT, D, DV, sm_scale, sm_scale_log2,
-                   BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, DIRECT, ADD_DK, PRECISION, SPLIT,
-                   ROW64, EVEN_D, TILED, PREFETCH, MEAN_IN_LSE)
 
 
 @triton.jit

@@ -72,13 +72,14 @@ SPLIT_TILES = {"fwd": TILE_BRANCH, "dq": TILE_BRANCH, "dkdv": THREE_LOOPS}
 # dq's. So only nearest's dk/dv prefetches. benchmarks/attention.py --ab: "prefetch everywhere".
 PREFETCH = {"fwd": False, "dq": False, "dkdv": False, "dkdv_direct": True}
 
-# Per attention kernel: whether each program runs two tiles, p and NTILES - 1 - p (the kernels'
-# PAIRED). Under the causal mask a cluster's entry tiles see 1 .. W / BLOCK_N slot tiles (and its slot
-# tiles are seen by W / BLOCK_M .. 1 entry tiles), so pairing the lightest with the heaviest gives
-# every program the same work and halves the programs (and their prologues: tile bounds, index rows,
-# the q or k/v gather). benchmarks/attention.py --ab: "paired tiles" switches all on. Session 19:
-# being measured.
-PAIRED_TILES = {"fwd": False, "dq": False, "dkdv": False}
+# Whether each forward program runs two entry tiles, p and NTILES - 1 - p (_fwd_kernel's PAIRED).
+# Under the causal mask a cluster's entry tiles see 1 .. W / BLOCK_N slot tiles, so pairing the
+# lightest with the heaviest gives every program the same work, in half as many programs.
+# H200, 64k, session 19 (call 1, kernel profile): forward 156.9 -> 152.4 us (topk), 182.2 -> 178.7
+# (nearest). The same pairing in dq and dk/dv was slower (dq 193 -> 203 / 211 -> 228 us, dk/dv
+# 287 -> 326 / 331 -> 386: their loops under the 128-register budget), and is not built.
+# benchmarks/attention.py --ab: "unpaired forward".
+PAIRED_FORWARD = True
 
 
 # True: the forward and dq read their entry tile's slot band from LO and HI at the tile's first and
@@ -739,15 +740,15 @@ def attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale: float, direct: bool
     bm, bn, warps, stages = _cfg(q, "fwd")
     tiled = _tiled(tiles, q, bm)
     n_tiles = tiles.shape[1] if tiled else cdiv(E, bm)
-    paired = PAIRED_TILES["fwd"]
-    grid = (cdiv(n_tiles, 2) if paired else n_tiles, B * H)
+    grid = (cdiv(n_tiles, 2) if PAIRED_FORWARD else n_tiles, B * H)
     launch(K._fwd_kernel, grid, q, k, v, qpos, lo, hi, kpos, tiles if tiled else qpos, o, lse,
            *_s4(q), *_s4(k), *_s4(v), *_s4(o),
            H, E, S, D, Dv, n_tiles, scale * math.log2(math.e),
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=_precision(q),
            SPLIT=SPLIT_TILES["fwd"], ROW64=_row64(q, k, v, o), EVEN_D=_even_d(D, Dv), TILED=tiled,
-           PREFETCH=PREFETCH["fwd"], SCALAR_BAND=SCALAR_BAND, PAIRED=paired, num_warps=warps, num_stages=stages,
+           PREFETCH=PREFETCH["fwd"], SCALAR_BAND=SCALAR_BAND, PAIRED=PAIRED_FORWARD, num_warps=warps,
+           num_stages=stages,
            **_regs(q, "fwd"))
     return o, lse
 
@@ -857,16 +858,14 @@ def _routing_bwd_impl(dout, q, k, v, out, entry_outputs: list, lse, inv_n, qpos,
     bm, bn, warps, stages = _cfg(q, "dq")
     tiled = _tiled(tiles, q, bm)
     n_dq = tiles.shape[1] if tiled else cdiv(E, bm)
-    paired = PAIRED_TILES["dq"]
-    launch(K._bwd_dq_kernel, (cdiv(n_dq, 2) if paired else n_dq, B * H),
+    launch(K._bwd_dq_kernel, (n_dq, B * H),
            q, k, v, dout, o_rows, lse, inv, qpos, lo, hi, kpos, tiles if tiled else qpos, delta, dq, lse_w,
            *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(o_rows), *_s4(dq),
            H, T, E, S, D, Dv, n_dq, scale, sl2,
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=prec, SPLIT=SPLIT_TILES["dq"],
            ROW64=_row64(q, k, v, dout, o_rows, dq), EVEN_D=_even_d(D, Dv), TILED=tiled, PREFETCH=PREFETCH["dq"],
-           SCALAR_BAND=SCALAR_BAND, MEAN_IN_LSE=fold, PAIRED=paired, num_warps=warps, num_stages=stages,
-           **_regs(q, "dq"))
+           SCALAR_BAND=SCALAR_BAND, MEAN_IN_LSE=fold, num_warps=warps, num_stages=stages, **_regs(q, "dq"))
     # Nothing below reads o_e: if the caller let go of it, it is freed here (stream order keeps the
     # memory from being reused before the kernel above has read it).
     del o_rows
@@ -884,16 +883,14 @@ def _routing_bwd_impl(dout, q, k, v, out, entry_outputs: list, lse, inv_n, qpos,
     else:
         dk = dq if shared else _new((B, H, S, D), part, dev)
         dv = _new((B, H, S, Dv), part, dev)
-    paired = PAIRED_TILES["dkdv"]
-    launch(K._bwd_dkdv_kernel, (cdiv(nt, 2) if paired else nt, B * H),
+    launch(K._bwd_dkdv_kernel, (nt, B * H),
            q, k, v, dout, lse_w, inv, delta, qpos, lo, hi, kpos, tiles if tiled else qpos, qlo, qhi, flo, fhi, dk, dv,
            *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(dk), *_s4(dv),
            H, T, E, S, nt, D, Dv, scale, sl2,
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, ADD_DK=shared, PRECISION=prec, SPLIT=SPLIT_TILES["dkdv"],
            ROW64=_row64(q, k, v, dout, dk, dv), EVEN_D=_even_d(D, Dv), TILED=tiled, PREFETCH=PREFETCH["dkdv_direct" if direct else "dkdv"],
-           MEAN_IN_LSE=fold, PAIRED=paired, num_warps=warps, num_stages=stages,
-           **_regs(q, "dkdv_direct" if direct else "dkdv"))
+           MEAN_IN_LSE=fold, num_warps=warps, num_stages=stages, **_regs(q, "dkdv_direct" if direct else "dkdv"))
     empty = q.new_empty(0)
     if direct:
         return dq, (empty if shared else dk), dv
