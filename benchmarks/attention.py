@@ -539,7 +539,7 @@ AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through 
                "head-dim masks", "in-kernel centroid split", "fixed tiles", "two-stage select", "sorted inverse",
                "prefetch everywhere", "combine one entry at a time", "band reductions", "1/n multiplies",
                "cluster passes", "exact first bound", "keep entry outputs", "inference scoring passes",
-               "unpaired forward")
+               "unpaired forward", "two-warp threshold select")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -578,7 +578,7 @@ def _variant(name):
     prefetch, config, scalar_band = dict(TO.PREFETCH), {kind: dict(c) for kind, c in TO.CONFIG.items()}, TO.SCALAR_BAND
     mean_in_lse, head_passes, l1_slack = TO.MEAN_IN_LSE, TO.HEAD_PASSES, TO.THRESHOLD_L1_SLACK
     release, budget = TO.RELEASE_ENTRY_OUTPUTS, TO.TRAINING_SCORE_BUDGET
-    paired = TO.PAIRED_FORWARD
+    paired, threshold_tiles = TO.PAIRED_FORWARD, dict(TO.THRESHOLD_TILES)
     entry_ranges = TO.tile_entry_ranges
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
@@ -628,6 +628,8 @@ def _variant(name):
         TO.TRAINING_SCORE_BUDGET = 2
     elif name == "keep entry outputs":  # topk's o_e alive through the whole backward, as before session 18
         TO.RELEASE_ENTRY_OUTPUTS = False
+    elif name == "two-warp threshold select":  # topk's select rows on 2 warps, (64, 2, 3) (session 19)
+        TO.THRESHOLD_TILES["cuda"] = (64, 2, 3)
     elif name == "unpaired forward":  # one entry tile per forward program, as before session 19
         TO.PAIRED_FORWARD = False
     elif name == "prefetch everywhere":  # every kernel reads the next tile's gather indices (session 14)
@@ -657,6 +659,7 @@ def _variant(name):
         TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = index_ops
         TO.PREFETCH.update(prefetch)
         TO.PAIRED_FORWARD = paired
+        TO.THRESHOLD_TILES.update(threshold_tiles)
         TO.SCALAR_BAND = scalar_band
         TO.MEAN_IN_LSE, TO.HEAD_PASSES, TO.THRESHOLD_L1_SLACK = mean_in_lse, head_passes, l1_slack
         TO.RELEASE_ENTRY_OUTPUTS, TO.TRAINING_SCORE_BUDGET = release, budget
@@ -680,7 +683,7 @@ def ab(Ts, only=()):
                                                     "score tiles 64x32", "two-stage select", "sorted inverse",
                                                     "combine one entry at a time", "cluster passes",
                                                     "exact first bound", "keep entry outputs",
-                                                    "inference scoring passes"):
+                                                    "inference scoring passes", "two-warp threshold select"):
                     continue  # nearest has no top-k
                 if assign == "topk" and name in ("sorted cluster ids", "argmax tiles 64x32"):
                     continue  # a nearest-only change
