@@ -378,7 +378,7 @@ def sweep(T, parts=SWEEP_PARTS):
     TO.SELECT_WARPS = None
     # The threshold select's (CHUNK_G, warps, stages), the default first and last; then the two-stage select.
     threshold_default = dict(TO.THRESHOLD_TILES)
-    for cfg in (((128, 4, 2), (64, 4, 1), (128, 4, 3), (64, 4, 3), (128, 2, 2), (128, 4, 2), None)
+    for cfg in (((64, 2, 3), (128, 4, 2), (64, 4, 1), (128, 4, 3), (64, 2, 2), (128, 2, 2), (64, 2, 3), None)
                 if "assignment" in parts else ()):
         TO.THRESHOLD_SELECT = cfg is not None
         TO.THRESHOLD_TILES["cuda"] = cfg or threshold_default["cuda"]
@@ -539,7 +539,7 @@ AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through 
                "head-dim masks", "in-kernel centroid split", "fixed tiles", "two-stage select", "sorted inverse",
                "prefetch everywhere", "combine one entry at a time", "band reductions", "1/n multiplies",
                "cluster passes", "exact first bound", "keep entry outputs", "inference scoring passes",
-               "unpaired forward", "two-warp threshold select")
+               "unpaired forward", "four-warp threshold select")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -628,8 +628,8 @@ def _variant(name):
         TO.TRAINING_SCORE_BUDGET = 2
     elif name == "keep entry outputs":  # topk's o_e alive through the whole backward, as before session 18
         TO.RELEASE_ENTRY_OUTPUTS = False
-    elif name == "two-warp threshold select":  # topk's select rows on 2 warps, (64, 2, 3) (session 19)
-        TO.THRESHOLD_TILES["cuda"] = (64, 2, 3)
+    elif name == "four-warp threshold select":  # topk's select rows on 4 warps, as before session 19
+        TO.THRESHOLD_TILES["cuda"] = (128, 4, 2)
     elif name == "unpaired forward":  # one entry tile per forward program, as before session 19
         TO.PAIRED_FORWARD = False
     elif name == "prefetch everywhere":  # every kernel reads the next tile's gather indices (session 14)
@@ -683,7 +683,7 @@ def ab(Ts, only=()):
                                                     "score tiles 64x32", "two-stage select", "sorted inverse",
                                                     "combine one entry at a time", "cluster passes",
                                                     "exact first bound", "keep entry outputs",
-                                                    "inference scoring passes", "two-warp threshold select"):
+                                                    "inference scoring passes", "four-warp threshold select"):
                     continue  # nearest has no top-k
                 if assign == "topk" and name in ("sorted cluster ids", "argmax tiles 64x32"):
                     continue  # a nearest-only change

@@ -251,8 +251,12 @@ THRESHOLD_MAX_W = 1024
 # 2048). On sm_90 (sm90_resources.py, Triton 3.9) 128 groups per chunk on two stages take 80 registers,
 # so six programs of 4 warps fit an SM and a pass's 512 rows at T = 64k run at once (one stage: 129
 # registers, three per SM). H200, T = 64k (benchmarks/select_phases.py, session 13): 50.5 us per pass
-# against 63.6 for (64, 4, 1) and 49.2 for (128, 4, 3). The CPU chunk exercises the loop.
-THRESHOLD_TILES = {"cuda": (128, 4, 2), "cpu": (4, 4, 1)}
+# against 63.6 for (64, 4, 1) and 49.2 for (128, 4, 3). Session 19: training calls select all 1024 rows
+# at 64k in one launch (TRAINING_SCORE_BUDGET), more than one wave of 4-warp programs; on 2 warps
+# (64, 2, 3) they run at once: 70.8 us against 82.0 for (128, 4, 2), and 47.4 against 48.3 for the 512
+# rows of an inference pass (select_phases.py, same bits); A/B graph fwd+bwd at 64k 1.022 against 1.028
+# ms ("four-warp threshold select"). The CPU chunk exercises the loop.
+THRESHOLD_TILES = {"cuda": (64, 2, 3), "cpu": (4, 4, 1)}
 # How far below the W-th largest first-stage maximum the threshold select's first bound may stop (in
 # float32 ulps, _select_kernels._kth_key's SLACK): a row's maxima at T = 64k span ~2**23 keys, so 4095
 # halves its ~23 bisection steps; a bound ~5e-4 relative lower keeps a few more candidate positions. The
