@@ -324,12 +324,12 @@ def _fwd_kernel(
     ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
     SCALAR_BAND: tl.constexpr = True, PAIRED: tl.constexpr = False,
 ):
-    """Attention of the entry tile pid_m: entries [pid_m * BLOCK_M, + BLOCK_M), or with TILED the
-    tile's [first, end) from TILES (R, NTILES, 2) (see _write_cluster_tiles).
+    """Attention of entry tiles: tile t is entries [t * BLOCK_M, + BLOCK_M), or with TILED the tile's
+    [first, end) from TILES (R, NTILES, 2) (see _write_cluster_tiles). Program p runs tile p, or with
+    PAIRED tile p, then tile NTILES - 1 - p (if it is another): a grid of cdiv(NTILES, 2).
 
-    PAIRED: program p runs tile p, then tile NTILES - 1 - p (if it is another): a grid of
-    cdiv(NTILES, 2). Under the causal mask a cluster's first tiles see few slots and its last ones
-    many, and tile p's partner is as heavy as p is light, so every program does about the same work."""
+    Why PAIRED: under the causal mask a cluster's first tiles see few slots and its last ones many,
+    and tile p's partner is as heavy as p is light, so every program does about the same work."""
     # One call site per branch: the unpaired kernel compiles exactly as before PAIRED existed.
     pid0 = tl.program_id(0)
     if PAIRED:
