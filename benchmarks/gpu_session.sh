@@ -18,8 +18,9 @@
 # step's default selection (tests/), e.g. one test id or `tests/ --deselect ID`; LOCAL_ARGS is added to
 # the local step's command (e.g. "--sweep --sweep-T 65536"); AB_ONLY limits the ab step to these
 # variants beside "all changes" (a comma list, e.g. AB_ONLY="argmax tiles 64x32"); NCU_KERNELS replaces
-# the ncu step's kernel names (a regex alternation, e.g. "_scores_kernel"); PROFILE_VARIANT runs the
-# kernels step under one --ab variant (e.g. PROFILE_VARIANT="unpaired forward").
+# the ncu step's kernel names (a regex alternation, e.g. "_scores_kernel"); PROFILE_VARIANT makes the
+# kernels step also profile under one --ab variant (e.g. PROFILE_VARIANT="unpaired forward"), into
+# variant_kernel_profile.txt beside the default's kernel_profile.txt.
 # The PyPI peer is installed from .whl/ when present (carry .whl):
 #   python3 -m pip download --no-deps -d .whl routing-transformer==1.6.1 local-attention==1.4.4 \
 #       product-key-memory==0.1.11 mixture-of-experts==0.2.3
@@ -103,9 +104,13 @@ for s in "${steps[@]}"; do
             run_step hosttime host_time.txt python3 benchmarks/host_time.py --T 8192
             tail -20 "$work/host_time.txt" ;;
         kernels)
-            run_step kernels kernel_profile.txt python3 benchmarks/attention.py --profile 65536 \
-                ${PROFILE_VARIANT:+--variant "$PROFILE_VARIANT"}
-            tail -30 "$work/kernel_profile.txt" ;;
+            run_step kernels kernel_profile.txt python3 benchmarks/attention.py --profile 65536
+            tail -30 "$work/kernel_profile.txt"
+            if [[ -n "${PROFILE_VARIANT:-}" ]]; then  # the variant beside the default, same call
+                run_step kernels variant_kernel_profile.txt python3 benchmarks/attention.py --profile 65536 \
+                    --variant "$PROFILE_VARIANT"
+                tail -30 "$work/variant_kernel_profile.txt"
+            fi ;;
         local)
             # shellcheck disable=SC2086
             run_step local local.txt python3 benchmarks/local_kernel.py --out "$work" ${LOCAL_ARGS:-}
