@@ -92,8 +92,7 @@ def _gather_slots(kbase, vbase, kpos_ptr, offs_s, offs_d, offs_dv, band_hi, skt,
 def _fwd_step(q, kbase, vbase, kpos_ptr, s0, band_hi, lo, hi, m_i, l_i, acc,
               skt, svt, D, DV, sm_scale_log2, edge,
               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
-              MASKED: tl.constexpr, ROW64: tl.constexpr, kpos_pre=0, PREFETCHED: tl.constexpr = False,
-              LAZY_TAU: tl.constexpr = 0.0):
+              MASKED: tl.constexpr, ROW64: tl.constexpr, kpos_pre=0, PREFETCHED: tl.constexpr = False):
     """One slot tile of the online softmax: returns the updated (m_i, l_i, acc).
 
     MASKED 0: the caller knows every row may see every slot of the tile (and that the tile ends
@@ -101,11 +100,6 @@ def _fwd_step(q, kbase, vbase, kpos_ptr, s0, band_hi, lo, hi, m_i, l_i, acc,
     see _gather_slots). 2: slots are clamped, and the elements masked only where the run-time flag
     `edge` says a row does not see the whole tile (a branch around the select, so one loop serves
     both kinds of tile and keeps its pipelining).
-
-    LAZY_TAU > 0: the running maximum m_i (log2 units) moves only when some row of the tile passes it
-    by more than LAZY_TAU, so most tiles skip the rescale of acc and l_i (a multiply per accumulator
-    element); p = exp2(s - m_i) then stays below 2**LAZY_TAU, which float32 sums and the 16-bit P @ V
-    product hold at the same relative precision. The result is the same softmax, rounded differently.
     """
     offs_s = s0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -119,25 +113,12 @@ def _fwd_step(q, kbase, vbase, kpos_ptr, s0, band_hi, lo, hi, m_i, l_i, acc,
     elif MASKED == 2:  # decided per tile at run time (edge: a tile some row does not see whole)
         if edge:
             qk = tl.where(_in_band(offs_s[None, :], lo[:, None], hi[:, None]), qk, float("-inf"))
-    if LAZY_TAU > 0:
-        m_tile = tl.max(qk, axis=1) * sm_scale_log2
-        if tl.max(m_tile - m_i, axis=0) > LAZY_TAU:  # one test for the whole tile: a uniform branch
-            m_new = tl.maximum(m_i, m_tile)
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha
-            acc = acc * alpha[:, None]
-            m_i = m_new
-        p = tl.exp2(qk * sm_scale_log2 - m_i[:, None])
-        l_i = l_i + tl.sum(p, axis=1)
-        acc = acc + _dot(p.to(v.dtype), v, PRECISION)
-    else:
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * sm_scale_log2)
-        p = tl.exp2(qk * sm_scale_log2 - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
-        m_i = m_new
-    return m_i, l_i, acc
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1) * sm_scale_log2)
+    p = tl.exp2(qk * sm_scale_log2 - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -205,18 +186,18 @@ def _full_slot_tiles(lo_max, hi_min, band_lo, band_hi, BLOCK_N: tl.constexpr):
 def _fwd_masked_tiles(q, kbase, vbase, kpos_ptr, start, end, band_hi, lo, hi, m_i, l_i, acc,
                       skt, svt, D, DV, sm_scale_log2,
                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
-                      SKIP_EMPTY: tl.constexpr, ROW64: tl.constexpr, LAZY_TAU: tl.constexpr = 0.0):
+                      SKIP_EMPTY: tl.constexpr, ROW64: tl.constexpr):
     """The masked slot tiles [start, end); SKIP_EMPTY: tiles no row sees are skipped."""
     for s0 in range(start, end, BLOCK_N):
         if SKIP_EMPTY:
             if tl.max(((lo < s0 + BLOCK_N) & (hi > s0)).to(tl.int32), axis=0) > 0:
                 m_i, l_i, acc = _fwd_step(q, kbase, vbase, kpos_ptr, s0, band_hi, lo, hi, m_i, l_i, acc,
                                           skt, svt, D, DV, sm_scale_log2, True,
-                                          BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, 1, ROW64, LAZY_TAU=LAZY_TAU)
+                                          BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, 1, ROW64)
         else:
             m_i, l_i, acc = _fwd_step(q, kbase, vbase, kpos_ptr, s0, band_hi, lo, hi, m_i, l_i, acc,
                                       skt, svt, D, DV, sm_scale_log2, True,
-                                      BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, 1, ROW64, LAZY_TAU=LAZY_TAU)
+                                      BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, 1, ROW64)
     return m_i, l_i, acc
 
 
@@ -261,7 +242,7 @@ def _fwd_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DIRECT: tl.constexpr, SKIP_EMPTY: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
     ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
-    SCALAR_BAND: tl.constexpr = True, LAZY_TAU: tl.constexpr = 0.0, SELF_MAX: tl.constexpr = False,
+    SCALAR_BAND: tl.constexpr = True,
 ):
     """One entry tile of _fwd_kernel (pid_m: which)."""
     if EVEN_D:  # head dims equal to their tiles: the column masks fold away (fewer live predicates)
@@ -285,16 +266,8 @@ def _fwd_tile(
     kbase = K + b * skb + h * skh
     vbase = V + b * svb + h * svh
     sbase = bh.to(tl.int64) * S
-    if SELF_MAX:
-        # Every row sees its own key (shared QK, the band holds slot e): its logit q.q is one of the
-        # row's, so a running maximum that starts there is a true lower bound, and with LAZY_TAU the
-        # rescales wait until a row's logits pass it by LAZY_TAU. Computed in float32 from q's rows
-        # (not by the product's instructions): only a reference point, any finite value is exact.
-        qf = q.to(tl.float32)
-        m_i = tl.sum(qf * qf, axis=1) * sm_scale_log2
-    else:
-        # A finite start keeps rows with no key NaN-free: exp2(-inf - m_i) = 0 rather than NaN.
-        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    # A finite start keeps rows with no key NaN-free: exp2(-inf - m_i) = 0 rather than NaN.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     # One loop, each tile deciding at run time whether it needs the mask; not with SKIP_EMPTY, whose
@@ -310,7 +283,7 @@ def _fwd_tile(
                 kp = _clamped_rows(KPOS + sbase, s0 + BLOCK_N + tl.arange(0, BLOCK_N), band_hi, ROW64)
             m_i, l_i, acc = _fwd_step(q, kbase, vbase, KPOS + sbase, s0, band_hi, lo, hi, m_i, l_i, acc,
                                       skt, svt, D, DV, sm_scale_log2, (s0 < full_lo) | (s0 >= full_hi),
-                                      BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, 2, ROW64, kcur, PREFETCH, LAZY_TAU)
+                                      BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, 2, ROW64, kcur, PREFETCH)
     else:
         # masked tiles before and after the ones every row sees whole (with SKIP_EMPTY, TILE_BRANCH
         # falls back to all masked tiles, as before it existed)
@@ -320,14 +293,14 @@ def _fwd_tile(
             full_lo, full_hi = band_lo, band_lo
         m_i, l_i, acc = _fwd_masked_tiles(q, kbase, vbase, KPOS + sbase, band_lo, full_lo, band_hi, lo, hi,
                                           m_i, l_i, acc, skt, svt, D, DV, sm_scale_log2,
-                                          BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, SKIP_EMPTY, ROW64, LAZY_TAU)
+                                          BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, SKIP_EMPTY, ROW64)
         for s0 in range(full_lo, full_hi, BLOCK_N):
             m_i, l_i, acc = _fwd_step(q, kbase, vbase, KPOS + sbase, s0, band_hi, lo, hi, m_i, l_i, acc,
                                       skt, svt, D, DV, sm_scale_log2, False,
-                                      BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, 0, ROW64, LAZY_TAU=LAZY_TAU)
+                                      BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, 0, ROW64)
         m_i, l_i, acc = _fwd_masked_tiles(q, kbase, vbase, KPOS + sbase, full_hi, band_hi, band_hi, lo, hi,
                                           m_i, l_i, acc, skt, svt, D, DV, sm_scale_log2,
-                                          BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, SKIP_EMPTY, ROW64, LAZY_TAU)
+                                          BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, SKIP_EMPTY, ROW64)
     has_key = l_i > 0
     o = acc / tl.where(has_key, l_i, 1.0)[:, None]
     # +inf marks "no key": backward recomputes p = exp2(s - lse) = 0 for such rows.
@@ -349,8 +322,7 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DIRECT: tl.constexpr, SKIP_EMPTY: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
     ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
-    SCALAR_BAND: tl.constexpr = True, PAIRED: tl.constexpr = False, LAZY_TAU: tl.constexpr = 0.0,
-    SELF_MAX: tl.constexpr = False,
+    SCALAR_BAND: tl.constexpr = True, PAIRED: tl.constexpr = False,
 ):
     """Attention of entry tiles: tile t is entries [t * BLOCK_M, + BLOCK_M), or with TILED the tile's
     [first, end) from TILES (R, NTILES, 2) (see _write_cluster_tiles). Program p runs tile p, or with
@@ -368,14 +340,14 @@ def _fwd_kernel(
                       sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
                       H, E, S, D, DV, NTILES, sm_scale_log2,
                       BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, DIRECT, SKIP_EMPTY, PRECISION, SPLIT,
-                      ROW64, EVEN_D, TILED, PREFETCH, SCALAR_BAND, LAZY_TAU, SELF_MAX)
+                      ROW64, EVEN_D, TILED, PREFETCH, SCALAR_BAND)
     else:
         _fwd_tile(pid0,
                   Q, K, V, QPOS, LO, HI, KPOS, TILES, O, LSE,
                   sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
                   H, E, S, D, DV, NTILES, sm_scale_log2,
                   BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, DIRECT, SKIP_EMPTY, PRECISION, SPLIT,
-                  ROW64, EVEN_D, TILED, PREFETCH, SCALAR_BAND, LAZY_TAU, SELF_MAX)
+                  ROW64, EVEN_D, TILED, PREFETCH, SCALAR_BAND)
 
 
 @triton.jit

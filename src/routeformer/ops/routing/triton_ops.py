@@ -81,14 +81,6 @@ PREFETCH = {"fwd": False, "dq": False, "dkdv": False, "dkdv_direct": True}
 # benchmarks/attention.py --ab: "unpaired forward".
 PAIRED_FORWARD = True
 
-# The forward's online softmax rescales its accumulators only when a tile raises some row's running
-# maximum by more than this many log2 units (_kernels._fwd_step's LAZY_TAU; 0: every tile, as before
-# session 20). With shared QK the running maximum starts at each row's own logit (SELF_MAX_START),
-# which every row sees, so most tiles raise nothing. Same softmax, other roundings (tests compare
-# both settings with the reference). benchmarks/attention.py --ab: "eager rescale".
-LAZY_RESCALE_TAU = 8.0
-SELF_MAX_START = True
-
 
 # True: the forward and dq read their entry tile's slot band from LO and HI at the tile's first and
 # last entries (both are non-decreasing) instead of reducing over the tile (_kernels._entry_band);
@@ -742,12 +734,8 @@ def _combine(x, perm, rowptr, lo, hi, T, mean, out_dtype):
     return y, (inv_n if mean else None)
 
 
-def attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale: float, direct: bool, shared: bool | None = None):
-    """The in-cluster attention kernel alone -> (o (B,H,T,Dv) if direct else (B,H,E,Dv), lse (BH,E)).
-
-    shared: k is q with every entry's band holding its own slot (shared QK, both modes), which lets
-    the online softmax start from each row's own logit (SELF_MAX_START); None: `k is q`."""
-    shared = (k is q) if shared is None else shared
+def attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale: float, direct: bool):
+    """The in-cluster attention kernel alone -> (o (B,H,T,Dv) if direct else (B,H,E,Dv), lse (BH,E))."""
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     E, S = qpos.shape[1], kpos.shape[1]
@@ -763,8 +751,7 @@ def attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale: float, direct: bool
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=_precision(q),
            SPLIT=SPLIT_TILES["fwd"], ROW64=_row64(q, k, v, o), EVEN_D=_even_d(D, Dv), TILED=tiled,
-           PREFETCH=PREFETCH["fwd"], SCALAR_BAND=SCALAR_BAND, PAIRED=PAIRED_FORWARD,
-           LAZY_TAU=float(LAZY_RESCALE_TAU), SELF_MAX=bool(shared and SELF_MAX_START), num_warps=warps,
+           PREFETCH=PREFETCH["fwd"], SCALAR_BAND=SCALAR_BAND, PAIRED=PAIRED_FORWARD, num_warps=warps,
            num_stages=stages,
            **_regs(q, "fwd"))
     return o, lse
@@ -795,7 +782,7 @@ def _routing_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.
     for the per-token index (_inverse); 0: not known (a sort).
     """
     T = q.shape[2]
-    o_e, lse = attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct, shared)
+    o_e, lse = attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct)
     if direct:
         o_ph, n_ph, p_ph, r_ph = _placeholders(q)
         return o_e, o_ph, lse, n_ph, p_ph, r_ph
