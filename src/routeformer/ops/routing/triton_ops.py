@@ -81,6 +81,15 @@ PREFETCH = {"fwd": False, "dq": False, "dkdv": False, "dkdv_direct": True}
 # benchmarks/attention.py --ab: "unpaired forward".
 PAIRED_FORWARD = True
 
+# With shared QK every row sees its own key, so the forward's softmax can take each row's own logit
+# q.q as a fixed reference point instead of a running maximum: no row maximum and no rescale per slot
+# tile, and no test per tile either; a tile whose row sums leave [0.5, SELF_REFERENCE_BOUND] runs
+# again with the running maximum (_kernels._fwd_tile's SELF_MAX). Same softmax, other roundings.
+# (Session 20's lazy rescale kept the running maximum and tested each tile: one cross-warp reduction
+# more per tile, and 11% slower.) benchmarks/attention.py --ab: "running maximum".
+SELF_REFERENCE = True
+SELF_REFERENCE_BOUND = 32768.0  # 2**15: p <= 2**15 fits float16's P @ V operand
+
 
 # True: the forward and dq read their entry tile's slot band from LO and HI at the tile's first and
 # last entries (both are non-decreasing) instead of reducing over the tile (_kernels._entry_band);
@@ -734,8 +743,13 @@ def _combine(x, perm, rowptr, lo, hi, T, mean, out_dtype):
     return y, (inv_n if mean else None)
 
 
-def attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale: float, direct: bool):
-    """The in-cluster attention kernel alone -> (o (B,H,T,Dv) if direct else (B,H,E,Dv), lse (BH,E))."""
+def attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale: float, direct: bool, shared: bool | None = None):
+    """The in-cluster attention kernel alone -> (o (B,H,T,Dv) if direct else (B,H,E,Dv), lse (BH,E)).
+
+    shared: k is q, and every entry's band holds its own slot (shared QK, both modes), which lets the
+    softmax use each row's own logit as its reference point (SELF_REFERENCE); None: `k is q`. A wrong
+    True costs time, not exactness: rows that do not see their own key run again (see _fwd_tile)."""
+    shared = (k is q) if shared is None else shared
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     E, S = qpos.shape[1], kpos.shape[1]
@@ -751,7 +765,8 @@ def attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale: float, direct: bool
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=_precision(q),
            SPLIT=SPLIT_TILES["fwd"], ROW64=_row64(q, k, v, o), EVEN_D=_even_d(D, Dv), TILED=tiled,
-           PREFETCH=PREFETCH["fwd"], SCALAR_BAND=SCALAR_BAND, PAIRED=PAIRED_FORWARD, num_warps=warps,
+           PREFETCH=PREFETCH["fwd"], SCALAR_BAND=SCALAR_BAND, PAIRED=PAIRED_FORWARD,
+           SELF_MAX=bool(shared and SELF_REFERENCE), FIXED_BOUND=float(SELF_REFERENCE_BOUND), num_warps=warps,
            num_stages=stages,
            **_regs(q, "fwd"))
     return o, lse
@@ -782,7 +797,7 @@ def _routing_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.
     for the per-token index (_inverse); 0: not known (a sort).
     """
     T = q.shape[2]
-    o_e, lse = attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct)
+    o_e, lse = attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct, shared)
     if direct:
         o_ph, n_ph, p_ph, r_ph = _placeholders(q)
         return o_e, o_ph, lse, n_ph, p_ph, r_ph
