@@ -93,7 +93,7 @@ def _fwd_step(q, kbase, vbase, kpos_ptr, s0, band_hi, lo, hi, m_i, l_i, acc,
               skt, svt, D, DV, sm_scale_log2, edge,
               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
               MASKED: tl.constexpr, ROW64: tl.constexpr, kpos_pre=0, PREFETCHED: tl.constexpr = False,
-              FIXED_M: tl.constexpr = False, fixed=False):
+              FIXED_M: tl.constexpr = False):
     """One slot tile of the online softmax: returns the updated (m_i, l_i, acc).
 
     MASKED 0: the caller knows every row may see every slot of the tile (and that the tile ends
@@ -102,9 +102,8 @@ def _fwd_step(q, kbase, vbase, kpos_ptr, s0, band_hi, lo, hi, m_i, l_i, acc,
     `edge` says a row does not see the whole tile (a branch around the select, so one loop serves
     both kinds of tile and keeps its pipelining).
 
-    FIXED_M, fixed (run time, uniform): where both hold, m_i is a fixed reference point, not a running
-    maximum (see _fwd_tile's SELF_MAX): no row maximum, no rescale of l_i and acc; the caller checks
-    afterwards that no p grew too large.
+    FIXED_M: m_i is a fixed reference point, not a running maximum (see _fwd_tile's SELF_MAX): no row
+    maximum, no rescale of l_i and acc; the caller checks afterwards that the row sums stayed in range.
     """
     offs_s = s0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -119,16 +118,7 @@ def _fwd_step(q, kbase, vbase, kpos_ptr, s0, band_hi, lo, hi, m_i, l_i, acc,
         if edge:
             qk = tl.where(_in_band(offs_s[None, :], lo[:, None], hi[:, None]), qk, float("-inf"))
     if FIXED_M:
-        # The product stays outside the branch: inside it, v's load was no longer pipelined (sm_90 SASS).
-        if fixed:
-            p = tl.exp2(qk * sm_scale_log2 - m_i[:, None])
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1) * sm_scale_log2)
-            p = tl.exp2(qk * sm_scale_log2 - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha
-            acc = acc * alpha[:, None]
-            m_i = m_new
+        p = tl.exp2(qk * sm_scale_log2 - m_i[:, None])
         l_i = l_i + tl.sum(p, axis=1)
         acc = acc + _dot(p.to(v.dtype), v, PRECISION)
         return m_i, l_i, acc
@@ -256,9 +246,9 @@ def _entry_tile(TILES, bh, pid, NTILES, E, BLOCK: tl.constexpr, TILED: tl.conste
 def _fwd_branch_loop(q, kbase, vbase, kpos_ptr, band_lo, band_hi, full_lo, full_hi, lo, hi, m_i, l_i, acc,
                      skt, svt, D, DV, sm_scale_log2,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
-                     ROW64: tl.constexpr, PREFETCH: tl.constexpr, FIXED_M: tl.constexpr, fixed=False):
+                     ROW64: tl.constexpr, PREFETCH: tl.constexpr, FIXED_M: tl.constexpr):
     """The band's slot tiles in one loop, each deciding at run time whether it needs the mask (tiles
-    outside [full_lo, full_hi)). FIXED_M, fixed: see _fwd_step."""
+    outside [full_lo, full_hi)). FIXED_M: see _fwd_step."""
     # PREFETCH: each step reads the next tile's key positions, so that its row gathers wait on
     # one memory round trip instead of two (the positions, then the rows).
     kp = _first_rows(kpos_ptr, band_lo, band_hi, BLOCK_N, ROW64, PREFETCH)
@@ -268,7 +258,7 @@ def _fwd_branch_loop(q, kbase, vbase, kpos_ptr, band_lo, band_hi, full_lo, full_
             kp = _clamped_rows(kpos_ptr, s0 + BLOCK_N + tl.arange(0, BLOCK_N), band_hi, ROW64)
         m_i, l_i, acc = _fwd_step(q, kbase, vbase, kpos_ptr, s0, band_hi, lo, hi, m_i, l_i, acc,
                                   skt, svt, D, DV, sm_scale_log2, (s0 < full_lo) | (s0 >= full_hi),
-                                  BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, 2, ROW64, kcur, PREFETCH, FIXED_M, fixed)
+                                  BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, 2, ROW64, kcur, PREFETCH, FIXED_M)
     return m_i, l_i, acc
 
 
@@ -322,23 +312,21 @@ def _fwd_tile(
             # row's l_i leaves [0.5, FIXED_BOUND] (a p too large, not finite, or a row that did not see
             # its own key after all), the tile runs again with the running maximum: exact either way.
             # q.q in float32 from q's rows, not by the product's instructions: any finite reference
-            # point gives the same softmax.
-            # One copy of the loop, run at most twice: a second copy (an `if` around a second call) made
-            # the sm_90 build spill inside both loops.
+            # point gives the same softmax. (One loop copy run twice, with a run-time flag choosing the
+            # softmax inside the step, failed in Triton 3.6's software pipeliner.)
             qf = q.to(tl.float32)
             m_ref = tl.sum(qf * qf, axis=1) * sm_scale_log2
-            fixed = True
-            again = True
-            while again:
-                m_i = tl.where(fixed, m_ref, -1.0e30)
-                l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-                acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+            m_i, l_i, acc = _fwd_branch_loop(q, kbase, vbase, KPOS + sbase, band_lo, band_hi, full_lo, full_hi,
+                                             lo, hi, m_ref, l_i, acc, skt, svt, D, DV, sm_scale_log2,
+                                             BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, ROW64, PREFETCH, True)
+            outside = tl.max(tl.where(emask & ~((l_i >= 0.5) & (l_i <= FIXED_BOUND)), 1, 0), axis=0)
+            if outside > 0:
                 m_i, l_i, acc = _fwd_branch_loop(q, kbase, vbase, KPOS + sbase, band_lo, band_hi, full_lo,
-                                                 full_hi, lo, hi, m_i, l_i, acc, skt, svt, D, DV, sm_scale_log2,
-                                                 BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, ROW64, PREFETCH, True, fixed)
-                outside = tl.max(tl.where(emask & ~((l_i >= 0.5) & (l_i <= FIXED_BOUND)), 1, 0), axis=0)
-                again = fixed & (outside > 0)
-                fixed = False
+                                                 full_hi, lo, hi, tl.full([BLOCK_M], -1.0e30, dtype=tl.float32),
+                                                 tl.zeros([BLOCK_M], dtype=tl.float32),
+                                                 tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32),
+                                                 skt, svt, D, DV, sm_scale_log2,
+                                                 BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, ROW64, PREFETCH, False)
         else:
             m_i, l_i, acc = _fwd_branch_loop(q, kbase, vbase, KPOS + sbase, band_lo, band_hi, full_lo, full_hi,
                                              lo, hi, m_i, l_i, acc, skt, svt, D, DV, sm_scale_log2,
