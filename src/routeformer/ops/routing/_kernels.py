@@ -272,6 +272,7 @@ def _fwd_tile(
     DIRECT: tl.constexpr, SKIP_EMPTY: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
     ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
     SCALAR_BAND: tl.constexpr = True, SELF_MAX: tl.constexpr = False, FIXED_BOUND: tl.constexpr = 32768.0,
+    FALLBACK: tl.constexpr = True,
 ):
     """One entry tile of _fwd_kernel (pid_m: which)."""
     if EVEN_D:  # head dims equal to their tiles: the column masks fold away (fewer live predicates)
@@ -320,7 +321,7 @@ def _fwd_tile(
                                              lo, hi, m_ref, l_i, acc, skt, svt, D, DV, sm_scale_log2,
                                              BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, ROW64, PREFETCH, True)
             outside = tl.max(tl.where(emask & ~((l_i >= 0.5) & (l_i <= FIXED_BOUND)), 1, 0), axis=0)
-            if outside > 0:
+            if FALLBACK and outside > 0:
                 m_i, l_i, acc = _fwd_branch_loop(q, kbase, vbase, KPOS + sbase, band_lo, band_hi, full_lo,
                                                  full_hi, lo, hi, tl.full([BLOCK_M], -1.0e30, dtype=tl.float32),
                                                  tl.zeros([BLOCK_M], dtype=tl.float32),
@@ -370,7 +371,7 @@ def _fwd_kernel(
     DIRECT: tl.constexpr, SKIP_EMPTY: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
     ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
     SCALAR_BAND: tl.constexpr = True, PAIRED: tl.constexpr = False, SELF_MAX: tl.constexpr = False,
-    FIXED_BOUND: tl.constexpr = 32768.0,
+    FIXED_BOUND: tl.constexpr = 32768.0, FALLBACK: tl.constexpr = True,
 ):
     """Attention of entry tiles: tile t is entries [t * BLOCK_M, + BLOCK_M), or with TILED the tile's
     [first, end) from TILES (R, NTILES, 2) (see _write_cluster_tiles). Program p runs tile p, or with
@@ -388,14 +389,14 @@ def _fwd_kernel(
                       sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
                       H, E, S, D, DV, NTILES, sm_scale_log2,
                       BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, DIRECT, SKIP_EMPTY, PRECISION, SPLIT,
-                      ROW64, EVEN_D, TILED, PREFETCH, SCALAR_BAND, SELF_MAX, FIXED_BOUND)
+                      ROW64, EVEN_D, TILED, PREFETCH, SCALAR_BAND, SELF_MAX, FIXED_BOUND, FALLBACK)
     else:
         _fwd_tile(pid0,
                   Q, K, V, QPOS, LO, HI, KPOS, TILES, O, LSE,
                   sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
                   H, E, S, D, DV, NTILES, sm_scale_log2,
                   BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, DIRECT, SKIP_EMPTY, PRECISION, SPLIT,
-                  ROW64, EVEN_D, TILED, PREFETCH, SCALAR_BAND, SELF_MAX, FIXED_BOUND)
+                  ROW64, EVEN_D, TILED, PREFETCH, SCALAR_BAND, SELF_MAX, FIXED_BOUND, FALLBACK)
 
 
 @triton.jit

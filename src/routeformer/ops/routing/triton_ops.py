@@ -89,6 +89,9 @@ PAIRED_FORWARD = True
 # more per tile, and 11% slower.) benchmarks/attention.py --ab: "running maximum".
 SELF_REFERENCE = True
 SELF_REFERENCE_BOUND = 32768.0  # 2**15: p <= 2**15 fits float16's P @ V operand
+# False only for a measurement (benchmarks/attention.py --ab "self reference without fallback"): what
+# the second loop copy costs when it never runs. Not exact then on rows whose sums leave the range.
+SELF_REFERENCE_FALLBACK = True
 
 
 # True: the forward and dq read their entry tile's slot band from LO and HI at the tile's first and
@@ -766,7 +769,8 @@ def attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale: float, direct: bool
            DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=_precision(q),
            SPLIT=SPLIT_TILES["fwd"], ROW64=_row64(q, k, v, o), EVEN_D=_even_d(D, Dv), TILED=tiled,
            PREFETCH=PREFETCH["fwd"], SCALAR_BAND=SCALAR_BAND, PAIRED=PAIRED_FORWARD,
-           SELF_MAX=bool(shared and SELF_REFERENCE), FIXED_BOUND=float(SELF_REFERENCE_BOUND), num_warps=warps,
+           SELF_MAX=bool(shared and SELF_REFERENCE), FIXED_BOUND=float(SELF_REFERENCE_BOUND),
+           FALLBACK=bool(SELF_REFERENCE_FALLBACK), num_warps=warps,
            num_stages=stages,
            **_regs(q, "fwd"))
     return o, lse
