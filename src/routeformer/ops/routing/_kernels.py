@@ -272,7 +272,7 @@ def _fwd_tile(
     DIRECT: tl.constexpr, SKIP_EMPTY: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
     ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
     SCALAR_BAND: tl.constexpr = True, SELF_MAX: tl.constexpr = False, FIXED_BOUND: tl.constexpr = 32768.0,
-    FALLBACK: tl.constexpr = True,
+    FLAGS=None,
 ):
     """One entry tile of _fwd_kernel (pid_m: which)."""
     if EVEN_D:  # head dims equal to their tiles: the column masks fold away (fewer live predicates)
@@ -313,21 +313,18 @@ def _fwd_tile(
             # row's l_i leaves [0.5, FIXED_BOUND] (a p too large, not finite, or a row that did not see
             # its own key after all), the tile runs again with the running maximum: exact either way.
             # q.q in float32 from q's rows, not by the product's instructions: any finite reference
-            # point gives the same softmax. (One loop copy run twice, with a run-time flag choosing the
-            # softmax inside the step, failed in Triton 3.6's software pipeliner.)
+            # point gives the same softmax. The tile's flag in FLAGS says whether it must run again
+            # (attention_fwd's second launch, REDO). Measured on the H200 (session 21): that second loop
+            # copy inside this kernel (behind a uniform branch) cost the loop registers and took the
+            # forward from 144 to 156 us (topk, 64k), more than the reference point saves (152 -> 144);
+            # one copy run twice with a run-time flag inside the step failed Triton 3.6's pipeliner.
             qf = q.to(tl.float32)
             m_ref = tl.sum(qf * qf, axis=1) * sm_scale_log2
             m_i, l_i, acc = _fwd_branch_loop(q, kbase, vbase, KPOS + sbase, band_lo, band_hi, full_lo, full_hi,
                                              lo, hi, m_ref, l_i, acc, skt, svt, D, DV, sm_scale_log2,
                                              BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, ROW64, PREFETCH, True)
             outside = tl.max(tl.where(emask & ~((l_i >= 0.5) & (l_i <= FIXED_BOUND)), 1, 0), axis=0)
-            if FALLBACK and outside > 0:
-                m_i, l_i, acc = _fwd_branch_loop(q, kbase, vbase, KPOS + sbase, band_lo, band_hi, full_lo,
-                                                 full_hi, lo, hi, tl.full([BLOCK_M], -1.0e30, dtype=tl.float32),
-                                                 tl.zeros([BLOCK_M], dtype=tl.float32),
-                                                 tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32),
-                                                 skt, svt, D, DV, sm_scale_log2,
-                                                 BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, ROW64, PREFETCH, False)
+            tl.store(FLAGS + bh * NTILES + pid_m, outside)
         else:
             m_i, l_i, acc = _fwd_branch_loop(q, kbase, vbase, KPOS + sbase, band_lo, band_hi, full_lo, full_hi,
                                              lo, hi, m_i, l_i, acc, skt, svt, D, DV, sm_scale_log2,
@@ -364,14 +361,14 @@ def _fwd_tile(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, QPOS, LO, HI, KPOS, TILES, O, LSE,
+    Q, K, V, QPOS, LO, HI, KPOS, TILES, O, LSE, FLAGS,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
     H, E, S, D, DV, NTILES, sm_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DIRECT: tl.constexpr, SKIP_EMPTY: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
     ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
     SCALAR_BAND: tl.constexpr = True, PAIRED: tl.constexpr = False, SELF_MAX: tl.constexpr = False,
-    FIXED_BOUND: tl.constexpr = 32768.0, FALLBACK: tl.constexpr = True,
+    FIXED_BOUND: tl.constexpr = 32768.0, REDO: tl.constexpr = False,
 ):
     """Attention of entry tiles: tile t is entries [t * BLOCK_M, + BLOCK_M), or with TILED the tile's
     [first, end) from TILES (R, NTILES, 2) (see _write_cluster_tiles). Program p runs tile p, or with
@@ -380,23 +377,44 @@ def _fwd_kernel(
     Why PAIRED: under the causal mask a cluster's first tiles see few slots and its last ones many,
     and tile p's partner is as heavy as p is light, so every program does about the same work."""
     # One call site per branch: the unpaired kernel compiles exactly as before PAIRED existed.
+    # REDO: the second launch after a SELF_MAX one, running (with the running maximum) only the tiles
+    # that FLAGS (BH, NTILES) marks; the others' programs read one flag and end.
     pid0 = tl.program_id(0)
     if PAIRED:
         partner = NTILES - 1 - pid0
         for j in range(0, 1 + (partner > pid0).to(tl.int32)):
-            _fwd_tile(pid0 + j * (partner - pid0),
+            tile = pid0 + j * (partner - pid0)
+            if REDO:
+                if tl.load(FLAGS + tl.program_id(1) * NTILES + tile) != 0:
+                    _fwd_tile(tile,
+                              Q, K, V, QPOS, LO, HI, KPOS, TILES, O, LSE,
+                              sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+                              H, E, S, D, DV, NTILES, sm_scale_log2,
+                              BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, DIRECT, SKIP_EMPTY, PRECISION, SPLIT,
+                              ROW64, EVEN_D, TILED, PREFETCH, SCALAR_BAND, SELF_MAX, FIXED_BOUND, FLAGS)
+            else:
+                _fwd_tile(tile,
+                          Q, K, V, QPOS, LO, HI, KPOS, TILES, O, LSE,
+                          sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+                          H, E, S, D, DV, NTILES, sm_scale_log2,
+                          BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, DIRECT, SKIP_EMPTY, PRECISION, SPLIT,
+                          ROW64, EVEN_D, TILED, PREFETCH, SCALAR_BAND, SELF_MAX, FIXED_BOUND, FLAGS)
+    else:
+        if REDO:
+            if tl.load(FLAGS + tl.program_id(1) * NTILES + pid0) != 0:
+                _fwd_tile(pid0,
+                          Q, K, V, QPOS, LO, HI, KPOS, TILES, O, LSE,
+                          sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+                          H, E, S, D, DV, NTILES, sm_scale_log2,
+                          BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, DIRECT, SKIP_EMPTY, PRECISION, SPLIT,
+                          ROW64, EVEN_D, TILED, PREFETCH, SCALAR_BAND, SELF_MAX, FIXED_BOUND, FLAGS)
+        else:
+            _fwd_tile(pid0,
                       Q, K, V, QPOS, LO, HI, KPOS, TILES, O, LSE,
                       sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
                       H, E, S, D, DV, NTILES, sm_scale_log2,
                       BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, DIRECT, SKIP_EMPTY, PRECISION, SPLIT,
-                      ROW64, EVEN_D, TILED, PREFETCH, SCALAR_BAND, SELF_MAX, FIXED_BOUND, FALLBACK)
-    else:
-        _fwd_tile(pid0,
-                  Q, K, V, QPOS, LO, HI, KPOS, TILES, O, LSE,
-                  sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-                  H, E, S, D, DV, NTILES, sm_scale_log2,
-                  BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, DIRECT, SKIP_EMPTY, PRECISION, SPLIT,
-                  ROW64, EVEN_D, TILED, PREFETCH, SCALAR_BAND, SELF_MAX, FIXED_BOUND, FALLBACK)
+                      ROW64, EVEN_D, TILED, PREFETCH, SCALAR_BAND, SELF_MAX, FIXED_BOUND, FLAGS)
 
 
 @triton.jit
