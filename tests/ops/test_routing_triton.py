@@ -778,14 +778,19 @@ def test_self_reference_gives_the_running_maximum_softmax(assign, monkeypatch):
     assert not torch.equal(o1, o0)
 
 
-def test_self_reference_runs_again_where_rows_miss_their_own_key(monkeypatch):
-    """shared=True claimed for separate keys (topk: separate-key nearest skips empty tiles, a path
-    without the reference point): rows do not see their own key, so the sums of rows of large norm
-    against q.q fall below 0.5 (without that test this fails), and those tiles run again with the
-    running maximum: the same result as without the claim, and as the reference."""
+@pytest.mark.parametrize("redo_group", [16, 4])
+def test_self_reference_runs_again_where_rows_miss_their_own_key(monkeypatch, redo_group):
+    """shared=True claimed for keys equal to the queries up to position 90 and separate after it
+    (topk: separate-key nearest skips empty tiles, a path without the reference point): the rows
+    that do not see their own key have sums against q.q below 0.5 (without that test this fails),
+    and their tiles, 13 of the 20 (the others' rows all see theirs), run again with the running
+    maximum: the same result as without the claim, and as the reference. REDO_GROUP 4: each program
+    of the second launch looks after 4 of a head's 10 tiles, flagged and not, the last one 2."""
+    monkeypatch.setattr(TO, "REDO_GROUP", redo_group)
     assign = "topk"
     q, k, v, centroids = _inputs(1, 2, 110, 24, 24, 4, False, torch.float32, "cpu", 32)
     q = _spread_norms(q, 33, 2.0)
+    k = torch.cat([q[:, :, :90], k[:, :, 90:]], dim=2)
     (o1, l1), (o0, l0) = _forward_both_references(q, k, v, centroids, 40, assign, monkeypatch, True)
     torch.testing.assert_close(o1, o0, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(l1, l0, atol=1e-5, rtol=1e-6)

@@ -84,17 +84,19 @@ PAIRED_FORWARD = True
 # With shared QK every row sees its own key, so the forward's softmax can take each row's own logit
 # q.q as a fixed reference point instead of a running maximum: no row maximum and no rescale per slot
 # tile, and no test per tile either. A tile whose row sums leave [0.5, SELF_REFERENCE_BOUND] is flagged
-# and run again with the running maximum by a second launch of the kernel (REDO), whose programs for
-# unflagged tiles read one flag and end (_kernels._fwd_tile's SELF_MAX). Same softmax, other roundings.
-# (Session 20's lazy rescale kept the running maximum and tested each tile: one cross-warp reduction
-# more per tile, and 11% slower. Session 21: the reference point alone took the forward at 64k from
-# 152 to 144 us (topk) and 179 to 168 (nearest); the rerun as a second loop copy inside the kernel
-# cost more than that, 156 / 190.) benchmarks/attention.py --ab: "running maximum".
+# and run again with the running maximum by a second launch of the kernel (REDO), whose programs
+# read the flags of REDO_GROUP tiles and end where none is set (_kernels._fwd_tile's SELF_MAX). Same
+# softmax, other roundings. (Session 20's lazy rescale kept the running maximum and tested each tile:
+# one cross-warp reduction more per tile, and 11% slower. Session 21: the reference point alone took
+# the forward at 64k from 152 to 144 us (topk) and 179 to 168 (nearest); the rerun as a second loop
+# copy inside the kernel cost more than that, 156 / 190; session 22: a second launch of one program
+# per tile, 159 / 205.) benchmarks/attention.py --ab: "running maximum".
 SELF_REFERENCE = True
 SELF_REFERENCE_BOUND = 32768.0  # 2**15: p <= 2**15 fits float16's P @ V operand
 # False only for a measurement (benchmarks/attention.py --ab "self reference without rerun"): what the
 # second launch costs. Not exact then on the tiles it would have run again.
 SELF_REFERENCE_RERUN = True
+REDO_GROUP = 16  # tiles per program of the second launch (a power of 2: it reads their flags as one vector)
 
 
 # True: the forward and dq read their entry tile's slot band from LO and HI at the tile's first and
@@ -776,10 +778,10 @@ def attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale: float, direct: bool
                 DIRECT=direct, SKIP_EMPTY=skip_empty, PRECISION=_precision(q),
                 SPLIT=SPLIT_TILES["fwd"], ROW64=_row64(q, k, v, o), EVEN_D=_even_d(D, Dv), TILED=tiled,
                 PREFETCH=PREFETCH["fwd"], SCALAR_BAND=SCALAR_BAND, PAIRED=PAIRED_FORWARD,
-                FIXED_BOUND=float(SELF_REFERENCE_BOUND), num_warps=warps, num_stages=stages, **_regs(q, "fwd"))
+                FIXED_BOUND=float(SELF_REFERENCE_BOUND), REDO_GROUP=REDO_GROUP, num_warps=warps, num_stages=stages, **_regs(q, "fwd"))
     launch(K._fwd_kernel, grid, *args, SELF_MAX=self_ref, REDO=False, **meta)
     if self_ref and SELF_REFERENCE_RERUN:
-        launch(K._fwd_kernel, grid, *args, SELF_MAX=False, REDO=True, **meta)
+        launch(K._fwd_kernel, (cdiv(n_tiles, REDO_GROUP), B * H), *args, SELF_MAX=False, REDO=True, **meta)
     return o, lse
 
 
