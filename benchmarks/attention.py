@@ -539,8 +539,7 @@ AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through 
                "head-dim masks", "in-kernel centroid split", "fixed tiles", "two-stage select", "sorted inverse",
                "prefetch everywhere", "combine one entry at a time", "band reductions", "1/n multiplies",
                "cluster passes", "exact first bound", "keep entry outputs", "inference scoring passes",
-               "unpaired forward", "four-warp threshold select", "running maximum",
-               "self reference without rerun")
+               "unpaired forward", "four-warp threshold select")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -580,7 +579,6 @@ def _variant(name):
     mean_in_lse, head_passes, l1_slack = TO.MEAN_IN_LSE, TO.HEAD_PASSES, TO.THRESHOLD_L1_SLACK
     release, budget = TO.RELEASE_ENTRY_OUTPUTS, TO.TRAINING_SCORE_BUDGET
     paired, threshold_tiles = TO.PAIRED_FORWARD, dict(TO.THRESHOLD_TILES)
-    self_reference = TO.SELF_REFERENCE, TO.SELF_REFERENCE_RERUN
     entry_ranges = TO.tile_entry_ranges
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
@@ -634,10 +632,6 @@ def _variant(name):
         TO.THRESHOLD_TILES["cuda"] = (128, 4, 2)
     elif name == "unpaired forward":  # one entry tile per forward program, as before session 19
         TO.PAIRED_FORWARD = False
-    elif name == "running maximum":  # the forward's softmax on a running maximum, as before session 21
-        TO.SELF_REFERENCE = False
-    elif name == "self reference without rerun":  # a measurement only: not exact on the tiles it would run again
-        TO.SELF_REFERENCE_RERUN = False
     elif name == "prefetch everywhere":  # every kernel reads the next tile's gather indices (session 14)
         TO.PREFETCH.update(dict.fromkeys(TO.PREFETCH, True))
     elif name == "combine one entry at a time":  # topk's per-token sums one entry per step, as before session 14
@@ -665,7 +659,6 @@ def _variant(name):
         TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = index_ops
         TO.PREFETCH.update(prefetch)
         TO.PAIRED_FORWARD = paired
-        TO.SELF_REFERENCE, TO.SELF_REFERENCE_RERUN = self_reference
         TO.THRESHOLD_TILES.update(threshold_tiles)
         TO.SCALAR_BAND = scalar_band
         TO.MEAN_IN_LSE, TO.HEAD_PASSES, TO.THRESHOLD_L1_SLACK = mean_in_lse, head_passes, l1_slack

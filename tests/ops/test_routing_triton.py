@@ -627,19 +627,15 @@ def _split_modes_agree(assign, split, q, v, centroids, window, tile):
     """The op under SPLIT_TILES = `split` in every kernel against every tile masked: the same outputs
     and gradients, bit for bit (both paths compute p from the same FMA; the mask only selects)."""
     results = []
-    default, self_reference = dict(TO.SPLIT_TILES), TO.SELF_REFERENCE
+    default = dict(TO.SPLIT_TILES)
     dout = torch.randn(v.shape, generator=torch.Generator().manual_seed(3)).to(v)
-    # Only the forward's TILE_BRANCH loop can take each row's own logit as its softmax reference
-    # (SELF_REFERENCE), which rounds differently from the running maximum: compare both modes on the
-    # running maximum; the self reference has tests of its own against it.
-    TO.SELF_REFERENCE = False
-    try:
-        for mode in (getattr(TO, split), TO.ALL_MASKED):
-            TO.SPLIT_TILES = dict.fromkeys(default, mode)
+    for mode in (getattr(TO, split), TO.ALL_MASKED):
+        TO.SPLIT_TILES = dict.fromkeys(default, mode)
+        try:
             out = routing_attention(q, q, v, centroids, window=window, causal=True, assign=assign, backend="triton")
             results.append((out, *torch.autograd.grad(out, (q, v), dout)))
-    finally:
-        TO.SPLIT_TILES, TO.SELF_REFERENCE = default, self_reference
+        finally:
+            TO.SPLIT_TILES = default
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     with torch.no_grad():  # the case has whole tiles to run unmasked, else the test shows nothing
@@ -751,81 +747,6 @@ def test_matches_reference_on_logits_over_many_orders_of_magnitude(assign, share
     Window 40 over 16-wide tiles. Such logits make the grads ill-conditioned: float32 reaches ~1e-4 of
     the float64 reference on them, whence the tolerance."""
     _wide_logits_check(131, 24, 3, 40, assign, shared, torch.float32, "cpu", 21, 4.0, 1e-3)
-
-
-def _forward_both_references(q, k, v, centroids, window, assign, monkeypatch, shared_flag=None):
-    """attention_fwd's (o, lse) with SELF_REFERENCE on and off, on the same index structures."""
-    with torch.no_grad():
-        idx = TO.routing_indices(q, k, centroids, window, True, assign)
-        results = []
-        for setting in (True, False):
-            monkeypatch.setattr(TO, "SELF_REFERENCE", setting)
-            results.append(TO.attention_fwd(q, k, v, *idx, 1 / q.shape[-1] ** 0.5, assign == "nearest",
-                                            shared_flag))
-    return results
-
-
-@pytest.mark.parametrize("assign", ["topk", "nearest"])
-def test_self_reference_gives_the_running_maximum_softmax(assign, monkeypatch):
-    """Shared QK: the softmax taken against each row's own logit (SELF_REFERENCE) against the running
-    maximum, on the same index structures. Equal up to float32 rounding, and not bit-equal (so the
-    reference-point path ran: q.q in float32 is not the product's own rounding of it). Window 40 over
-    16-wide tiles, T = 110: masked and unmasked tiles, a partial last one."""
-    q, _, v, centroids = _inputs(1, 2, 110, 24, 24, 4, True, torch.float32, "cpu", 31)
-    (o1, l1), (o0, l0) = _forward_both_references(q, q, v, centroids, 40, assign, monkeypatch)
-    torch.testing.assert_close(o1, o0, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(l1, l0, atol=1e-5, rtol=1e-6)
-    assert not torch.equal(o1, o0)
-
-
-@pytest.mark.parametrize("redo_group", [16, 4])
-def test_self_reference_runs_again_where_rows_miss_their_own_key(monkeypatch, redo_group):
-    """shared=True claimed for keys equal to the queries up to position 90 and separate after it
-    (topk: separate-key nearest skips empty tiles, a path without the reference point): the rows
-    that do not see their own key have sums against q.q below 0.5 (without that test this fails),
-    and their tiles, 13 of the 20 (the others' rows all see theirs), run again with the running
-    maximum: the same result as without the claim, and as the reference. REDO_GROUP 4: each program
-    of the second launch looks after 4 of a head's 10 tiles, flagged and not, the last one 2."""
-    monkeypatch.setattr(TO, "REDO_GROUP", redo_group)
-    assign = "topk"
-    q, k, v, centroids = _inputs(1, 2, 110, 24, 24, 4, False, torch.float32, "cpu", 32)
-    q = _spread_norms(q, 33, 2.0)
-    k = torch.cat([q[:, :, :90], k[:, :, 90:]], dim=2)
-    (o1, l1), (o0, l0) = _forward_both_references(q, k, v, centroids, 40, assign, monkeypatch, True)
-    torch.testing.assert_close(o1, o0, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(l1, l0, atol=1e-5, rtol=1e-6)
-    ref, _, _ = _reference64(q, k, v, centroids, 40, True, assign)
-    out = routing_attention(q, k, v, centroids, window=40, causal=True, assign=assign, backend="triton")
-    assert _rel(out, ref) < 1e-5
-
-
-@pytest.mark.parametrize("assign", ["topk", "nearest"])
-def test_matches_reference_fp16_where_sums_pass_the_self_reference_bound(assign):
-    """float16, shared QK, row norms over 1.5 decades: some rows' keys beat their own logit by far more
-    than the 2**15 that the float16 P @ V operand may hold against it, so those tiles run again with the
-    running maximum; every output and grad stays finite and near the float64 reference."""
-    _wide_logits_check(131, 24, 3, 40, assign, True, torch.float16, "cpu", 34, 1.5, 5e-3)
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("assign", ["topk", "nearest"])
-def test_self_reference_gives_the_running_maximum_softmax_gpu(assign, monkeypatch):
-    """As on the CPU at a real size, bf16 (window 500 of T = 5000, 10 clusters): the log-sum-exps equal
-    up to float32 rounding and not bit-equal, the outputs within one bf16 rounding."""
-    q, _, v, centroids = _inputs(1, 2, 5000, 64, 64, 10, True, torch.bfloat16, "cuda", 35)
-    (o1, l1), (o0, l0) = _forward_both_references(q, q, v, centroids, 500, assign, monkeypatch)
-    torch.testing.assert_close(o1, o0, atol=1e-2, rtol=1e-2)
-    torch.testing.assert_close(l1, l0, atol=1e-4, rtol=1e-5)
-    assert not torch.equal(l1, l0)
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("assign", ["topk", "nearest"])
-def test_matches_reference_fp16_where_sums_pass_the_self_reference_bound_gpu(assign):
-    """As on the CPU at a real size (window 500 of T = 5000, 10 clusters, D = 64)."""
-    _wide_logits_check(5000, 64, 10, 500, assign, True, torch.float16, "cuda", 36, 1.5, 1e-2)
 
 
 @pytest.mark.parametrize("shared", [True, False])

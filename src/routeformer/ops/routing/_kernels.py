@@ -92,8 +92,7 @@ def _gather_slots(kbase, vbase, kpos_ptr, offs_s, offs_d, offs_dv, band_hi, skt,
 def _fwd_step(q, kbase, vbase, kpos_ptr, s0, band_hi, lo, hi, m_i, l_i, acc,
               skt, svt, D, DV, sm_scale_log2, edge,
               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
-              MASKED: tl.constexpr, ROW64: tl.constexpr, kpos_pre=0, PREFETCHED: tl.constexpr = False,
-              FIXED_M: tl.constexpr = False):
+              MASKED: tl.constexpr, ROW64: tl.constexpr, kpos_pre=0, PREFETCHED: tl.constexpr = False):
     """One slot tile of the online softmax: returns the updated (m_i, l_i, acc).
 
     MASKED 0: the caller knows every row may see every slot of the tile (and that the tile ends
@@ -101,9 +100,6 @@ def _fwd_step(q, kbase, vbase, kpos_ptr, s0, band_hi, lo, hi, m_i, l_i, acc,
     see _gather_slots). 2: slots are clamped, and the elements masked only where the run-time flag
     `edge` says a row does not see the whole tile (a branch around the select, so one loop serves
     both kinds of tile and keeps its pipelining).
-
-    FIXED_M: m_i is a fixed reference point, not a running maximum (see _fwd_tile's SELF_MAX): no row
-    maximum, no rescale of l_i and acc; the caller checks afterwards that the row sums stayed in range.
     """
     offs_s = s0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -117,11 +113,11 @@ def _fwd_step(q, kbase, vbase, kpos_ptr, s0, band_hi, lo, hi, m_i, l_i, acc,
     elif MASKED == 2:  # decided per tile at run time (edge: a tile some row does not see whole)
         if edge:
             qk = tl.where(_in_band(offs_s[None, :], lo[:, None], hi[:, None]), qk, float("-inf"))
-    if FIXED_M:
-        p = tl.exp2(qk * sm_scale_log2 - m_i[:, None])
-        l_i = l_i + tl.sum(p, axis=1)
-        acc = acc + _dot(p.to(v.dtype), v, PRECISION)
-        return m_i, l_i, acc
+    # The running maximum and the rescale of acc on every tile stay: on the H200 neither skipping the
+    # rescale unless the maximum moves by 2**8 (session 20: one cross-warp max per tile, +11%) nor a
+    # fixed reference point, each row's own logit under shared QK, with flagged tiles run again
+    # (session 21-22: 151 vs 152 us topk, 196 vs 178 nearest at 64k) measured faster.
+    # benchmarks/NOTES_routing.md has the figures; commits c9d91f4 and 9ab5a25 the code.
     m_new = tl.maximum(m_i, tl.max(qk, axis=1) * sm_scale_log2)
     p = tl.exp2(qk * sm_scale_log2 - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
@@ -243,26 +239,6 @@ def _entry_tile(TILES, bh, pid, NTILES, E, BLOCK: tl.constexpr, TILED: tl.conste
 
 
 @triton.jit
-def _fwd_branch_loop(q, kbase, vbase, kpos_ptr, band_lo, band_hi, full_lo, full_hi, lo, hi, m_i, l_i, acc,
-                     skt, svt, D, DV, sm_scale_log2,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
-                     ROW64: tl.constexpr, PREFETCH: tl.constexpr, FIXED_M: tl.constexpr):
-    """The band's slot tiles in one loop, each deciding at run time whether it needs the mask (tiles
-    outside [full_lo, full_hi)). FIXED_M: see _fwd_step."""
-    # PREFETCH: each step reads the next tile's key positions, so that its row gathers wait on
-    # one memory round trip instead of two (the positions, then the rows).
-    kp = _first_rows(kpos_ptr, band_lo, band_hi, BLOCK_N, ROW64, PREFETCH)
-    for s0 in range(band_lo, band_hi, BLOCK_N):
-        kcur = kp
-        if PREFETCH:
-            kp = _clamped_rows(kpos_ptr, s0 + BLOCK_N + tl.arange(0, BLOCK_N), band_hi, ROW64)
-        m_i, l_i, acc = _fwd_step(q, kbase, vbase, kpos_ptr, s0, band_hi, lo, hi, m_i, l_i, acc,
-                                  skt, svt, D, DV, sm_scale_log2, (s0 < full_lo) | (s0 >= full_hi),
-                                  BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, 2, ROW64, kcur, PREFETCH, FIXED_M)
-    return m_i, l_i, acc
-
-
-@triton.jit
 def _fwd_tile(
     pid_m,
     Q, K, V, QPOS, LO, HI, KPOS, TILES, O, LSE,
@@ -271,8 +247,7 @@ def _fwd_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DIRECT: tl.constexpr, SKIP_EMPTY: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
     ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
-    SCALAR_BAND: tl.constexpr = True, SELF_MAX: tl.constexpr = False, FIXED_BOUND: tl.constexpr = 32768.0,
-    FLAGS=None,
+    SCALAR_BAND: tl.constexpr = True,
 ):
     """One entry tile of _fwd_kernel (pid_m: which)."""
     if EVEN_D:  # head dims equal to their tiles: the column masks fold away (fewer live predicates)
@@ -304,31 +279,16 @@ def _fwd_tile(
     # per-tile test around the whole step is what the masked-tile loops below are for.
     if SPLIT == 2 and not SKIP_EMPTY:
         full_lo, full_hi = _full_slot_tiles(lo_max, hi_min, band_lo, band_hi, BLOCK_N)
-        if SELF_MAX:
-            # Every row sees its own key (shared QK; the band holds slot e), so its own logit q.q is one
-            # of its logits, a lower bound of its maximum: p = exp2(s - q.q) has p >= 1 at the maximum
-            # (no underflow, l_i >= 1), and while no p passes FIXED_BOUND, float32 sums and the 16-bit
-            # P @ V product (float16 holds up to 65504) keep full relative precision. So a fixed reference
-            # point replaces the running maximum: no row maximum and no rescale per slot tile. Where some
-            # row's l_i leaves [0.5, FIXED_BOUND] (a p too large, not finite, or a row that did not see
-            # its own key after all), the tile runs again with the running maximum: exact either way.
-            # q.q in float32 from q's rows, not by the product's instructions: any finite reference
-            # point gives the same softmax. The tile's flag in FLAGS says whether it must run again
-            # (attention_fwd's second launch, REDO). Measured on the H200 (session 21): that second loop
-            # copy inside this kernel (behind a uniform branch) cost the loop registers and took the
-            # forward from 144 to 156 us (topk, 64k), more than the reference point saves (152 -> 144);
-            # one copy run twice with a run-time flag inside the step failed Triton 3.6's pipeliner.
-            qf = q.to(tl.float32)
-            m_ref = tl.sum(qf * qf, axis=1) * sm_scale_log2
-            m_i, l_i, acc = _fwd_branch_loop(q, kbase, vbase, KPOS + sbase, band_lo, band_hi, full_lo, full_hi,
-                                             lo, hi, m_ref, l_i, acc, skt, svt, D, DV, sm_scale_log2,
-                                             BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, ROW64, PREFETCH, True)
-            outside = tl.max(tl.where(emask & ~((l_i >= 0.5) & (l_i <= FIXED_BOUND)), 1, 0), axis=0)
-            tl.store(FLAGS + bh * NTILES + pid_m, outside)
-        else:
-            m_i, l_i, acc = _fwd_branch_loop(q, kbase, vbase, KPOS + sbase, band_lo, band_hi, full_lo, full_hi,
-                                             lo, hi, m_i, l_i, acc, skt, svt, D, DV, sm_scale_log2,
-                                             BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, ROW64, PREFETCH, False)
+        # PREFETCH: each step reads the next tile's key positions, so that its row gathers wait on
+        # one memory round trip instead of two (the positions, then the rows).
+        kp = _first_rows(KPOS + sbase, band_lo, band_hi, BLOCK_N, ROW64, PREFETCH)
+        for s0 in range(band_lo, band_hi, BLOCK_N):
+            kcur = kp
+            if PREFETCH:
+                kp = _clamped_rows(KPOS + sbase, s0 + BLOCK_N + tl.arange(0, BLOCK_N), band_hi, ROW64)
+            m_i, l_i, acc = _fwd_step(q, kbase, vbase, KPOS + sbase, s0, band_hi, lo, hi, m_i, l_i, acc,
+                                      skt, svt, D, DV, sm_scale_log2, (s0 < full_lo) | (s0 >= full_hi),
+                                      BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, 2, ROW64, kcur, PREFETCH)
     else:
         # masked tiles before and after the ones every row sees whole (with SKIP_EMPTY, TILE_BRANCH
         # falls back to all masked tiles, as before it existed)
@@ -361,44 +321,23 @@ def _fwd_tile(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, QPOS, LO, HI, KPOS, TILES, O, LSE, FLAGS,
+    Q, K, V, QPOS, LO, HI, KPOS, TILES, O, LSE,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
     H, E, S, D, DV, NTILES, sm_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DIRECT: tl.constexpr, SKIP_EMPTY: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
     ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
-    SCALAR_BAND: tl.constexpr = True, PAIRED: tl.constexpr = False, SELF_MAX: tl.constexpr = False,
-    FIXED_BOUND: tl.constexpr = 32768.0, REDO: tl.constexpr = False, REDO_GROUP: tl.constexpr = 16,
+    SCALAR_BAND: tl.constexpr = True, PAIRED: tl.constexpr = False,
 ):
     """Attention of entry tiles: tile t is entries [t * BLOCK_M, + BLOCK_M), or with TILED the tile's
     [first, end) from TILES (R, NTILES, 2) (see _write_cluster_tiles). Program p runs tile p, or with
     PAIRED tile p, then tile NTILES - 1 - p (if it is another): a grid of cdiv(NTILES, 2).
 
     Why PAIRED: under the causal mask a cluster's first tiles see few slots and its last ones many,
-    and tile p's partner is as heavy as p is light, so every program does about the same work.
-
-    REDO: the launch after a SELF_MAX one, running (with the running maximum) only the tiles that
-    FLAGS (BH, NTILES) marks. Program p looks after tiles [p * REDO_GROUP, + REDO_GROUP): one vector
-    read of their flags, and it ends where none is set (the usual case). Why groups: a grid of one
-    program per tile that reads its flag and ends took 14 us (topk) and 37 us (nearest) at 64k on the
-    H200 (session 22): waves of programs that each hold the loop's shared memory for one flag."""
+    and tile p's partner is as heavy as p is light, so every program does about the same work."""
     # One call site per branch: the unpaired kernel compiles exactly as before PAIRED existed.
     pid0 = tl.program_id(0)
-    if REDO:
-        offs = pid0 * REDO_GROUP + tl.arange(0, REDO_GROUP)
-        row = FLAGS + tl.program_id(1) * NTILES
-        if tl.max(tl.load(row + offs, mask=offs < NTILES, other=0), axis=0) != 0:
-            for j in range(0, REDO_GROUP):
-                tile = pid0 * REDO_GROUP + j
-                if tile < NTILES:
-                    if tl.load(row + tile) != 0:
-                        _fwd_tile(tile,
-                                  Q, K, V, QPOS, LO, HI, KPOS, TILES, O, LSE,
-                                  sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-                                  H, E, S, D, DV, NTILES, sm_scale_log2,
-                                  BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, DIRECT, SKIP_EMPTY, PRECISION, SPLIT,
-                                  ROW64, EVEN_D, TILED, PREFETCH, SCALAR_BAND, False, FIXED_BOUND, FLAGS)
-    elif PAIRED:
+    if PAIRED:
         partner = NTILES - 1 - pid0
         for j in range(0, 1 + (partner > pid0).to(tl.int32)):
             _fwd_tile(pid0 + j * (partner - pid0),
@@ -406,14 +345,14 @@ def _fwd_kernel(
                       sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
                       H, E, S, D, DV, NTILES, sm_scale_log2,
                       BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, DIRECT, SKIP_EMPTY, PRECISION, SPLIT,
-                      ROW64, EVEN_D, TILED, PREFETCH, SCALAR_BAND, SELF_MAX, FIXED_BOUND, FLAGS)
+                      ROW64, EVEN_D, TILED, PREFETCH, SCALAR_BAND)
     else:
         _fwd_tile(pid0,
                   Q, K, V, QPOS, LO, HI, KPOS, TILES, O, LSE,
                   sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
                   H, E, S, D, DV, NTILES, sm_scale_log2,
                   BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, DIRECT, SKIP_EMPTY, PRECISION, SPLIT,
-                  ROW64, EVEN_D, TILED, PREFETCH, SCALAR_BAND, SELF_MAX, FIXED_BOUND, FLAGS)
+                  ROW64, EVEN_D, TILED, PREFETCH, SCALAR_BAND)
 
 
 @triton.jit

@@ -81,23 +81,6 @@ PREFETCH = {"fwd": False, "dq": False, "dkdv": False, "dkdv_direct": True}
 # benchmarks/attention.py --ab: "unpaired forward".
 PAIRED_FORWARD = True
 
-# With shared QK every row sees its own key, so the forward's softmax can take each row's own logit
-# q.q as a fixed reference point instead of a running maximum: no row maximum and no rescale per slot
-# tile, and no test per tile either. A tile whose row sums leave [0.5, SELF_REFERENCE_BOUND] is flagged
-# and run again with the running maximum by a second launch of the kernel (REDO), whose programs
-# read the flags of REDO_GROUP tiles and end where none is set (_kernels._fwd_tile's SELF_MAX). Same
-# softmax, other roundings. (Session 20's lazy rescale kept the running maximum and tested each tile:
-# one cross-warp reduction more per tile, and 11% slower. Session 21: the reference point alone took
-# the forward at 64k from 152 to 144 us (topk) and 179 to 168 (nearest); the rerun as a second loop
-# copy inside the kernel cost more than that, 156 / 190; session 22: a second launch of one program
-# per tile, 159 / 205.) benchmarks/attention.py --ab: "running maximum".
-SELF_REFERENCE = True
-SELF_REFERENCE_BOUND = 32768.0  # 2**15: p <= 2**15 fits float16's P @ V operand
-# False only for a measurement (benchmarks/attention.py --ab "self reference without rerun"): what the
-# second launch costs. Not exact then on the tiles it would have run again.
-SELF_REFERENCE_RERUN = True
-REDO_GROUP = 16  # tiles per program of the second launch (a power of 2: it reads their flags as one vector)
-
 
 # True: the forward and dq read their entry tile's slot band from LO and HI at the tile's first and
 # last entries (both are non-decreasing) instead of reducing over the tile (_kernels._entry_band);
@@ -751,13 +734,8 @@ def _combine(x, perm, rowptr, lo, hi, T, mean, out_dtype):
     return y, (inv_n if mean else None)
 
 
-def attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale: float, direct: bool, shared: bool | None = None):
-    """The in-cluster attention kernel alone -> (o (B,H,T,Dv) if direct else (B,H,E,Dv), lse (BH,E)).
-
-    shared: k is q, and every entry's band holds its own slot (shared QK, both modes), which lets the
-    softmax use each row's own logit as its reference point (SELF_REFERENCE); None: `k is q`. A wrong
-    True costs time, not exactness: rows that do not see their own key run again (see _fwd_tile)."""
-    shared = (k is q) if shared is None else shared
+def attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale: float, direct: bool):
+    """The in-cluster attention kernel alone -> (o (B,H,T,Dv) if direct else (B,H,E,Dv), lse (BH,E))."""
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     E, S = qpos.shape[1], kpos.shape[1]
@@ -767,21 +745,15 @@ def attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale: float, direct: bool
     tiled = _tiled(tiles, q, bm)
     n_tiles = tiles.shape[1] if tiled else cdiv(E, bm)
     grid = (cdiv(n_tiles, 2) if PAIRED_FORWARD else n_tiles, B * H)
-    skip_empty = _skip_empty(q, k, direct)
-    # The reference point lives in the one-loop (TILE_BRANCH) path of the kernel.
-    self_ref = bool(shared and SELF_REFERENCE and SPLIT_TILES["fwd"] == TILE_BRANCH and not skip_empty)
-    flags = _new((B * H * n_tiles,), torch.int32, q.device) if self_ref else qpos
-    args = (q, k, v, qpos, lo, hi, kpos, tiles if tiled else qpos, o, lse, flags,
-            *_s4(q), *_s4(k), *_s4(v), *_s4(o),
-            H, E, S, D, Dv, n_tiles, scale * math.log2(math.e))
-    meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
-                DIRECT=direct, SKIP_EMPTY=skip_empty, PRECISION=_precision(q),
-                SPLIT=SPLIT_TILES["fwd"], ROW64=_row64(q, k, v, o), EVEN_D=_even_d(D, Dv), TILED=tiled,
-                PREFETCH=PREFETCH["fwd"], SCALAR_BAND=SCALAR_BAND, PAIRED=PAIRED_FORWARD,
-                FIXED_BOUND=float(SELF_REFERENCE_BOUND), REDO_GROUP=REDO_GROUP, num_warps=warps, num_stages=stages, **_regs(q, "fwd"))
-    launch(K._fwd_kernel, grid, *args, SELF_MAX=self_ref, REDO=False, **meta)
-    if self_ref and SELF_REFERENCE_RERUN:
-        launch(K._fwd_kernel, (cdiv(n_tiles, REDO_GROUP), B * H), *args, SELF_MAX=False, REDO=True, **meta)
+    launch(K._fwd_kernel, grid, q, k, v, qpos, lo, hi, kpos, tiles if tiled else qpos, o, lse,
+           *_s4(q), *_s4(k), *_s4(v), *_s4(o),
+           H, E, S, D, Dv, n_tiles, scale * math.log2(math.e),
+           BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
+           DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=_precision(q),
+           SPLIT=SPLIT_TILES["fwd"], ROW64=_row64(q, k, v, o), EVEN_D=_even_d(D, Dv), TILED=tiled,
+           PREFETCH=PREFETCH["fwd"], SCALAR_BAND=SCALAR_BAND, PAIRED=PAIRED_FORWARD, num_warps=warps,
+           num_stages=stages,
+           **_regs(q, "fwd"))
     return o, lse
 
 
@@ -810,7 +782,7 @@ def _routing_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.
     for the per-token index (_inverse); 0: not known (a sort).
     """
     T = q.shape[2]
-    o_e, lse = attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct, shared)
+    o_e, lse = attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct)
     if direct:
         o_ph, n_ph, p_ph, r_ph = _placeholders(q)
         return o_e, o_ph, lse, n_ph, p_ph, r_ph
