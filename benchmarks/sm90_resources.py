@@ -12,8 +12,9 @@ The device's Triton may compile differently, so the GPU's timings decide. To com
 device's own Triton version (3.6 on the H200 image; session 21 found a kernel that 3.9 built and 3.6's
 pipeliner rejected), put that wheel first on the path:
     python -m pip install --no-deps --target /tmp/t36 triton==3.6.0
-    TRITON_INTERPRET=0 PYTHONPATH=/tmp/t36:src python benchmarks/sm90_resources.py --only _fwd_kernel --sass writes each
-kernel's SASS to DIR for reading; --only keeps the kernels whose name contains NAME.
+    TRITON_INTERPRET=0 PYTHONPATH=/tmp/t36:src python benchmarks/sm90_resources.py --only _fwd_kernel
+
+--sass writes each kernel's SASS to DIR for reading; --only keeps the kernels whose name contains NAME.
 
 The launchers run for real on meta tensors (shapes and dtypes, no data; ops._checks.gpu_plan makes
 them choose GPU tiles, warps and precisions for meta tensors), with every Triton kernel replaced by a
