@@ -12,6 +12,9 @@
 #   sweep    the tile sweep at 64k (SWEEP_ARGS is added, e.g. "--sweep-parts fwd,bwd")
 #   ncu      Nsight Compute on the routing attention kernels, one fwd+bwd per mode at 64k (where the
 #            device's runtime lets ncu read the counters: H200.md)
+#   ncusrc   Nsight Compute's per-instruction stall samples (SourceCounters) of topk's first launches of
+#            NCU_KERNELS (default dq and dk/dv) at 64k: the SASS with its samples, one CSV per kernel, and
+#            where the warps wait per loop and instruction (benchmarks/ncu_source_summary.py)
 # Each step's output lands in $OUT/gpu_session.tgz (one archive, rewritten atomically after every
 # step: the device returns at most 8 files, and a call stopped at its time limit keeps what finished).
 # Each step also has its own time limit (STEP_LIMIT_S, default 300 s); PYTEST_ARGS replaces the tests
@@ -39,8 +42,8 @@ steps=()
 for a in "$@"; do
     case "$a" in
         --quick) quick=1 ;;
-        tests|bench|ab|host|hosttime|kernels|local|lprofile|sweep|ncu) steps+=("$a") ;;
-        *) echo "gpu_session.sh: unknown step '$a' (steps: tests bench ab host hosttime kernels local lprofile sweep ncu; flag: --quick)" >&2; exit 2 ;;
+        tests|bench|ab|host|hosttime|kernels|local|lprofile|sweep|ncu|ncusrc) steps+=("$a") ;;
+        *) echo "gpu_session.sh: unknown step '$a' (steps: tests bench ab host hosttime kernels local lprofile sweep ncu ncusrc; flag: --quick)" >&2; exit 2 ;;
     esac
 done
 [[ ${#steps[@]} -eq 0 ]] && steps=(tests bench ab host kernels local lprofile sweep)
@@ -131,6 +134,24 @@ for s in "${steps[@]}"; do
                 --metrics 'regex:^smsp__average_warps_issue_stalled_[a-z_]+_per_issue_active\.ratio$' \
                 python3 benchmarks/attention.py --ncu 65536
             grep -E "_kernel|Duration|Registers Per|Achieved Occupancy|Compute \(SM\) Throughput|Memory Throughput|Stall|Warp Cycles Per Issued|Issue Slots Busy|Theoretical Occ|stalled" "$work/ncu.txt" | head -150 ;;
+        ncusrc)
+            ncu_bin="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2> /dev/null | head -1)"
+            kernels="${NCU_KERNELS:-_bwd_dq_kernel|_bwd_dkdv_kernel}"
+            # the profiling range starts with topk's fwd+bwd: its first launch of each kernel is topk's
+            run_step ncusrc ncu_source.txt "${ncu_bin:-ncu}" --clock-control none --profile-from-start off \
+                -k "regex:^(${kernels})\$" --launch-count "$(($(tr -cd '|' <<< "$kernels" | wc -c) + 1))" \
+                --section SourceCounters --section WarpStateStats --section LaunchStats --section Occupancy \
+                -o "$work/ncu_source" python3 benchmarks/attention.py --ncu 65536
+            for k in ${kernels//|/ }; do
+                "${ncu_bin:-ncu}" -i "$work/ncu_source.ncu-rep" -k "$k" --page source --csv --print-source sass \
+                    > "$work/ncu_source_${k}.csv" 2>&1
+            done
+            "${ncu_bin:-ncu}" -i "$work/ncu_source.ncu-rep" --page details > "$work/ncu_source_details.txt" 2>&1
+            rm -f "$work/ncu_source.ncu-rep"
+            python3 benchmarks/ncu_source_summary.py "$work"/ncu_source_*.csv > "$work/ncu_source_summary.txt" 2>&1
+            save
+            grep -E "_kernel|Duration|Warp Cycles|Registers" "$work/ncu_source_details.txt" | head -20
+            cat "$work/ncu_source_summary.txt" ;;
     esac
 done
 cat "$work/steps.txt"
