@@ -290,7 +290,7 @@ def profile(T, host=False):
             print(p.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
 
 
-SWEEP_PARTS = ("assignment", "scores", "argmax", "fwd", "bwd", "regs", "dkdv", "dkdvpipe", "slots", "split", "combine")
+SWEEP_PARTS = ("assignment", "scores", "argmax", "fwd", "bwd", "regs", "dkdv", "slots", "split", "combine")
 
 
 def ncu_target(T):
@@ -321,7 +321,6 @@ def sweep(T, parts=SWEEP_PARTS):
     res = []
     default = dict(TO.CONFIG["cuda"])
     default_regs = dict(TO.MAXNREG)
-    default_pipe = TO.DKDV_UNMASKED_STAGES
 
     def set_regs(name=None, cfg=()):
         """The default budgets, but kernel `name` gets cfg's fifth entry (None if it has four)."""
@@ -344,7 +343,7 @@ def sweep(T, parts=SWEEP_PARTS):
     # (BLOCK_T, warps, AHEAD) of topk's per-token sums, the default first and last (1-warp settings:
     # session 10; AHEAD, the entries gathered at once: session 14; wider tiles: session 15, flat, 0.622-0.661
     # ms of backward against the default's 0.624-0.627). Part "bwd", or "combine" alone.
-    combine_cfgs = [(32, 4, 4), (32, 4, 1), (64, 4, 4), (16, 4, 4), (32, 4, 2), (16, 4, 1), (64, 8, 4), (16, 2, 4),
+    combine_cfgs = [(32, 4, 4), (32, 4, 1), (64, 4, 4), (16, 4, 4), (32, 4, 2), (32, 4, 8), (64, 8, 4), (16, 2, 4),
                     (64, 4, 2), (128, 4, 2), (128, 8, 4), (32, 2, 4), (32, 4, 4)]
     # Register budgets that would fit more programs per SM (ncu, 64k: fwd and dq at 128 registers run 4
     # programs of 4 warps per SM, dk/dv at 255 only 2, and all three are latency-bound).
@@ -359,13 +358,6 @@ def sweep(T, parts=SWEEP_PARTS):
     # vs 0.727). topk's default first and last (the first settings of a sweep have read high).
     dkdv_only = [(32, 64, 4, 1, 128), (32, 64, 4, 1), (32, 64, 4, 2), (32, 64, 4, 3), (32, 64, 4, 1, 168),
                  (32, 64, 4, 2, 168), (64, 64, 8, 1), (64, 64, 8, 2), (32, 128, 8, 1), (32, 64, 4, 1, 128)]
-    # "dkdvpipe" (session 23): dk/dv's unmasked loop pipelined on its own (a sixth entry,
-    # triton_ops.DKDV_UNMASKED_STAGES; the kernel's other loops stay on its num_stages). ncu's source view
-    # (gpu_session.sh ncusrc) had the loop waiting on its q / dO gathers (long scoreboard at the stores to
-    # shared memory) and on each product. The default first and last.
-    dkdv_pipe = [(32, 64, 4, 1, 128), (32, 64, 4, 1, 128, 2), (32, 64, 4, 1, 128, 3), (32, 64, 4, 1, 144, 2),
-                 (32, 64, 4, 1, 168, 2), (32, 64, 4, 1, 136, 3), (32, 64, 4, 1, None, 2), (32, 128, 8, 1, 128),
-                 (32, 128, 8, 1, 128, 2), (32, 128, 8, 1, 128, 3), (32, 128, 8, 1, 168, 2), (32, 64, 4, 1, 128)]
     chosen = TO.TOPK_SELECT
     for mode in (("groups", "full") if "assignment" in parts else ()):
         TO.TOPK_SELECT = mode
@@ -521,13 +513,10 @@ def sweep(T, parts=SWEEP_PARTS):
             varied += [("dq", reg_dq), ("dkdv", reg_dkdv)]
         if "dkdv" in parts:
             varied += [("dkdv", dkdv_only)]
-        if "dkdvpipe" in parts:
-            varied += [("dkdv", dkdv_pipe)]
         for name, cfgs in varied:
             for cfg in cfgs:
                 TO.CONFIG["cuda"] = dict(default, **{name: cfg[:4] if name != "combine" else cfg})
                 set_regs(name, cfg)
-                TO.DKDV_UNMASKED_STAGES = cfg[5] if name == "dkdv" and len(cfg) > 5 else default_pipe
                 try:
                     t = _bench(lambda: TO._routing_bwd(dout, q.detach(), q.detach(), v.detach(), saved[0], saved[1],
                                                        saved[2], saved[3], *idx, saved[4], saved[5], scale, direct,
@@ -537,7 +526,6 @@ def sweep(T, parts=SWEEP_PARTS):
                     res.append((assign, f"bwd({name} varied)", cfg, float("nan"), str(e)[:60]))
         TO.CONFIG["cuda"] = dict(default)
         set_regs()
-        TO.DKDV_UNMASKED_STAGES = default_pipe
     print(f"== tile sweep T={T} (ms, useful TFLOP/s)")
     for r in res:
         print(f"{r[0]:8s} {r[1]:24s} {str(r[2]):18s} {r[3]:8.3f} {r[4] if isinstance(r[4], str) else f'{r[4]:.0f}'}")
@@ -551,7 +539,7 @@ AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through 
                "head-dim masks", "in-kernel centroid split", "fixed tiles", "two-stage select", "sorted inverse",
                "prefetch everywhere", "combine one entry at a time", "band reductions", "1/n multiplies",
                "cluster passes", "exact first bound", "keep entry outputs", "inference scoring passes",
-               "unpaired forward", "four-warp threshold select", "sorted-list combine")
+               "unpaired forward", "four-warp threshold select")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -591,7 +579,6 @@ def _variant(name):
     mean_in_lse, head_passes, l1_slack = TO.MEAN_IN_LSE, TO.HEAD_PASSES, TO.THRESHOLD_L1_SLACK
     release, budget = TO.RELEASE_ENTRY_OUTPUTS, TO.TRAINING_SCORE_BUDGET
     paired, threshold_tiles = TO.PAIRED_FORWARD, dict(TO.THRESHOLD_TILES)
-    dense_first = TO.COMBINE_DENSE_FIRST
     entry_ranges = TO.tile_entry_ranges
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
@@ -641,8 +628,6 @@ def _variant(name):
         TO.TRAINING_SCORE_BUDGET = 2
     elif name == "keep entry outputs":  # topk's o_e alive through the whole backward, as before session 18
         TO.RELEASE_ENTRY_OUTPUTS = False
-    elif name == "sorted-list combine":  # topk's combine reads entries after the row pointers, as before session 23
-        TO.COMBINE_DENSE_FIRST = False
     elif name == "four-warp threshold select":  # topk's select rows on 4 warps, as before session 19
         TO.THRESHOLD_TILES["cuda"] = (128, 4, 2)
     elif name == "unpaired forward":  # one entry tile per forward program, as before session 19
@@ -678,7 +663,6 @@ def _variant(name):
         TO.SCALAR_BAND = scalar_band
         TO.MEAN_IN_LSE, TO.HEAD_PASSES, TO.THRESHOLD_L1_SLACK = mean_in_lse, head_passes, l1_slack
         TO.RELEASE_ENTRY_OUTPUTS, TO.TRAINING_SCORE_BUDGET = release, budget
-        TO.COMBINE_DENSE_FIRST = dense_first
         for kind, c in config.items():
             TO.CONFIG[kind].update(c)
 
@@ -699,8 +683,7 @@ def ab(Ts, only=()):
                                                     "score tiles 64x32", "two-stage select", "sorted inverse",
                                                     "combine one entry at a time", "cluster passes",
                                                     "exact first bound", "keep entry outputs",
-                                                    "inference scoring passes", "four-warp threshold select",
-                                                    "sorted-list combine"):
+                                                    "inference scoring passes", "four-warp threshold select"):
                     continue  # nearest has no top-k
                 if assign == "topk" and name in ("sorted cluster ids", "argmax tiles 64x32"):
                     continue  # a nearest-only change

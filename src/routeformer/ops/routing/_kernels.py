@@ -804,20 +804,17 @@ def _combine_kernel(
     sxb, sxh, sxe, syb, syh, syt,
     H, T, E, D,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, MEAN: tl.constexpr, AHEAD: tl.constexpr,
-    FIRST: tl.constexpr, DENSE_FIRST: tl.constexpr = True,
 ):
-    """Y[t] = sum of X[e] over the entries e at position t, via the per-token index PERM, ROWPTR
-    (triton_ops._inverse: each token's first FIRST entries densely, then all entries sorted by position).
+    """Y[t] = sum of X[e] over the entries e at position t, via a position-sorted PERM.
 
     MEAN (forward scatter-mean): divide by the number of entries that had a key (HI > LO) and store
     that inverse count in INV_N for the backward; tokens no cluster gave a key get 0.
 
-    AHEAD (<= FIRST): each token's first AHEAD entries are read from the dense slots and their rows
-    gathered at once (one (BLOCK_T, AHEAD, D) load): one memory round trip for the entry ids, one for the
-    rows. Only entries past them go through the sorted list, in a loop whose steps are two dependent
-    gathers each (the list, then the row); topk's counts are about Poisson(1) (benchmarks' 64k: 0.3% of
-    tokens have 5 or more), so AHEAD = 4 leaves the loop to few tiles. DENSE_FIRST False: the first AHEAD
-    entries also come from the sorted list (after ROWPTR: one round trip more), as before the dense slots.
+    AHEAD: each token's first AHEAD entries are gathered at once (one (BLOCK_T, AHEAD, D) load), and
+    only entries past them in a loop. Each step of that loop is two dependent gathers (PERM, then the
+    row), so a tile whose busiest token has n entries waits 2n memory round trips; topk's counts are
+    about Poisson(1) (benchmarks' 64k: 0.3% of tokens have 5 or more), so AHEAD = 4 leaves one round
+    trip of each kind for nearly every tile.
     """
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -830,21 +827,14 @@ def _combine_kernel(
     dmask = offs_d[None, :] < D
     rbase = bh.to(tl.int64) * (T + 1)
     ibase = bh.to(tl.int64) * E
-    fbase = bh.to(tl.int64) * (FIRST * T + E)  # this row of PERM: FIRST * T dense slots, then E sorted
     start = tl.load(ROWPTR + rbase + offs_t, mask=tmask, other=0)
     end = tl.load(ROWPTR + rbase + offs_t + 1, mask=tmask, other=0)
     cnt = end - start
     xbase = X + b * sxb + h * sxh
     offs_j = tl.arange(0, AHEAD)
     # (BLOCK_T, AHEAD) names of their own: the loop below gives its (BLOCK_T,) ones other types.
-    # The dense slots hold -1 past a token's count, so these loads need not wait for ROWPTR.
-    if DENSE_FIRST:
-        e_a = tl.load(PERM + fbase + offs_t[:, None] * FIRST + offs_j[None, :], mask=tmask[:, None], other=-1)
-        has_a = e_a >= 0
-        e_a = tl.maximum(e_a, 0).to(tl.int64)
-    else:
-        has_a = offs_j[None, :] < cnt[:, None]
-        e_a = tl.load(PERM + fbase + FIRST * T + start[:, None] + offs_j[None, :], mask=has_a, other=0).to(tl.int64)
+    has_a = offs_j[None, :] < cnt[:, None]
+    e_a = tl.load(PERM + ibase + start[:, None] + offs_j[None, :], mask=has_a, other=0).to(tl.int64)
     x_a = tl.load(xbase + e_a[:, :, None] * sxe + offs_d[None, None, :],
                   mask=has_a[:, :, None] & dmask[None, :, :], other=0.0)
     acc = tl.sum(x_a.to(tl.float32), axis=1)
@@ -856,7 +846,7 @@ def _combine_kernel(
         nk = tl.zeros([BLOCK_T], dtype=tl.float32)
     for j in range(AHEAD, tl.max(cnt, axis=0)):
         has = j < cnt
-        e = tl.load(PERM + fbase + FIRST * T + start + j, mask=has, other=0).to(tl.int64)
+        e = tl.load(PERM + ibase + start + j, mask=has, other=0).to(tl.int64)
         m2 = has[:, None] & dmask
         acc += tl.load(xbase + e[:, None] * sxe + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
         if MEAN:

@@ -37,33 +37,24 @@ def _membership_kernel(POS, M, E, RUN, T, NW, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _entry_counts_kernel(M, ROWPTR, PERM, E, T, NW, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
-                         FIRST: tl.constexpr):
+def _entry_counts_kernel(M, ROWPTR, E, T, NW, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr):
     """ROWPTR[bh, t + 1] = the entries at position t (its set bits), and ROWPTR[bh, 0] = -E (0 for the
     first row): one prefix sum over the whole flattened (BH, T + 1) array then gives every row its CSR
     row pointers, since each row holds exactly E entries and the -E cancels the rows before it. (A
-    prefix sum along the last dim of (8, 65537) took torch 87 us on an H200; the flat one is cub's.)
-    Also -1 into the dense first-entry slots (PERM's first FIRST * T of each row, see
-    triton_ops._inverse) past each token's count; _entry_perm_kernel fills the others."""
+    prefix sum along the last dim of (8, 65537) took torch 87 us on an H200; the flat one is cub's.)"""
     bh = tl.program_id(1).to(tl.int64)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     w = tl.arange(0, BLOCK_W)
     words = tl.load(M + (bh * T + t[:, None]) * NW + w[None, :], mask=(t < T)[:, None] & (w < NW)[None, :],
                     other=0)
-    cnt = tl.sum(_popcount(words), axis=1)
-    tl.store(ROWPTR + bh * (T + 1) + 1 + t, cnt, mask=t < T)
-    j = tl.arange(0, FIRST)[None, :]
-    tl.store(PERM + bh * (FIRST * T + E) + t[:, None] * FIRST + j, tl.full([BLOCK_T, FIRST], -1, tl.int32),
-             mask=(t < T)[:, None] & (j >= cnt[:, None]))
+    tl.store(ROWPTR + bh * (T + 1) + 1 + t, tl.sum(_popcount(words), axis=1), mask=t < T)
     if tl.program_id(0) == 0:
         tl.store(ROWPTR + bh * (T + 1), tl.where(bh == 0, 0, -E).to(tl.int32))
 
 
 @triton.jit
-def _entry_perm_kernel(POS, M, ROWPTR, PERM, E, RUN, T, NW, BLOCK: tl.constexpr, BLOCK_W: tl.constexpr,
-                       FIRST: tl.constexpr):
-    """PERM[bh, FIRST * T + ROWPTR[bh, p] + rank] = e, rank = the entries at p = POS[bh, e] of lower
-    clusters; and PERM[bh, p * FIRST + rank] = e where rank < FIRST (triton_ops._inverse's layout)."""
+def _entry_perm_kernel(POS, M, ROWPTR, PERM, E, RUN, T, NW, BLOCK: tl.constexpr, BLOCK_W: tl.constexpr):
+    """PERM[bh, ROWPTR[bh, p] + rank] = e, rank = the entries at p = POS[bh, e] of lower clusters."""
     bh = tl.program_id(1).to(tl.int64)
     e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = e < E
@@ -75,6 +66,4 @@ def _entry_perm_kernel(POS, M, ROWPTR, PERM, E, RUN, T, NW, BLOCK: tl.constexpr,
     below = tl.where(w < cw, -1, tl.where(w == cw, (1 << (c % 32))[:, None] - 1, 0))
     rank = tl.sum(_popcount(words & below), axis=1)
     start = tl.load(ROWPTR + bh * (T + 1) + p, mask=m, other=0)
-    row = PERM + bh * (FIRST * T + E)
-    tl.store(row + FIRST * T + start + rank, e, mask=m)
-    tl.store(row + p * FIRST + rank, e, mask=m & (rank < FIRST))
+    tl.store(PERM + bh * E + start + rank, e, mask=m)

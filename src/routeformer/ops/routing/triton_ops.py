@@ -645,33 +645,15 @@ def tile_entry_ranges(lo: torch.Tensor, hi: torch.Tensor, nt: int, bn: int, S: i
     return out.unbind(0)
 
 
-# Each token's first FIRST_ENTRIES entries are also kept densely, (T, FIRST_ENTRIES) per batch-head, ahead of
-# the position-sorted list in the same int32 tensor (see _inverse): the combine then reads them with one
-# load per token instead of the row pointers and then the list, one dependent memory round trip fewer
-# for its gathers (topk's entry counts are about Poisson(1): 0.4% of tokens have more than four).
-FIRST_ENTRIES = 4
-# False: the combine reads them from the sorted list after the row pointers, as before (benchmarks/
-# attention.py --ab "sorted-list combine").
-COMBINE_DENSE_FIRST = True
-
-
 def _inverse(pos: torch.Tensor, T: int, run: int = 0):
-    """pos (BH, E) positions -> (perm, rowptr). perm (BH, FIRST_ENTRIES * T + E) int32: first, per token t,
-    its first FIRST_ENTRIES entries in order ((T, FIRST_ENTRIES) row-major, -1 past its count); then all
-    entries sorted by position (ties by entry), which rowptr (BH, T + 1) points into as CSR row pointers:
-    token t's entries are perm[:, FIRST_ENTRIES * T + rowptr[t] : ... + rowptr[t + 1]].
-    run > 0 (topk): the entries are clusters of `run` distinct positions each, and the permutation comes
-    from their membership bits (_perm_kernels) instead of a stable sort."""
+    """pos (BH, E) positions -> (perm, rowptr): entries sorted by position (ties by entry) and CSR row
+    pointers. run > 0 (topk): the entries are clusters of `run` distinct positions each, and the
+    permutation comes from their membership bits (_perm_kernels) instead of a stable sort."""
     if run > 0 and COUNTING_INVERSE:
         return _inverse_by_membership(pos, T, run)
     sorted_pos, perm = pos.sort(dim=-1, stable=True)
     rowptr = count_below(sorted_pos, T + 1, 1, 0, T, False)  # entries at positions < t
-    R, E = perm.shape
-    j = torch.arange(FIRST_ENTRIES, device=pos.device, dtype=torch.int32)
-    at = rowptr[:, :-1, None] + j  # (R, T, FIRST_ENTRIES)
-    first = perm.gather(1, at.clamp(max=max(E - 1, 0)).view(R, -1).long()).view(R, T, FIRST_ENTRIES)
-    first = torch.where(at < rowptr[:, 1:, None], first, -1)
-    return torch.cat([first.view(R, -1).to(torch.int32), perm.to(torch.int32)], dim=1).contiguous(), rowptr
+    return perm.to(torch.int32).contiguous(), rowptr
 
 
 # True: topk's dq kernel also writes each entry's log-sum-exp plus log2(n) (n: the keyed entries of its
@@ -699,14 +681,14 @@ def _inverse_by_membership(pos: torch.Tensor, T: int, run: int):
     block = 1024 if gpu_plan(pos) else 32
     launch(PK._membership_kernel, (cdiv(E, block), R), pos, member, E, run, T, nw, BLOCK=block, num_warps=4)
     counts = _new((R, T + 1), torch.int32, dev)
-    perm = _new((R, FIRST_ENTRIES * T + E), torch.int32, dev)
     block_t = 256 if gpu_plan(pos) else 16
-    launch(PK._entry_counts_kernel, (cdiv(T, block_t), R), member, counts, perm, E, T, nw, BLOCK_T=block_t,
-           BLOCK_W=next_pow2(nw), FIRST=FIRST_ENTRIES, num_warps=4)
+    launch(PK._entry_counts_kernel, (cdiv(T, block_t), R), member, counts, E, T, nw, BLOCK_T=block_t,
+           BLOCK_W=next_pow2(nw), num_warps=4)
     rowptr = torch.cumsum(counts.view(-1), dim=0, dtype=torch.int32).view(R, T + 1)
     del counts
+    perm = _new((R, E), torch.int32, dev)
     launch(PK._entry_perm_kernel, (cdiv(E, block // 2), R), pos, member, rowptr, perm, E, run, T, nw,
-           BLOCK=block // 2, BLOCK_W=next_pow2(nw), FIRST=FIRST_ENTRIES, num_warps=4)
+           BLOCK=block // 2, BLOCK_W=next_pow2(nw), num_warps=4)
     return perm, rowptr
 
 
@@ -745,14 +727,10 @@ def _combine(x, perm, rowptr, lo, hi, T, mean, out_dtype):
     y = _new((B, H, T, Dx), out_dtype, x.device)
     inv_n = _new((B * H, T), torch.float32, x.device) if mean else y
     block_t, warps, ahead = _cfg(x, "combine")
-    if not (1 <= ahead <= FIRST_ENTRIES and ahead & (ahead - 1) == 0):
-        raise ValueError(f"CONFIG combine: AHEAD={ahead} must be a power of two in [1, FIRST_ENTRIES="
-                         f"{FIRST_ENTRIES}] (the entries the per-token index keeps densely)")
     grid = (cdiv(T, block_t), B * H)
     launch(K._combine_kernel, grid, x, perm, rowptr, lo, hi, y, inv_n,
            *_s4(x), *_s4(y), H, T, E, Dx,
-           BLOCK_T=block_t, BLOCK_D=_pow2(Dx), MEAN=mean, AHEAD=ahead, FIRST=FIRST_ENTRIES,
-           DENSE_FIRST=COMBINE_DENSE_FIRST, num_warps=warps)
+           BLOCK_T=block_t, BLOCK_D=_pow2(Dx), MEAN=mean, AHEAD=ahead, num_warps=warps)
     return y, (inv_n if mean else None)
 
 
@@ -794,8 +772,7 @@ def _routing_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.
                  hi: torch.Tensor, kpos: torch.Tensor, tiles: torch.Tensor, scale: float, direct: bool,
                  shared: bool, window: int = 0, run: int = 0
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (out (B,H,T,Dv), o_entries, lse (BH,E), inv_n (BH,T), perm (BH,FIRST_ENTRIES*T+E), rowptr (BH,T+1))
-    (perm and rowptr: the per-token index, see _inverse).
+    """-> (out (B,H,T,Dv), o_entries, lse (BH,E), inv_n (BH,T), perm (BH,E), rowptr (BH,T+1)).
 
     direct (nearest): o_entries, inv_n, perm and rowptr are empty placeholders. shared (k is q) is
     only recorded for the backward: identity of inputs is not visible through torch.compile. window
@@ -824,8 +801,7 @@ def _(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct, shared, window=0, run=0
         o_ph, n_ph, p_ph, r_ph = _placeholders(q)
         return out, o_ph, lse, n_ph, p_ph, r_ph
     return (out, q.new_empty((B, H, E, Dv)), lse, q.new_empty((B * H, T), dtype=torch.float32),
-            q.new_empty((B * H, FIRST_ENTRIES * T + E), dtype=torch.int32),
-            q.new_empty((B * H, T + 1), dtype=torch.int32))
+            q.new_empty((B * H, E), dtype=torch.int32), q.new_empty((B * H, T + 1), dtype=torch.int32))
 
 
 # topk's per-entry outputs o_e (the size of q) serve the backward's dq kernel alone (for delta), so an
