@@ -290,7 +290,7 @@ def profile(T, host=False):
             print(p.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
 
 
-SWEEP_PARTS = ("assignment", "scores", "argmax", "fwd", "bwd", "regs", "dkdv", "slots", "split", "combine")
+SWEEP_PARTS = ("assignment", "scores", "argmax", "fwd", "bwd", "dq", "regs", "dkdv", "slots", "split", "combine")
 
 
 def ncu_target(T):
@@ -336,8 +336,12 @@ def sweep(T, parts=SWEEP_PARTS):
     # against 0.158, nearest 0.232-0.382 against 0.181.
     fwd_cfgs = [(64, 64, 4, 2, 128), (64, 128, 4, 2, 128), (64, 128, 4, 2), (64, 128, 8, 2), (64, 128, 4, 3),
                 (128, 64, 8, 2, 128), (128, 64, 8, 3, 128), (128, 64, 8, 2), (64, 64, 4, 3, 128), (64, 64, 4, 2, 128)]
+    # Session 23 (part "dq" alone): 128-entry tiles on 8 warps under the budget (sm_90, Triton 3.6: 388 SASS
+    # instructions per 128-row step against 400 per 64-row one, no spills; ncu had dq's warps 41% outside
+    # its loop) lost: the backward at 64k 0.623 ms (topk) / 0.612 (nearest) against 0.588 / 0.556.
     dq_cfgs = [(64, 64, 4, 3, 128), (64, 128, 4, 3, 128), (64, 128, 4, 3), (64, 128, 8, 3), (64, 128, 4, 2),
-               (64, 64, 4, 3, 128)]
+               (128, 64, 8, 3, 128), (128, 64, 8, 2, 128), (128, 64, 8, 3, 168), (128, 64, 8, 3),
+               (128, 32, 8, 3, 128), (64, 64, 4, 3, 128)]
     dkdv_cfgs = [(32, 64, 4, 1, 128), (32, 128, 4, 3), (32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3),
                  (16, 128, 4, 3), (32, 128, 4, 4), (64, 64, 4, 3)]
     # (BLOCK_T, warps, AHEAD) of topk's per-token sums, the default first and last (1-warp settings:
@@ -507,6 +511,8 @@ def sweep(T, parts=SWEEP_PARTS):
         varied = []
         if "bwd" in parts:
             varied += [("dq", dq_cfgs), ("dkdv", dkdv_cfgs)]
+        elif "dq" in parts:
+            varied += [("dq", dq_cfgs)]
         if ("bwd" in parts or "combine" in parts) and not direct:
             varied += [("combine", combine_cfgs)]
         if "regs" in parts:
