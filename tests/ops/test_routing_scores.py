@@ -189,3 +189,44 @@ def test_scores_not_stored_leave_the_group_maxima(dtype, monkeypatch):
     assert s_none is poison and bool(torch.isnan(s_none).all())
     assert torch.equal(gmax_none, gmax)
     assert torch.isfinite(s_t).all()
+
+
+def _transposed_against_untransposed(monkeypatch, x, centroids, exact):
+    """The scoring passes' transposed tile (c . x^T, TRANSPOSED_SCORES) against the (positions, clusters)
+    tile: the same scores (bits in the interpreter; within fp32 rounding on the GPU, whose products
+    sum in another register layout) and, in each, group maxima that are exactly its scores' maxima."""
+    from routeformer.ops.routing import _score_kernels as SK
+
+    monkeypatch.setattr(SK, "BF16_SPLIT_SCORES", True)
+    out = {}
+    for transposed in (True, False):
+        monkeypatch.setattr(SK, "TRANSPOSED_SCORES", transposed)
+        assert SK._transposed(x) == transposed
+        out[transposed] = fused_scores(x, centroids)
+        s_t, gmax = out[transposed]
+        T, group = x.shape[2], scores.GROUP
+        G = -(-T // group)
+        padded = torch.full((*s_t.shape[:3], G * group), float("-inf"), device=x.device)
+        padded[..., :T] = s_t
+        assert torch.equal(gmax, padded.view(*s_t.shape[:3], G, group).amax(-1)), transposed
+    if exact:
+        assert torch.equal(out[True][0], out[False][0])
+    else:
+        torch.testing.assert_close(out[True][0], out[False][0], atol=2e-5 * x.shape[-1] ** 0.5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T,D,C", [(100, 24, 20), (37, 64, 35), (130, 60, 17)])
+def test_transposed_scores_same_bits(monkeypatch, T, D, C):
+    monkeypatch.setattr(scores, "GROUP", 4)
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(2, 3, T, D, generator=g) + 2).to(torch.bfloat16)
+    centroids = torch.randn(3, C, D, generator=g) * 2 + 0.5
+    _transposed_against_untransposed(monkeypatch, x, centroids, exact=True)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("T,D,C", [(5000, 64, 10), (1000, 40, 3), (65536, 64, 128), (4097, 64, 130)])
+def test_transposed_scores_match_gpu(monkeypatch, T, D, C):
+    x, centroids = _inputs(1, 2, T, D, C, torch.bfloat16, "cuda", seed=8)
+    _transposed_against_untransposed(monkeypatch, x, centroids + 0.5, exact=False)
