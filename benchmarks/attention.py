@@ -545,7 +545,7 @@ AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through 
                "head-dim masks", "in-kernel centroid split", "fixed tiles", "two-stage select", "sorted inverse",
                "prefetch everywhere", "combine one entry at a time", "band reductions", "1/n multiplies",
                "cluster passes", "exact first bound", "keep entry outputs", "inference scoring passes",
-               "unpaired forward", "four-warp threshold select", "untransposed scores")
+               "unpaired forward", "four-warp threshold select")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -580,7 +580,7 @@ def _variant(name):
     saved = (TO.FOLD_EVEN_D, _launch.FAST_LAUNCH, TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing,
              TO.SPLIT_TILES, TO.FUSED_CANDIDATES, TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, dict(SK.TILES),
              dict(SK.ARGMAX_TILES), SK.CENTRED_ARGMAX, TO.tile_entry_ranges, SK.PRESPLIT_CENTROIDS,
-             TO.CLUSTER_TILES, TO.THRESHOLD_SELECT, TO.COUNTING_INVERSE, SK.TRANSPOSED_SCORES)
+             TO.CLUSTER_TILES, TO.THRESHOLD_SELECT, TO.COUNTING_INVERSE)
     prefetch, config, scalar_band = dict(TO.PREFETCH), {kind: dict(c) for kind, c in TO.CONFIG.items()}, TO.SCALAR_BAND
     mean_in_lse, head_passes, l1_slack = TO.MEAN_IN_LSE, TO.HEAD_PASSES, TO.THRESHOLD_L1_SLACK
     release, budget = TO.RELEASE_ENTRY_OUTPUTS, TO.TRAINING_SCORE_BUDGET
@@ -634,8 +634,6 @@ def _variant(name):
         TO.TRAINING_SCORE_BUDGET = 2
     elif name == "keep entry outputs":  # topk's o_e alive through the whole backward, as before session 18
         TO.RELEASE_ENTRY_OUTPUTS = False
-    elif name == "untransposed scores":  # topk's scoring passes on (positions, clusters) tiles, as before session 23
-        SK.TRANSPOSED_SCORES = False
     elif name == "four-warp threshold select":  # topk's select rows on 4 warps, as before session 19
         TO.THRESHOLD_TILES["cuda"] = (128, 4, 2)
     elif name == "unpaired forward":  # one entry tile per forward program, as before session 19
@@ -659,7 +657,7 @@ def _variant(name):
         (TO.FOLD_EVEN_D, _launch.FAST_LAUNCH, TO.CLUSTER_CHUNK, TO.SELECT_ROWS_MAX, _dispatch.tracing, TO.SPLIT_TILES,
          TO.FUSED_CANDIDATES, TO.COUNTING_SORT, SK.BF16_SPLIT_SCORES, tiles, argmax_tiles, SK.CENTRED_ARGMAX,
          TO.tile_entry_ranges, SK.PRESPLIT_CENTROIDS, TO.CLUSTER_TILES, TO.THRESHOLD_SELECT,
-         TO.COUNTING_INVERSE, SK.TRANSPOSED_SCORES) = saved
+         TO.COUNTING_INVERSE) = saved
         SK.TILES.clear()
         SK.TILES.update(tiles)
         SK.ARGMAX_TILES.clear()
@@ -691,8 +689,7 @@ def ab(Ts, only=()):
                                                     "score tiles 64x32", "two-stage select", "sorted inverse",
                                                     "combine one entry at a time", "cluster passes",
                                                     "exact first bound", "keep entry outputs",
-                                                    "inference scoring passes", "four-warp threshold select",
-                                                    "untransposed scores"):
+                                                    "inference scoring passes", "four-warp threshold select"):
                     continue  # nearest has no top-k
                 if assign == "topk" and name in ("sorted cluster ids", "argmax tiles 64x32"):
                     continue  # a nearest-only change

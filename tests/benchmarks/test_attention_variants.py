@@ -92,7 +92,6 @@ def test_switch_variants_flip_their_switch_and_restore_it():
                         ("inference scoring passes", lambda: TO.TRAINING_SCORE_BUDGET == 2),
                         ("unpaired forward", lambda: not TO.PAIRED_FORWARD),
                         ("four-warp threshold select", lambda: TO.THRESHOLD_TILES["cuda"] == (128, 4, 2)),
-                        ("untransposed scores", lambda: not SK.TRANSPOSED_SCORES),
                         ("combine one entry at a time", lambda: TO.CONFIG["cuda"]["combine"][2] == 1)):
         with bench._variant(name):
             assert check(), name
@@ -105,7 +104,6 @@ def test_switch_variants_flip_their_switch_and_restore_it():
         assert TO.MEAN_IN_LSE and TO.HEAD_PASSES and TO.THRESHOLD_L1_SLACK > 0, name
         assert TO.RELEASE_ENTRY_OUTPUTS and TO.TRAINING_SCORE_BUDGET == 4, name
         assert TO.PAIRED_FORWARD and TO.THRESHOLD_TILES["cuda"] == (64, 2, 3), name
-        assert SK.TRANSPOSED_SCORES, name
 
 
 def test_table_shares_the_assignment_of_the_graph_forward():

@@ -59,14 +59,6 @@ PRESPLIT_STAGES = 2
 # benchmarks/attention.py --ab variant "tf32x3 scores" switches it off.
 BF16_SPLIT_SCORES = True
 
-# Scoring passes (WRITE, bf16x3 on pre-split pieces): each cluster tile as the product c . x^T, clusters x
-# positions, so that the accumulator's rows are S_T's rows: the stores and the group maxima (along a
-# row) need no layout conversion through shared memory (ncu, session 23: the pass's top stall was the
-# MIO queue, the conversion's stores and loads and the maxima's shuffles). Tiles (BLOCK_T, BLOCK_C, warps):
-# BLOCK_C is the product's M, at least 64 on Hopper's warpgroup MMA.
-TRANSPOSED_SCORES = True
-TRANSPOSED_TILES = {"cuda": (128, 64, 4), "cpu": (64, 16, 4)}
-
 
 @triton.jit
 def _bf16_pieces(c):
@@ -93,22 +85,6 @@ def _piece_products(x, c1, c2, c3, PRECISION: tl.constexpr):
         acc = tl.dot(x, tl.trans(c3))  # smallest pieces first
         acc = tl.dot(x, tl.trans(c2), acc)
         acc = tl.dot(x, tl.trans(c1), acc)
-    return acc
-
-
-@triton.jit
-def _piece_products_t(x, c1, c2, c3, PRECISION: tl.constexpr):
-    """(BLOCK_C, BLOCK_T) (c1 + c2 + c3) . x^T: _piece_products transposed, the pieces in the same order."""
-    if PRECISION == "bf16x3-upcast":
-        xt = tl.trans(x.to(tl.float32))
-        acc = tl.dot(c3.to(tl.float32), xt, input_precision="ieee")
-        acc = tl.dot(c2.to(tl.float32), xt, acc, input_precision="ieee")
-        acc = tl.dot(c1.to(tl.float32), xt, acc, input_precision="ieee")
-    else:
-        xt = tl.trans(x)
-        acc = tl.dot(c3, xt)  # smallest pieces first
-        acc = tl.dot(c2, xt, acc)
-        acc = tl.dot(c1, xt, acc)
     return acc
 
 
@@ -149,7 +125,7 @@ def _scores_kernel(
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_SIZE: tl.constexpr,
     WRITE: tl.constexpr, ARGMAX: tl.constexpr, PRECISION: tl.constexpr, COUNT_BINS: tl.constexpr,
     COUNT_T: tl.constexpr, CENTRED: tl.constexpr, PRESPLIT: tl.constexpr, EVEN_C: tl.constexpr,
-    STORE_SCORES: tl.constexpr = True, TRANSPOSED: tl.constexpr = False,
+    STORE_SCORES: tl.constexpr = True,
 ):
     """One tile of BLOCK_T positions of one (batch, head) against centroids C_BEGIN .. C_BEGIN+C_COUNT-1.
 
@@ -175,9 +151,6 @@ def _scores_kernel(
     and CSUM (H*C,) from _centroid_pieces_kernel (PRESPLIT_CENTROIDS); otherwise they are made here.
     EVEN_C: C_COUNT is a multiple of BLOCK_C, so no cluster tile has padding for the argmax to mask.
     STORE_SCORES False (WRITE, for benchmarks/score_pass.py only): GMAX alone, to time the S_T stores.
-    TRANSPOSED (WRITE without ARGMAX, bf16x3 on PRESPLIT pieces; TRANSPOSED_SCORES): each tile is the
-    product c . x^T, (BLOCK_C, BLOCK_T), stored and reduced along its rows; the same products and
-    elementwise steps in the same order as the (BLOCK_T, BLOCK_C) tile.
     """
     pid = tl.program_id(0)
     bh = BH_BEGIN + tl.program_id(1)
@@ -220,26 +193,13 @@ def _scores_kernel(
                 else:
                     c1, c2, c3 = _bf16_pieces(cent)
                     csum = tl.sum(cent, axis=1)
-            if TRANSPOSED:
-                s = _piece_products_t(x_in, c1, c2, c3, PRECISION)
-                s = rstd[None, :] * (s - mean[None, :] * csum[:, None])
-            else:
-                s = _piece_products(x_in, c1, c2, c3, PRECISION)
-                if not CENTRED:
-                    s = rstd[:, None] * (s - mean[:, None] * csum[None, :])
+            s = _piece_products(x_in, c1, c2, c3, PRECISION)
+            if not CENTRED:
+                s = rstd[:, None] * (s - mean[:, None] * csum[None, :])
         else:
             cent = tl.load(CENT + at, mask=cdmask, other=0.0)
             s = tl.dot(xn, tl.trans(cent), input_precision=PRECISION)
-        if WRITE and TRANSPOSED:
-            rows_t = (row0 + offs_c)[:, None]
-            if STORE_SCORES:
-                tl.store(S_T + rows_t * T + offs_t[None, :], s, mask=cmask[:, None] & tmask[None, :])
-            NG_T: tl.constexpr = BLOCK_T // GROUP_SIZE
-            gmax_t = tl.max(tl.reshape(tl.where(tmask[None, :], s, float("-inf")), [BLOCK_C, NG_T, GROUP_SIZE]),
-                            axis=2)
-            offs_gt = pid * NG_T + tl.arange(0, NG_T)
-            tl.store(GMAX + rows_t * G + offs_gt[None, :], gmax_t, mask=cmask[:, None] & (offs_gt[None, :] < G))
-        elif WRITE:
+        if WRITE:
             rows = (row0 + offs_c)[None, :]
             if STORE_SCORES:
                 tl.store(S_T + rows * T + offs_t[:, None], s, mask=tmask[:, None] & cmask[None, :])
@@ -286,18 +246,9 @@ def _scores_kernel(
                      mask=(sub < n_count)[:, None])
 
 
-def _transposed(x: torch.Tensor) -> bool:
-    """Whether x's scoring passes run the transposed tile (TRANSPOSED_SCORES; bf16x3 on pre-split pieces,
-    head dims up to 64)."""
-    return (TRANSPOSED_SCORES and x.shape[-1] <= 64 and _precision(x).startswith("bf16x3")
-            and PRESPLIT_CENTROIDS)
-
-
 def tiles(x: torch.Tensor, argmax: bool = False) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_C, warps) the kernel runs with for x: the scoring passes', or argmax's; rows wider
     than 64 take WIDE_TILES in both (and the one-count-tile histogram code)."""
-    if not argmax and _transposed(x):
-        return TRANSPOSED_TILES["cuda" if gpu_plan(x) else "cpu"]
     table = (ARGMAX_TILES if argmax else TILES) if x.shape[-1] <= 64 else WIDE_TILES
     block_t, block_c, warps = table["cuda" if gpu_plan(x) else "cpu"]
     if x.shape[-1] > 128:  # keep the (BLOCK_T x D) and (BLOCK_C x D) fp32 tiles in registers
@@ -374,7 +325,7 @@ def _launch(x: torch.Tensor, centroids: torch.Tensor, write: bool, argmax: bool,
            BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_D=block_d, GROUP_SIZE=scores.GROUP,
            WRITE=write, ARGMAX=argmax, PRECISION=precision, COUNT_BINS=count_bins,
            COUNT_T=count_t, CENTRED=centred, PRESPLIT=presplit, EVEN_C=c_count % block_c == 0,
-           STORE_SCORES=store_scores, TRANSPOSED=write and not argmax and _transposed(x), num_warps=warps,
+           STORE_SCORES=store_scores, num_warps=warps,
            num_stages=PRESPLIT_STAGES if presplit else 3)
     return s_t, gmax, amax, counts
 
