@@ -18,7 +18,9 @@ import re
 
 def read(path: str) -> list[dict]:
     rows = list(csv.reader(open(path, newline="")))
-    header = next(i for i, r in enumerate(rows) if r and r[0] == "Address")
+    header = next((i for i, r in enumerate(rows) if r and r[0] == "Address"), None)
+    if header is None:  # ncu wrote an error instead of the source page
+        return []
     names = rows[header]
     col = {n: i for i, n in enumerate(names)}
     stalls = [n for n in names if n.startswith("stall_") and "Not Issued" not in n]
