@@ -240,24 +240,17 @@ def _entry_tile(TILES, bh, pid, NTILES, E, BLOCK: tl.constexpr, TILED: tl.conste
 
 @triton.jit
 def _sole(ROWPTR, bh, T, pos, mask):
-    """Whether each token position pos has exactly one entry (ROWPTR: see _sole_rows)."""
+    """Whether each token position pos has exactly one entry (ROWPTR (BH, T + 1): the CSR row pointers
+    of triton_ops._inverse, so a token's entry count is the difference of two of them).
+
+    Why (topk, triton_ops.SOLE_ROWS): the tokens of one entry are ~37% of all at the benchmark's 64k
+    (counts ~Poisson(1)), and their per-token sum is their one entry's row: written at the token by its
+    producer, they skip the combine's gathers. Such an entry's program is the only one that writes
+    that token row."""
     rbase = bh.to(tl.int64) * (T + 1)
     start = tl.load(ROWPTR + rbase + pos, mask=mask, other=0)
     end = tl.load(ROWPTR + rbase + pos + 1, mask=mask, other=0)
     return end - start == 1
-
-
-@triton.jit
-def _sole_rows(ptrs, ROWPTR, bh, T, pos, mask, TOK, b, h, stb, sth, stt, offs_col):
-    """ptrs, (BLOCK, COLS) pointers into an entry-side buffer, redirected to TOK's rows at the entries'
-    token positions pos where the token has no other entry (ROWPTR (BH, T + 1): the CSR row pointers of
-    _inverse, so a token's entry count is the difference of two of them).
-
-    Why (topk, SOLE): the tokens of one entry are ~37% of all at the benchmark's 64k (counts ~Poisson(1)),
-    and their per-token sum is their one entry's row: written at the token, they skip the combine's
-    read and write. Such an entry's program is the only one that reads or writes that row."""
-    tok = TOK + b * stb + h * sth + pos[:, None] * stt + offs_col[None, :]
-    return tl.where(_sole(ROWPTR, bh, T, pos, mask)[:, None], tok, ptrs)
 
 
 @triton.jit
@@ -287,6 +280,8 @@ def _fwd_tile(
     lo = tl.load(LO + ibase + offs_e, mask=emask, other=S)
     hi = tl.load(HI + ibase + offs_e, mask=emask, other=0)
     band_lo, band_hi, lo_max, hi_min = _entry_band(LO, HI, ibase, lo, hi, emask, first, end, S, SCALAR_BAND)
+    if SOLE:  # read here, used by the epilogue: its latency hides behind the loop
+        sole = _sole(ROWPTR, bh, T, qpos, emask)
 
     q = tl.load(Q + b * sqb + h * sqh + qpos[:, None] * sqt + offs_d[None, :],
                 mask=emask[:, None] & (offs_d[None, :] < D), other=0.0)
@@ -337,10 +332,11 @@ def _fwd_tile(
         orow = qpos
     else:
         orow = offs_e.to(tl.int64)
-    optr = O + b * sob + h * soh + orow[:, None] * sot + offs_dv[None, :]
-    if SOLE:
-        optr = _sole_rows(optr, ROWPTR, bh, T, qpos, emask, TOK, b, h, stb, sth, stt, offs_dv)
-    tl.store(optr, o.to(O.dtype.element_ty), mask=emask[:, None] & (offs_dv[None, :] < DV))
+    omask = emask[:, None] & (offs_dv[None, :] < DV)
+    tl.store(O + b * sob + h * soh + orow[:, None] * sot + offs_dv[None, :], o.to(O.dtype.element_ty), mask=omask)
+    if SOLE:  # also at the token's row (the entry's row stays for dq's delta: no dependent read there)
+        tl.store(TOK + b * stb + h * sth + qpos[:, None] * stt + offs_dv[None, :], o.to(TOK.dtype.element_ty),
+                 mask=omask & sole[:, None])
 
 
 @triton.jit
@@ -360,8 +356,8 @@ def _fwd_kernel(
     Why PAIRED: under the causal mask a cluster's first tiles see few slots and its last ones many,
     and tile p's partner is as heavy as p is light, so every program does about the same work.
 
-    SOLE (topk): an entry whose token has no other entry writes its output at the token's row of TOK
-    (B, H, T, DV) instead of at the entry's row of O (see _sole_rows); the combine then skips it."""
+    SOLE (topk): an entry whose token has no other entry also writes its output at the token's row of
+    TOK (B, H, T, DV) (see _sole); the combine then skips that token."""
     # One call site per branch: the unpaired kernel compiles exactly as before PAIRED existed.
     pid0 = tl.program_id(0)
     if PAIRED:
@@ -384,9 +380,9 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, O, LSE, INV_N, QPOS, LO, HI, KPOS, TILES, DELTA, DQ, LSE_W, O_TOK, DQ_TOK, ROWPTR,
+    Q, K, V, DO, O, LSE, INV_N, QPOS, LO, HI, KPOS, TILES, DELTA, DQ, LSE_W, DQ_TOK, ROWPTR,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sob, soh, sot, sdqb, sdqh, sdqt,
-    sotb, soth, sott, sdtb, sdth, sdtt,
+    sdtb, sdth, sdtt,
     H, T, E, S, D, DV, NTILES, sm_scale, sm_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DIRECT: tl.constexpr, SKIP_EMPTY: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
@@ -399,8 +395,8 @@ def _bwd_dq_kernel(
     With topk the entry's output is scaled by 1/n (scatter-mean); the kernels keep dO unscaled and
     multiply ds by INV_N instead, which saves a rounding of dO. MEAN_IN_LSE (topk): also store
     LSE_W = LSE + log2(n) per entry, with which the dk/dv kernel's exp2(s - LSE_W) is p / n already.
-    SOLE (topk, as in _fwd_kernel): an entry whose token has no other entry reads its output from the
-    forward's per-token O_TOK (where the forward wrote it) and writes dq at the token's row of DQ_TOK.
+    SOLE (topk, as in _fwd_kernel): an entry whose token has no other entry writes dq at the token's row
+    of DQ_TOK instead of at its own row of DQ.
     """
     if EVEN_D:  # head dims equal to their tiles: the column masks fold away (fewer live predicates)
         D = BLOCK_D
@@ -429,11 +425,9 @@ def _bwd_dq_kernel(
     else:
         orow = offs_e.to(tl.int64)
         inv_n = tl.load(INV_N + bh.to(tl.int64) * T + qpos, mask=emask, other=0.0)
-    optr = O + b * sob + h * soh + orow[:, None] * sot + offs_dv[None, :]
-    if SOLE:  # decided once: the loop below keeps one predicate per row, not the pointers
+    if SOLE:  # read here, used by the epilogue (one predicate per row through the loop)
         sole = _sole(ROWPTR, bh, T, qpos, emask)
-        optr = tl.where(sole[:, None], O_TOK + b * sotb + h * soth + qpos[:, None] * sott + offs_dv[None, :], optr)
-    o = tl.load(optr, mask=dvmask, other=0.0)
+    o = tl.load(O + b * sob + h * soh + orow[:, None] * sot + offs_dv[None, :], mask=dvmask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
     tl.store(DELTA + ibase + offs_e, delta, mask=emask)
     lse = tl.load(LSE + ibase + offs_e, mask=emask, other=float("inf"))
@@ -587,6 +581,8 @@ def _bwd_dkdv_kernel(
     ibase = bh.to(tl.int64) * E
     nbase = bh.to(tl.int64) * T
     kpos = tl.load(KPOS + sbase + offs_s, mask=smask, other=0).to(tl.int64)
+    if SOLE_DK or SOLE_DV:  # read here, used by the epilogue
+        sole = _sole(KROWPTR, bh, T, kpos, smask)
     kdmask = smask[:, None] & (offs_d[None, :] < D)
     vdmask = smask[:, None] & (offs_dv[None, :] < DV)
     k = tl.load(K + b * skb + h * skh + kpos[:, None] * skt + offs_d[None, :], mask=kdmask, other=0.0)
@@ -628,13 +624,14 @@ def _bwd_dkdv_kernel(
         row = offs_s.to(tl.int64)
     dk_ptr = DK + b * sdkb + h * sdkh + row[:, None] * sdkt + offs_d[None, :]
     if SOLE_DK:
-        dk_ptr = _sole_rows(dk_ptr, KROWPTR, bh, T, kpos, smask, DK_TOK, b, h, sktb, skth, sktt, offs_d)
+        dk_ptr = tl.where(sole[:, None], DK_TOK + b * sktb + h * skth + kpos[:, None] * sktt + offs_d[None, :], dk_ptr)
     if ADD_DK:
         dk = dk + tl.load(dk_ptr, mask=kdmask, other=0.0).to(tl.float32)
     tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=kdmask)
     dv_ptr = DV_OUT + b * sdvb + h * sdvh + row[:, None] * sdvt + offs_dv[None, :]
     if SOLE_DV:
-        dv_ptr = _sole_rows(dv_ptr, KROWPTR, bh, T, kpos, smask, DV_TOK, b, h, svtb, svth, svtt, offs_dv)
+        dv_ptr = tl.where(sole[:, None], DV_TOK + b * svtb + h * svth + kpos[:, None] * svtt + offs_dv[None, :],
+                          dv_ptr)
     tl.store(dv_ptr, dv.to(DV_OUT.dtype.element_ty), mask=vdmask)
 
 
@@ -853,7 +850,7 @@ def _combine_kernel(
 ):
     """Y[t] = sum of X[e] over the entries e at position t, via a position-sorted PERM.
 
-    SKIP_SOLE: tokens of exactly one entry are left alone (their producer wrote Y[t], see _sole_rows);
+    SKIP_SOLE: tokens of exactly one entry are left alone (their producer wrote Y[t], see _sole);
     their INV_N is 1 either way (one entry, with or without a key).
 
     MEAN (forward scatter-mean): divide by the number of entries that had a key (HI > LO) and store

@@ -724,7 +724,7 @@ def _row64(*ts) -> bool:
 
 # True: topk's tokens of exactly one entry (~37% of them at the benchmark's 64k, counts ~Poisson(1)) get
 # their forward output and dq (with shared QK, dq + dk) written at their token rows by the attention
-# kernels, so the combines read and write only the other tokens (_kernels._sole_rows). SOLE_KEY_ROWS:
+# kernels, so the combines read and write only the other tokens (_kernels._sole). SOLE_KEY_ROWS:
 # the same for dv (and separate keys' dk), which keeps one more per-token buffer alive during dk/dv
 # (+64 MiB at 64k, B = 1, H = 8). Either way the same bits: the combine of one entry is that entry's
 # row. False for benchmarks/attention.py --ab ("combined single entries", "combined single keys").
@@ -887,12 +887,12 @@ def _routing_bwd_impl(dout, q, k, v, out, entry_outputs: list, lse, inv_n, qpos,
     n_dq = tiles.shape[1] if tiled else cdiv(E, bm)
     launch(K._bwd_dq_kernel, (n_dq, B * H),
            q, k, v, dout, o_rows, lse, inv, qpos, lo, hi, kpos, tiles if tiled else qpos, delta, dq, lse_w,
-           out, dq_t, rowptr if sole else qpos,
-           *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(o_rows), *_s4(dq), *_s4(out), *_s4(dq_t),
+           dq_t, rowptr if sole else qpos,
+           *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(o_rows), *_s4(dq), *_s4(dq_t),
            H, T, E, S, D, Dv, n_dq, scale, sl2,
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=prec, SPLIT=SPLIT_TILES["dq"],
-           ROW64=_row64(q, k, v, dout, o_rows, dq, out, dq_t), EVEN_D=_even_d(D, Dv), TILED=tiled,
+           ROW64=_row64(q, k, v, dout, o_rows, dq, dq_t), EVEN_D=_even_d(D, Dv), TILED=tiled,
            PREFETCH=PREFETCH["dq"], SCALAR_BAND=SCALAR_BAND, MEAN_IN_LSE=fold, SOLE=sole, num_warps=warps,
            num_stages=stages, **_regs(q, "dq"))
     # Nothing below reads o_e: if the caller let go of it, it is freed here (stream order keeps the
