@@ -244,11 +244,7 @@ def _kernel_rows(T):
         with torch.no_grad():
             idx = TO.routing_indices(q, q, centroids, WINDOW, True, assign)
             t_assign = _bench_graph(lambda: TO.routing_indices(q, q, centroids, WINDOW, True, assign))
-            # topk's forward as the op runs it: one-entry tokens' rows at the output (SOLE_ROWS)
-            sole = (None if assign == "nearest" or not TO.SOLE_ROWS else
-                    (torch.empty_like(v), TO._inverse(idx[0], T, idx[0].shape[1] // centroids.shape[1])[1]))
-            t_kernel = _bench_graph(lambda: TO.attention_fwd(q, q, v, *idx, 1 / math.sqrt(D), assign == "nearest",
-                                                             sole))
+            t_kernel = _bench_graph(lambda: TO.attention_fwd(q, q, v, *idx, 1 / math.sqrt(D), assign == "nearest"))
         flops = 2 * T * WINDOW * D * H * B
         out.append({"name": f"kernel {assign}", "T": T, "assign_ms": t_assign, "kernel_ms": t_kernel,
                     "tflops": flops / t_kernel / 1e9})
@@ -549,8 +545,7 @@ AB_VARIANTS = ("all changes", "one scoring pass", "torch.topk select", "through 
                "head-dim masks", "in-kernel centroid split", "fixed tiles", "two-stage select", "sorted inverse",
                "prefetch everywhere", "combine one entry at a time", "band reductions", "1/n multiplies",
                "cluster passes", "exact first bound", "keep entry outputs", "inference scoring passes",
-               "unpaired forward", "four-warp threshold select", "combined single entries",
-               "combined single keys")
+               "unpaired forward", "four-warp threshold select")
 
 
 # "torch index ops": the index bounds built from torch ops as before NOTES_routing.md v7 (same values;
@@ -590,7 +585,6 @@ def _variant(name):
     mean_in_lse, head_passes, l1_slack = TO.MEAN_IN_LSE, TO.HEAD_PASSES, TO.THRESHOLD_L1_SLACK
     release, budget = TO.RELEASE_ENTRY_OUTPUTS, TO.TRAINING_SCORE_BUDGET
     paired, threshold_tiles = TO.PAIRED_FORWARD, dict(TO.THRESHOLD_TILES)
-    sole_rows, sole_key_rows = TO.SOLE_ROWS, TO.SOLE_KEY_ROWS
     entry_ranges = TO.tile_entry_ranges
     index_ops = (TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds)
     if name == "torch index ops":
@@ -642,10 +636,6 @@ def _variant(name):
         TO.RELEASE_ENTRY_OUTPUTS = False
     elif name == "four-warp threshold select":  # topk's select rows on 4 warps, as before session 19
         TO.THRESHOLD_TILES["cuda"] = (128, 4, 2)
-    elif name == "combined single entries":  # topk's one-entry tokens summed by the combines, as before session 24
-        TO.SOLE_ROWS = False
-    elif name == "combined single keys":  # topk's one-entry tokens' dv summed by its combine (dq, out direct)
-        TO.SOLE_KEY_ROWS = False
     elif name == "unpaired forward":  # one entry tile per forward program, as before session 19
         TO.PAIRED_FORWARD = False
     elif name == "prefetch everywhere":  # every kernel reads the next tile's gather indices (session 14)
@@ -675,7 +665,6 @@ def _variant(name):
         TO.count_below, TO.topk_slot_bounds, TO.nearest_slot_bounds = index_ops
         TO.PREFETCH.update(prefetch)
         TO.PAIRED_FORWARD = paired
-        TO.SOLE_ROWS, TO.SOLE_KEY_ROWS = sole_rows, sole_key_rows
         TO.THRESHOLD_TILES.update(threshold_tiles)
         TO.SCALAR_BAND = scalar_band
         TO.MEAN_IN_LSE, TO.HEAD_PASSES, TO.THRESHOLD_L1_SLACK = mean_in_lse, head_passes, l1_slack
@@ -700,8 +689,7 @@ def ab(Ts, only=()):
                                                     "score tiles 64x32", "two-stage select", "sorted inverse",
                                                     "combine one entry at a time", "cluster passes",
                                                     "exact first bound", "keep entry outputs",
-                                                    "inference scoring passes", "four-warp threshold select",
-                                                    "combined single entries", "combined single keys"):
+                                                    "inference scoring passes", "four-warp threshold select"):
                     continue  # nearest has no top-k
                 if assign == "topk" and name in ("sorted cluster ids", "argmax tiles 64x32"):
                     continue  # a nearest-only change

@@ -789,51 +789,6 @@ def test_mean_in_lse_gives_what_the_1_over_n_multiplies_give_gpu(shared, monkeyp
         torch.testing.assert_close(a, b, **tol, msg=f"output {i}")
 
 
-def _sole_rows_agree(q, k, v, centroids, window, monkeypatch):
-    """topk with the outputs and gradients of one-entry tokens written at their rows by the attention
-    kernels (SOLE_ROWS, SOLE_KEY_ROWS) against everything summed by the combines: the same bits (a
-    sum of one entry is that entry), in the default loops and with every tile masked. Fresh buffers are
-    NaN (the poison fixture), so a token row that neither side writes shows. The case must have tokens
-    of no entry, of one and of several, on the query side and on the key side."""
-    with torch.no_grad():
-        qpos, _, _, kpos, _ = TO.routing_indices(q, k, centroids, window, True, "topk")
-    T = q.shape[2]
-    for pos in (qpos, kpos):
-        counts = torch.stack([torch.bincount(p.long(), minlength=T) for p in pos])
-        assert (counts == 0).any() and (counts == 1).any() and (counts > 1).any(), counts
-    dout = torch.randn(v.shape, generator=torch.Generator().manual_seed(6)).to(v)
-    inputs = (q, v) if k is q else (q, k, v)
-    for split in (dict(TO.SPLIT_TILES), dict.fromkeys(TO.SPLIT_TILES, TO.ALL_MASKED)):
-        monkeypatch.setattr(TO, "SPLIT_TILES", split)
-        results = []
-        for rows, key_rows in ((False, False), (True, False), (True, True)):
-            monkeypatch.setattr(TO, "SOLE_ROWS", rows)
-            monkeypatch.setattr(TO, "SOLE_KEY_ROWS", key_rows)
-            out = routing_attention(q, k, v, centroids, window=window, causal=True, assign="topk", backend="triton")
-            results.append((out, *torch.autograd.grad(out, inputs, dout)))
-        for r in results[1:]:
-            for i, (a, b) in enumerate(zip(results[0], r)):
-                assert not a.isnan().any(), f"output {i}"
-                torch.testing.assert_close(a, b, atol=0, rtol=0, msg=f"output {i}")
-
-
-@pytest.mark.parametrize("shared", [True, False])
-def test_single_entry_rows_change_no_bit(shared, monkeypatch):
-    """Window 20 of T = 70 with 4 clusters (80 entries): about a third of the tokens in one cluster, a
-    third in none; head dims 24 and 20 (not the tiles' 16 or 32)."""
-    q, k, v, centroids = _inputs(1, 2, 70, 24, 20, 4, shared, torch.float32, "cpu", 17)
-    _sole_rows_agree(q, k, v, centroids, 20, monkeypatch)
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("shared", [True, False])
-def test_single_entry_rows_change_no_bit_gpu(shared, monkeypatch):
-    """As above at a real size, bf16: window 500 over T = 5000, 10 clusters."""
-    q, k, v, centroids = _inputs(1, 2, 5000, 64, 64, 10, shared, torch.bfloat16, "cuda", 18)
-    _sole_rows_agree(q, k, v, centroids, 500, monkeypatch)
-
-
 def _row_offsets_agree(q, v, centroids, window, assign, monkeypatch):
     dout = torch.randn(v.shape, generator=torch.Generator().manual_seed(4)).to(v)
     results = []

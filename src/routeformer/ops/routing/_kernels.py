@@ -239,30 +239,15 @@ def _entry_tile(TILES, bh, pid, NTILES, E, BLOCK: tl.constexpr, TILED: tl.conste
 
 
 @triton.jit
-def _sole(ROWPTR, bh, T, pos, mask):
-    """Whether each token position pos has exactly one entry (ROWPTR (BH, T + 1): the CSR row pointers
-    of triton_ops._inverse, so a token's entry count is the difference of two of them).
-
-    Why (topk, triton_ops.SOLE_ROWS): the tokens of one entry are ~37% of all at the benchmark's 64k
-    (counts ~Poisson(1)), and their per-token sum is their one entry's row: written at the token by its
-    producer, they skip the combine's gathers. Such an entry's program is the only one that writes
-    that token row."""
-    rbase = bh.to(tl.int64) * (T + 1)
-    start = tl.load(ROWPTR + rbase + pos, mask=mask, other=0)
-    end = tl.load(ROWPTR + rbase + pos + 1, mask=mask, other=0)
-    return end - start == 1
-
-
-@triton.jit
 def _fwd_tile(
     pid_m,
-    Q, K, V, QPOS, LO, HI, KPOS, TILES, O, LSE, TOK, ROWPTR,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, stb, sth, stt,
-    H, T, E, S, D, DV, NTILES, sm_scale_log2,
+    Q, K, V, QPOS, LO, HI, KPOS, TILES, O, LSE,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+    H, E, S, D, DV, NTILES, sm_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DIRECT: tl.constexpr, SKIP_EMPTY: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
     ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
-    SCALAR_BAND: tl.constexpr = True, SOLE: tl.constexpr = False,
+    SCALAR_BAND: tl.constexpr = True,
 ):
     """One entry tile of _fwd_kernel (pid_m: which)."""
     if EVEN_D:  # head dims equal to their tiles: the column masks fold away (fewer live predicates)
@@ -280,8 +265,6 @@ def _fwd_tile(
     lo = tl.load(LO + ibase + offs_e, mask=emask, other=S)
     hi = tl.load(HI + ibase + offs_e, mask=emask, other=0)
     band_lo, band_hi, lo_max, hi_min = _entry_band(LO, HI, ibase, lo, hi, emask, first, end, S, SCALAR_BAND)
-    if SOLE:  # read here, used by the epilogue: its latency hides behind the loop
-        sole = _sole(ROWPTR, bh, T, qpos, emask)
 
     q = tl.load(Q + b * sqb + h * sqh + qpos[:, None] * sqt + offs_d[None, :],
                 mask=emask[:, None] & (offs_d[None, :] < D), other=0.0)
@@ -332,62 +315,55 @@ def _fwd_tile(
         orow = qpos
     else:
         orow = offs_e.to(tl.int64)
-    omask = emask[:, None] & (offs_dv[None, :] < DV)
-    tl.store(O + b * sob + h * soh + orow[:, None] * sot + offs_dv[None, :], o.to(O.dtype.element_ty), mask=omask)
-    if SOLE:  # also at the token's row (the entry's row stays for dq's delta: no dependent read there)
-        tl.store(TOK + b * stb + h * sth + qpos[:, None] * stt + offs_dv[None, :], o.to(TOK.dtype.element_ty),
-                 mask=omask & sole[:, None])
+    tl.store(O + b * sob + h * soh + orow[:, None] * sot + offs_dv[None, :], o.to(O.dtype.element_ty),
+             mask=emask[:, None] & (offs_dv[None, :] < DV))
 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, QPOS, LO, HI, KPOS, TILES, O, LSE, TOK, ROWPTR,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, stb, sth, stt,
-    H, T, E, S, D, DV, NTILES, sm_scale_log2,
+    Q, K, V, QPOS, LO, HI, KPOS, TILES, O, LSE,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+    H, E, S, D, DV, NTILES, sm_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DIRECT: tl.constexpr, SKIP_EMPTY: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
     ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
-    SCALAR_BAND: tl.constexpr = True, PAIRED: tl.constexpr = False, SOLE: tl.constexpr = False,
+    SCALAR_BAND: tl.constexpr = True, PAIRED: tl.constexpr = False,
 ):
     """Attention of entry tiles: tile t is entries [t * BLOCK_M, + BLOCK_M), or with TILED the tile's
     [first, end) from TILES (R, NTILES, 2) (see _write_cluster_tiles). Program p runs tile p, or with
     PAIRED tile p, then tile NTILES - 1 - p (if it is another): a grid of cdiv(NTILES, 2).
 
     Why PAIRED: under the causal mask a cluster's first tiles see few slots and its last ones many,
-    and tile p's partner is as heavy as p is light, so every program does about the same work.
-
-    SOLE (topk): an entry whose token has no other entry also writes its output at the token's row of
-    TOK (B, H, T, DV) (see _sole); the combine then skips that token."""
+    and tile p's partner is as heavy as p is light, so every program does about the same work."""
     # One call site per branch: the unpaired kernel compiles exactly as before PAIRED existed.
     pid0 = tl.program_id(0)
     if PAIRED:
         partner = NTILES - 1 - pid0
         for j in range(0, 1 + (partner > pid0).to(tl.int32)):
             _fwd_tile(pid0 + j * (partner - pid0),
-                      Q, K, V, QPOS, LO, HI, KPOS, TILES, O, LSE, TOK, ROWPTR,
-                      sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, stb, sth, stt,
-                      H, T, E, S, D, DV, NTILES, sm_scale_log2,
+                      Q, K, V, QPOS, LO, HI, KPOS, TILES, O, LSE,
+                      sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+                      H, E, S, D, DV, NTILES, sm_scale_log2,
                       BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, DIRECT, SKIP_EMPTY, PRECISION, SPLIT,
-                      ROW64, EVEN_D, TILED, PREFETCH, SCALAR_BAND, SOLE)
+                      ROW64, EVEN_D, TILED, PREFETCH, SCALAR_BAND)
     else:
         _fwd_tile(pid0,
-                  Q, K, V, QPOS, LO, HI, KPOS, TILES, O, LSE, TOK, ROWPTR,
-                  sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, stb, sth, stt,
-                  H, T, E, S, D, DV, NTILES, sm_scale_log2,
+                  Q, K, V, QPOS, LO, HI, KPOS, TILES, O, LSE,
+                  sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+                  H, E, S, D, DV, NTILES, sm_scale_log2,
                   BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, DIRECT, SKIP_EMPTY, PRECISION, SPLIT,
-                  ROW64, EVEN_D, TILED, PREFETCH, SCALAR_BAND, SOLE)
+                  ROW64, EVEN_D, TILED, PREFETCH, SCALAR_BAND)
 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, O, LSE, INV_N, QPOS, LO, HI, KPOS, TILES, DELTA, DQ, LSE_W, DQ_TOK, ROWPTR,
+    Q, K, V, DO, O, LSE, INV_N, QPOS, LO, HI, KPOS, TILES, DELTA, DQ, LSE_W,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sob, soh, sot, sdqb, sdqh, sdqt,
-    sdtb, sdth, sdtt,
     H, T, E, S, D, DV, NTILES, sm_scale, sm_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DIRECT: tl.constexpr, SKIP_EMPTY: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
     ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
-    SCALAR_BAND: tl.constexpr = True, MEAN_IN_LSE: tl.constexpr = False, SOLE: tl.constexpr = False,
+    SCALAR_BAND: tl.constexpr = True, MEAN_IN_LSE: tl.constexpr = False,
 ):
     """dq per query entry (entry tiles as in _fwd_kernel); also stores DELTA = rowsum(dO * O_entry) for
     the dk/dv kernel.
@@ -395,8 +371,6 @@ def _bwd_dq_kernel(
     With topk the entry's output is scaled by 1/n (scatter-mean); the kernels keep dO unscaled and
     multiply ds by INV_N instead, which saves a rounding of dO. MEAN_IN_LSE (topk): also store
     LSE_W = LSE + log2(n) per entry, with which the dk/dv kernel's exp2(s - LSE_W) is p / n already.
-    SOLE (topk, as in _fwd_kernel): an entry whose token has no other entry writes dq at the token's row
-    of DQ_TOK instead of at its own row of DQ.
     """
     if EVEN_D:  # head dims equal to their tiles: the column masks fold away (fewer live predicates)
         D = BLOCK_D
@@ -425,8 +399,6 @@ def _bwd_dq_kernel(
     else:
         orow = offs_e.to(tl.int64)
         inv_n = tl.load(INV_N + bh.to(tl.int64) * T + qpos, mask=emask, other=0.0)
-    if SOLE:  # read here, used by the epilogue (one predicate per row through the loop)
-        sole = _sole(ROWPTR, bh, T, qpos, emask)
     o = tl.load(O + b * sob + h * soh + orow[:, None] * sot + offs_dv[None, :], mask=dvmask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
     tl.store(DELTA + ibase + offs_e, delta, mask=emask)
@@ -467,10 +439,8 @@ def _bwd_dq_kernel(
         drow = qpos
     else:
         drow = offs_e.to(tl.int64)
-    dq_ptr = DQ + b * sdqb + h * sdqh + drow[:, None] * sdqt + offs_d[None, :]
-    if SOLE:
-        dq_ptr = tl.where(sole[:, None], DQ_TOK + b * sdtb + h * sdth + qpos[:, None] * sdtt + offs_d[None, :], dq_ptr)
-    tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=dmask)
+    tl.store(DQ + b * sdqb + h * sdqh + drow[:, None] * sdqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=dmask)
 
 
 @triton.jit
@@ -542,14 +512,12 @@ def _dkdv_loop(start, end, k, v, dk, dv, offs_s, qbase, dobase, QPOS, LO, HI, LS
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, INV_N, DELTA, QPOS, LO, HI, KPOS, TILES, QLO, QHI, FLO, FHI, DK, DV_OUT,
-    DK_TOK, DV_TOK, KROWPTR,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
-    sktb, skth, sktt, svtb, svth, svtt,
     H, T, E, S, NT, D, DV, sm_scale, sm_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DIRECT: tl.constexpr, ADD_DK: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
     ROW64: tl.constexpr, EVEN_D: tl.constexpr, TILED: tl.constexpr, PREFETCH: tl.constexpr = False,
-    MEAN_IN_LSE: tl.constexpr = False, SOLE_DK: tl.constexpr = False, SOLE_DV: tl.constexpr = False,
+    MEAN_IN_LSE: tl.constexpr = False,
 ):
     """dk, dv per slot tile, looping over the contiguous entry range [QLO, QHI) that attends it.
     Slot tile pid_n is [pid_n * BLOCK_N, + BLOCK_N), or with TILED TILES[bh, pid_n] (R, NT, 2), as
@@ -561,9 +529,6 @@ def _bwd_dkdv_kernel(
     else entries, which are the slots); add dk to it, so one rounding covers dq + dk.
     topk weighs each entry's p by its token's 1/n: with MEAN_IN_LSE, LSE is the dq kernel's LSE_W, which
     holds it (no per-step gather of INV_N at the entries' tokens, no multiply); else by INV_N.
-    SOLE_DK, SOLE_DV (topk, as in _fwd_kernel): a slot whose key position has no other slot (KROWPTR:
-    the slots' row pointers) writes dk (with ADD_DK: adds it, there the dq kernel's DQ_TOK) at the
-    position's row of DK_TOK, dv at DV_TOK's.
     """
     WEIGHTED: tl.constexpr = not DIRECT and not MEAN_IN_LSE
     if EVEN_D:  # head dims equal to their tiles: the column masks fold away (fewer live predicates)
@@ -581,8 +546,6 @@ def _bwd_dkdv_kernel(
     ibase = bh.to(tl.int64) * E
     nbase = bh.to(tl.int64) * T
     kpos = tl.load(KPOS + sbase + offs_s, mask=smask, other=0).to(tl.int64)
-    if SOLE_DK or SOLE_DV:  # read here, used by the epilogue
-        sole = _sole(KROWPTR, bh, T, kpos, smask)
     kdmask = smask[:, None] & (offs_d[None, :] < D)
     vdmask = smask[:, None] & (offs_dv[None, :] < DV)
     k = tl.load(K + b * skb + h * skh + kpos[:, None] * skt + offs_d[None, :], mask=kdmask, other=0.0)
@@ -623,16 +586,11 @@ def _bwd_dkdv_kernel(
     else:
         row = offs_s.to(tl.int64)
     dk_ptr = DK + b * sdkb + h * sdkh + row[:, None] * sdkt + offs_d[None, :]
-    if SOLE_DK:
-        dk_ptr = tl.where(sole[:, None], DK_TOK + b * sktb + h * skth + kpos[:, None] * sktt + offs_d[None, :], dk_ptr)
     if ADD_DK:
         dk = dk + tl.load(dk_ptr, mask=kdmask, other=0.0).to(tl.float32)
     tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=kdmask)
-    dv_ptr = DV_OUT + b * sdvb + h * sdvh + row[:, None] * sdvt + offs_dv[None, :]
-    if SOLE_DV:
-        dv_ptr = tl.where(sole[:, None], DV_TOK + b * svtb + h * svth + kpos[:, None] * svtt + offs_dv[None, :],
-                          dv_ptr)
-    tl.store(dv_ptr, dv.to(DV_OUT.dtype.element_ty), mask=vdmask)
+    tl.store(DV_OUT + b * sdvb + h * sdvh + row[:, None] * sdvt + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty),
+             mask=vdmask)
 
 
 @triton.jit
@@ -846,12 +804,8 @@ def _combine_kernel(
     sxb, sxh, sxe, syb, syh, syt,
     H, T, E, D,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, MEAN: tl.constexpr, AHEAD: tl.constexpr,
-    SKIP_SOLE: tl.constexpr = False,
 ):
     """Y[t] = sum of X[e] over the entries e at position t, via a position-sorted PERM.
-
-    SKIP_SOLE: tokens of exactly one entry are left alone (their producer wrote Y[t], see _sole);
-    their INV_N is 1 either way (one entry, with or without a key).
 
     MEAN (forward scatter-mean): divide by the number of entries that had a key (HI > LO) and store
     that inverse count in INV_N for the backward; tokens no cluster gave a key get 0.
@@ -879,12 +833,7 @@ def _combine_kernel(
     xbase = X + b * sxb + h * sxh
     offs_j = tl.arange(0, AHEAD)
     # (BLOCK_T, AHEAD) names of their own: the loop below gives its (BLOCK_T,) ones other types.
-    if SKIP_SOLE:
-        live = tmask & (cnt != 1)
-        has_a = (offs_j[None, :] < cnt[:, None]) & live[:, None]
-    else:
-        live = tmask
-        has_a = offs_j[None, :] < cnt[:, None]
+    has_a = offs_j[None, :] < cnt[:, None]
     e_a = tl.load(PERM + ibase + start[:, None] + offs_j[None, :], mask=has_a, other=0).to(tl.int64)
     x_a = tl.load(xbase + e_a[:, :, None] * sxe + offs_d[None, None, :],
                   mask=has_a[:, :, None] & dmask[None, :, :], other=0.0)
@@ -909,7 +858,7 @@ def _combine_kernel(
         acc = acc * inv[:, None]
         tl.store(INV_N + bh.to(tl.int64) * T + offs_t, inv, mask=tmask)
     tl.store(Y + b * syb + h * syh + offs_t[:, None] * syt + offs_d[None, :], acc.to(Y.dtype.element_ty),
-             mask=live[:, None] & dmask)
+             mask=tmask[:, None] & dmask)
 
 
 @triton.jit

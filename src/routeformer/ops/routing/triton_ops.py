@@ -722,54 +722,37 @@ def _row64(*ts) -> bool:
     return any(t.shape[2] * t.stride(2) + t.shape[3] >= 2**31 for t in ts)
 
 
-# True: topk's tokens of exactly one entry (~37% of them at the benchmark's 64k, counts ~Poisson(1)) get
-# their forward output and dq (with shared QK, dq + dk) written at their token rows by the attention
-# kernels, so the combines read and write only the other tokens (_kernels._sole). SOLE_KEY_ROWS:
-# the same for dv (and separate keys' dk), which keeps one more per-token buffer alive during dk/dv
-# (+64 MiB at 64k, B = 1, H = 8). Either way the same bits: the combine of one entry is that entry's
-# row. False for benchmarks/attention.py --ab ("combined single entries", "combined single keys").
-SOLE_ROWS = True
-SOLE_KEY_ROWS = True
-
-
-def _combine(x, perm, rowptr, lo, hi, T, mean, out_dtype, y=None, skip_sole=False):
-    """Per-token sums (or with mean, scatter-means) of the per-entry rows x -> (y, inv_n or None). y: the
-    output, if the caller made it; skip_sole: leave the tokens of one entry alone (their producer wrote
-    y there, see SOLE_ROWS)."""
+def _combine(x, perm, rowptr, lo, hi, T, mean, out_dtype):
     B, H, E, Dx = x.shape
-    if y is None:
-        y = _new((B, H, T, Dx), out_dtype, x.device)
+    y = _new((B, H, T, Dx), out_dtype, x.device)
     inv_n = _new((B * H, T), torch.float32, x.device) if mean else y
     block_t, warps, ahead = _cfg(x, "combine")
     grid = (cdiv(T, block_t), B * H)
     launch(K._combine_kernel, grid, x, perm, rowptr, lo, hi, y, inv_n,
            *_s4(x), *_s4(y), H, T, E, Dx,
-           BLOCK_T=block_t, BLOCK_D=_pow2(Dx), MEAN=mean, AHEAD=ahead, SKIP_SOLE=skip_sole, num_warps=warps)
+           BLOCK_T=block_t, BLOCK_D=_pow2(Dx), MEAN=mean, AHEAD=ahead, num_warps=warps)
     return y, (inv_n if mean else None)
 
 
-def attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale: float, direct: bool, sole=None):
-    """The in-cluster attention kernel alone -> (o (B,H,T,Dv) if direct else (B,H,E,Dv), lse (BH,E)).
-    sole (topk): (out (B,H,T,Dv), rowptr (BH,T+1) of _inverse(qpos)): the entries whose token has no
-    other entry write their rows at out instead of o (SOLE_ROWS)."""
+def attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale: float, direct: bool):
+    """The in-cluster attention kernel alone -> (o (B,H,T,Dv) if direct else (B,H,E,Dv), lse (BH,E))."""
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     E, S = qpos.shape[1], kpos.shape[1]
     lse = _new((B * H, E), torch.float32, q.device)
     o = _new((B, H, T if direct else E, Dv), q.dtype, q.device)
-    tok, rowptr = (o, qpos) if sole is None else sole  # placeholders where unread
     bm, bn, warps, stages = _cfg(q, "fwd")
     tiled = _tiled(tiles, q, bm)
     n_tiles = tiles.shape[1] if tiled else cdiv(E, bm)
     grid = (cdiv(n_tiles, 2) if PAIRED_FORWARD else n_tiles, B * H)
-    launch(K._fwd_kernel, grid, q, k, v, qpos, lo, hi, kpos, tiles if tiled else qpos, o, lse, tok, rowptr,
-           *_s4(q), *_s4(k), *_s4(v), *_s4(o), *_s4(tok),
-           H, T, E, S, D, Dv, n_tiles, scale * math.log2(math.e),
+    launch(K._fwd_kernel, grid, q, k, v, qpos, lo, hi, kpos, tiles if tiled else qpos, o, lse,
+           *_s4(q), *_s4(k), *_s4(v), *_s4(o),
+           H, E, S, D, Dv, n_tiles, scale * math.log2(math.e),
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=_precision(q),
-           SPLIT=SPLIT_TILES["fwd"], ROW64=_row64(q, k, v, o, tok), EVEN_D=_even_d(D, Dv), TILED=tiled,
-           PREFETCH=PREFETCH["fwd"], SCALAR_BAND=SCALAR_BAND, PAIRED=PAIRED_FORWARD,
-           SOLE=sole is not None and not direct, num_warps=warps, num_stages=stages,
+           SPLIT=SPLIT_TILES["fwd"], ROW64=_row64(q, k, v, o), EVEN_D=_even_d(D, Dv), TILED=tiled,
+           PREFETCH=PREFETCH["fwd"], SCALAR_BAND=SCALAR_BAND, PAIRED=PAIRED_FORWARD, num_warps=warps,
+           num_stages=stages,
            **_regs(q, "fwd"))
     return o, lse
 
@@ -798,16 +781,13 @@ def _routing_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.
     the backward's searches of tile_entry_ranges; 0: nothing known. run (topk): entries per cluster,
     for the per-token index (_inverse); 0: not known (a sort).
     """
-    B, H, T, _ = q.shape
+    T = q.shape[2]
+    o_e, lse = attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct)
     if direct:
-        o_e, lse = attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct)
         o_ph, n_ph, p_ph, r_ph = _placeholders(q)
         return o_e, o_ph, lse, n_ph, p_ph, r_ph
     perm, rowptr = _inverse(qpos, T, run)
-    out = _new((B, H, T, v.shape[-1]), q.dtype, q.device) if SOLE_ROWS else None
-    o_e, lse = attention_fwd(q, k, v, qpos, lo, hi, kpos, tiles, scale, direct,
-                             (out, rowptr) if SOLE_ROWS else None)
-    out, inv_n = _combine(o_e, perm, rowptr, lo, hi, T, True, q.dtype, out, SOLE_ROWS)
+    out, inv_n = _combine(o_e, perm, rowptr, lo, hi, T, True, q.dtype)
     return out, o_e, lse, inv_n, perm, rowptr
 
 
@@ -879,22 +859,17 @@ def _routing_bwd_impl(dout, q, k, v, out, entry_outputs: list, lse, inv_n, qpos,
     # topk: the log-sum-exp with the scatter-mean's log2(n) added, written by dq for dk/dv (MEAN_IN_LSE)
     fold = MEAN_IN_LSE and not direct
     lse_w = _new((B * H, E), torch.float32, dev) if fold else lse
-    # topk, SOLE_ROWS: the tokens of one entry get dq (and with shared QK dk) at their rows of dq_t
-    sole = SOLE_ROWS and not direct
-    dq_t = _new((B, H, T, D), q.dtype, dev) if sole else dq
     bm, bn, warps, stages = _cfg(q, "dq")
     tiled = _tiled(tiles, q, bm)
     n_dq = tiles.shape[1] if tiled else cdiv(E, bm)
     launch(K._bwd_dq_kernel, (n_dq, B * H),
            q, k, v, dout, o_rows, lse, inv, qpos, lo, hi, kpos, tiles if tiled else qpos, delta, dq, lse_w,
-           dq_t, rowptr if sole else qpos,
-           *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(o_rows), *_s4(dq), *_s4(dq_t),
+           *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(o_rows), *_s4(dq),
            H, T, E, S, D, Dv, n_dq, scale, sl2,
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, SKIP_EMPTY=_skip_empty(q, k, direct), PRECISION=prec, SPLIT=SPLIT_TILES["dq"],
-           ROW64=_row64(q, k, v, dout, o_rows, dq, dq_t), EVEN_D=_even_d(D, Dv), TILED=tiled,
-           PREFETCH=PREFETCH["dq"], SCALAR_BAND=SCALAR_BAND, MEAN_IN_LSE=fold, SOLE=sole, num_warps=warps,
-           num_stages=stages, **_regs(q, "dq"))
+           ROW64=_row64(q, k, v, dout, o_rows, dq), EVEN_D=_even_d(D, Dv), TILED=tiled, PREFETCH=PREFETCH["dq"],
+           SCALAR_BAND=SCALAR_BAND, MEAN_IN_LSE=fold, num_warps=warps, num_stages=stages, **_regs(q, "dq"))
     # Nothing below reads o_e: if the caller let go of it, it is freed here (stream order keeps the
     # memory from being reused before the kernel above has read it).
     del o_rows
@@ -912,37 +887,29 @@ def _routing_bwd_impl(dout, q, k, v, out, entry_outputs: list, lse, inv_n, qpos,
     else:
         dk = dq if shared else _new((B, H, S, D), part, dev)
         dv = _new((B, H, S, Dv), part, dev)
-    kperm, krowptr = (perm, rowptr) if shared or direct else _inverse(kpos, T, run)
-    # The per-token rows the slots of one key write (SOLE_KEY_ROWS; shared QK's dk follows dq's rows).
-    # Made after o_e is freed, so that the allocator can hand its block to one of them.
-    sole_dk = sole and (shared or SOLE_KEY_ROWS)
-    sole_dv = sole and SOLE_KEY_ROWS
-    dk_t = dq_t if shared else (_new((B, H, T, D), q.dtype, dev) if sole_dk else dk)
-    dv_t = _new((B, H, T, Dv), q.dtype, dev) if sole_dv else dv
     launch(K._bwd_dkdv_kernel, (nt, B * H),
            q, k, v, dout, lse_w, inv, delta, qpos, lo, hi, kpos, tiles if tiled else qpos, qlo, qhi, flo, fhi, dk, dv,
-           dk_t, dv_t, krowptr if sole_dk or sole_dv else kpos,
-           *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(dk), *_s4(dv), *_s4(dk_t), *_s4(dv_t),
+           *_s4(q), *_s4(k), *_s4(v), *_s4(dout), *_s4(dk), *_s4(dv),
            H, T, E, S, nt, D, Dv, scale, sl2,
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
            DIRECT=direct, ADD_DK=shared, PRECISION=prec, SPLIT=SPLIT_TILES["dkdv"],
-           ROW64=_row64(q, k, v, dout, dk, dv, dk_t, dv_t), EVEN_D=_even_d(D, Dv), TILED=tiled,
-           PREFETCH=PREFETCH["dkdv_direct" if direct else "dkdv"], MEAN_IN_LSE=fold, SOLE_DK=sole_dk,
-           SOLE_DV=sole_dv, num_warps=warps, num_stages=stages, **_regs(q, "dkdv_direct" if direct else "dkdv"))
+           ROW64=_row64(q, k, v, dout, dk, dv), EVEN_D=_even_d(D, Dv), TILED=tiled, PREFETCH=PREFETCH["dkdv_direct" if direct else "dkdv"],
+           MEAN_IN_LSE=fold, num_warps=warps, num_stages=stages, **_regs(q, "dkdv_direct" if direct else "dkdv"))
     empty = q.new_empty(0)
     if direct:
         return dq, (empty if shared else dk), dv
     # Each per-entry buffer is dropped as soon as it is summed per token, so that the partials and the
     # summed gradients are never all alive at once (peak memory).
-    dq_t = _combine(dq, perm, rowptr, lo, hi, T, False, q.dtype, dq_t if sole else None, sole)[0]
+    kperm, krowptr = (perm, rowptr) if shared else _inverse(kpos, T, run)
+    dq_t = _combine(dq, perm, rowptr, lo, hi, T, False, q.dtype)[0]
     del dq
     if shared:
         del dk  # the same buffer as dq
-    dv_t = _combine(dv, kperm, krowptr, lo, hi, T, False, q.dtype, dv_t if sole_dv else None, sole_dv)[0]
+    dv_t = _combine(dv, kperm, krowptr, lo, hi, T, False, q.dtype)[0]
     del dv
     if shared:
         return dq_t, empty, dv_t
-    return dq_t, _combine(dk, kperm, krowptr, lo, hi, T, False, q.dtype, dk_t if sole_dk else None, sole_dk)[0], dv_t
+    return dq_t, _combine(dk, kperm, krowptr, lo, hi, T, False, q.dtype)[0], dv_t
 
 
 @custom_op("routeformer::routing_bwd")
