@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -90,8 +91,7 @@ def main() -> None:
     print(f"relaxed adds against index_add_: max abs err {err:.3g}")
     for mode in (1, 2):  # are the adds vectorized (red.global.v4.f32) or one per element?
         k = _pairs_kernel[(W // BLOCK, H * C)](src, pos, dst, T, W, BLOCK, D, mode, num_warps=4)
-        ops = sorted({ln.split()[0] for ln in k.asm["ptx"].splitlines()
-                      if ln.strip().startswith(("red.", "atom."))})
+        ops = sorted(set(re.findall(r"\b(?:red|atom)\.[\w.]+", k.asm["ptx"])))
         print(f"mode {mode} PTX atomics: {ops}")
     print(f"{'mode':<8} {'us':>9} {'G adds/s':>9} {'GB/s':>8}")
     for r in rows:
