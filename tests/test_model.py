@@ -188,3 +188,25 @@ def test_torch_compile_matches_eager_including_centroid_statistics():
     for a, b in zip(eager.centroid_modules(), compiled.centroid_modules()):
         torch.testing.assert_close(b.pending_sums, a.pending_sums)
         assert b.pending_counts.sum() == 2 * 2 * 33 * 2  # forwards * B * T * routing heads
+
+
+def test_qk_layernorm_model_trains_under_autocast_with_float32_layernorm(monkeypatch):
+    """CUDA autocast returns float32 from F.layer_norm whatever its input (CPU autocast keeps bf16), so
+    there a qk_layernorm model hands the routing op float32 q and bf16 v; that once stopped GPU training
+    of the paper presets at step 1 (`v has dtype torch.bfloat16 but q has torch.float32`). Here the
+    module's layer_norm is made to return float32 as on CUDA."""
+    import types
+
+    from routeformer.modules import attention as attention_mod
+
+    real = attention_mod.F
+    monkeypatch.setattr(attention_mod, "F", types.SimpleNamespace(
+        layer_norm=lambda x, shape: real.layer_norm(x.float(), shape)))
+    model = _model(vocab_size=64, dim=32, depth=2, heads=4, query_shape=8, memory_flange=8, sparsity_cluster_size=2,
+                   sparsity_cluster_attention_window=8, share_qk=True, qk_layernorm=True).train()
+    tokens = _tokens(1, 40, V=64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, aux = model(tokens, return_aux_loss=True)
+    assert logits.dtype == torch.bfloat16
+    (F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten()) + aux.float()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)

@@ -41,3 +41,51 @@ def test_local_reference_and_scores_ignore_autocast():
         got = routing_scores(q, c)
         assert got.dtype == torch.float32 and torch.equal(got, scores)
         assert torch.equal(spherical_kmeans(q[0].float(), 3, generator=torch.Generator().manual_seed(0))[0], cents)
+
+
+# Under CUDA autocast F.layer_norm returns float32 whatever its input, so a model that LayerNorms q but
+# not v (qk_layernorm, the paper's presets) hands the ops float32 q and bfloat16 v. The ops then run
+# in the autocast dtype, as F.scaled_dot_product_attention does, instead of refusing the mix.
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("assign", ["topk", "nearest"])
+def test_routing_runs_mixed_inputs_in_the_autocast_dtype(backend, assign):
+    q, _, v, c = _inputs(2, T=40)
+    q32 = q.float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = routing_attention(q32, q32, v, c, window=16, assign=assign, backend=backend)
+    want = routing_attention(q, q, v, c, window=16, assign=assign, backend=backend)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+    got.float().sum().backward()
+    assert q32.grad.dtype == torch.float32 and q32.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_local_runs_mixed_inputs_in_the_autocast_dtype(backend):
+    q, k, v, _ = _inputs(3, T=40)
+    rel = torch.randn(2 * 5 + 1, 16, generator=torch.Generator().manual_seed(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = local_attention(q.float(), k, v, block=8, flange=8, rel_k=rel, rel_v=rel, backend=backend)
+    want = local_attention(q, k, v, block=8, flange=8, rel_k=rel, rel_v=rel, backend=backend)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+
+
+def test_mixed_dtypes_outside_autocast_still_raise():
+    q, k, v, c = _inputs(5)
+    with pytest.raises(ValueError, match="v has dtype torch.bfloat16 but q has torch.float32"):
+        routing_attention(q.float(), q.float(), v, c, window=8)
+    with pytest.raises(ValueError, match="k has dtype torch.bfloat16 but q has torch.float32"):
+        local_attention(q.float(), k, v, block=8, flange=4)
+
+
+def test_autocast_casts_compile_without_graph_breaks():
+    q, _, v, c = _inputs(6, T=40)
+
+    def f(q, v):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return (routing_attention(q, q, v, c, window=16, backend="triton").float().sum()
+                    + local_attention(q, q, v, block=8, flange=8, backend="triton").float().sum())
+
+    q32 = q.float()
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(q32, v), f(q32, v))

@@ -22,6 +22,25 @@ def gpu_plan(t: torch.Tensor) -> bool:
     return t.is_cuda or t.is_meta
 
 
+def autocast_inputs(q, k, v):
+    """(q, k, v) cast to the autocast dtype where autocast is on for q's device, as
+    F.scaled_dot_product_attention's are, else unchanged.
+
+    Why: under CUDA autocast F.layer_norm returns float32, so a model that LayerNorms q (qk_layernorm)
+    but not v hands the op float32 q and bfloat16 v. k stays the same object as q when it was (shared
+    QK). Anything that is not a floating tensor is left for check_qkv to reject."""
+    if not isinstance(q, torch.Tensor) or not torch.is_autocast_enabled(q.device.type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(q.device.type)
+
+    def cast(t):
+        return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    shared = k is q
+    q = cast(q)
+    return q, (q if shared else cast(k)), cast(v)
+
+
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """q, k: (B, H, T, D); v: (B, H, T, Dv). Same dtype (floating) and device."""
     for name, t in (("q", q), ("k", k), ("v", v)):

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import (TRITON_DTYPES, check_backend, check_nonnegative_int, check_positive_int, check_qkv,
-                       resolve_scale)
+from .._checks import (TRITON_DTYPES, autocast_inputs, check_backend, check_nonnegative_int, check_positive_int,
+                       check_qkv, resolve_scale)
 from .reference import local_attention_reference
 
 __all__ = ["local_attention"]
@@ -50,7 +50,10 @@ def local_attention(
     (non-causal: up to (b+1)*block + flange), only j <= i if causal. Optional Shaw et al. relative
     positions: tables rel_k, rel_v of shape (2M + 1, D), distance clipped to [-M, M].
     backend: "auto" (Triton on CUDA when available), "reference" or "triton".
+    Under autocast, q, k and v run in the autocast dtype (as F.scaled_dot_product_attention); the tables
+    keep theirs, as outside autocast.
     """
+    q, k, v = autocast_inputs(q, k, v)
     check_qkv(q, k, v)
     check_positive_int("block", block)
     check_nonnegative_int("flange", flange)

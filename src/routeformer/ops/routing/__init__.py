@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import (TRITON_DTYPES, TRITON_MAX_ROUTING_HEAD_DIM, check_backend, check_positive_int,
-                       check_qkv, resolve_scale)
+from .._checks import (TRITON_DTYPES, TRITON_MAX_ROUTING_HEAD_DIM, autocast_inputs, check_backend,
+                       check_positive_int, check_qkv, resolve_scale)
 from .assignment import NearestAssignment, TopkAssignment, assign_nearest, assign_topk
 from .reference import nearest_attention, topk_attention
 
@@ -79,7 +79,10 @@ def routing_attention(
     most recent keys j <= i of its own cluster (0 if none). Strictly causal, so cached decoding is exact.
 
     backend: "auto" (Triton on CUDA when available, else the reference), "reference" or "triton".
+    Under autocast, q, k and v run in the autocast dtype (as F.scaled_dot_product_attention); the
+    centroids keep theirs (the scores are float32 either way).
     """
+    q, k, v = autocast_inputs(q, k, v)
     check_qkv(q, k, v)
     check_positive_int("window", window)
     _check_centroids(centroids, q)
