@@ -10,7 +10,8 @@ backward, fused AdamW and the k-means centroid update, as routeformer's trainer 
 Each mode starts from the same weights and batch, so the first step's losses must agree (printed, and
 a mismatch past bf16 noise fails the run); then steps are timed back to back (CUDA events at each
 step's start, median after warm-up: a host-bound loop shows as a longer step). Also per mode: compile
-time (the first step's wall time), peak memory, graph breaks and cudagraph skips as torch counts them.
+time (the first step's wall time), peak memory (from the first step on, so that CUDA-graph pools
+recorded in warm-up count; the base model's copy on the device is in every row), graph breaks and cudagraph skips as torch counts them.
 
     PYTHONPATH=src python benchmarks/model_step.py [--preset enwik8] [--T 8192] [--assign topk,nearest]
         [--modes eager,compile,reduce-overhead] [--steps 20] [--out model_step.json]
@@ -59,6 +60,10 @@ def _run_mode(base, mode, batches, steps, warmup, device, autocast):
         model, mode=None if mode == "compile" else mode)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        # From the first step on: CUDA-graph modes allocate their pools while recording (warm-up steps).
+        sync()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     first = _step(model, forward, optimizer, *batches[0], autocast).item()
     first_s = time.perf_counter() - t0
@@ -66,7 +71,6 @@ def _run_mode(base, mode, batches, steps, warmup, device, autocast):
         _step(model, forward, optimizer, *batches[(i + 1) % len(batches)], autocast)
     sync()
     if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
     times = []
     for i in range(steps):
