@@ -3,7 +3,9 @@
 The attention benchmark (attention.py) times one layer's op; this times what a user's training loop
 pays per step: a preset's model (default: the paper's enwik8 setting, 12 layers of 4 local + 4 routing
 heads, dim 1024, 16 clusters of 512, T = 8192) under bf16 autocast, forward with the commitment loss,
-backward, fused AdamW and the k-means centroid update, as routeformer's trainer runs it. Modes:
+backward, the optimizer and the k-means centroid update, as routeformer's trainer runs it (its
+build_optimizer: AdamW, fused on CUDA, or with --optimizer preset the preset's own, Adafactor for the
+paper's text presets, whose update is torch's foreach kernels and stays outside any CUDA graph). Modes:
   eager            the model as it is (every op launched from Python)
   compile          torch.compile(model) (inductor; our ops stay opaque custom ops)
   reduce-overhead  torch.compile(model, mode="reduce-overhead"): inductor's CUDA graphs as well
@@ -14,7 +16,7 @@ time (the first step's wall time), peak memory (from the first step on, so that 
 recorded in warm-up count; the base model's copy on the device is in every row), graph breaks and cudagraph skips as torch counts them.
 
     PYTHONPATH=src python benchmarks/model_step.py [--preset enwik8] [--T 8192] [--assign topk,nearest]
-        [--modes eager,compile,reduce-overhead] [--steps 20] [--out model_step.json]
+        [--modes eager,compile,reduce-overhead] [--optimizer adamw|preset] [--steps 20] [--out model_step.json]
 """
 from __future__ import annotations
 
@@ -52,13 +54,15 @@ def _step(model, forward, optimizer, x, y, autocast):
     return ce.detach()
 
 
-def _run_mode(base, mode, batches, steps, warmup, device, autocast):
+def _run_mode(base, mode, batches, steps, warmup, device, autocast, train_cfg):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     model = copy.deepcopy(base).train()
     forward = model if mode == "eager" else torch.compile(
         model, mode=None if mode == "compile" else mode)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    from routeformer.training.optim import build_optimizer
+
+    optimizer = build_optimizer(model, train_cfg)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if device == "cuda":
         # From the first step on: CUDA-graph modes allocate their pools while recording (warm-up steps).
@@ -105,11 +109,18 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "preset"],
+                   help="adamw (lr 1e-4) or the preset's own optimizer and learning rate")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = args.device
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else (
         lambda: torch.autocast("cpu", enabled=False))
+    from routeformer.presets import get_preset
+    from routeformer.training.config import TrainConfig
+
+    train_cfg = TrainConfig(**get_preset(args.preset).train) if args.optimizer == "preset" else TrainConfig(
+        optimizer="adamw", learning_rate=1e-4)
     rows = []
     for assign in args.assign.split(","):
         base, cfg = _build(args.preset, args.T, assign, device)
@@ -120,10 +131,11 @@ def main(argv=None) -> None:
         params = sum(t.numel() for t in base.parameters())
         for mode in args.modes.split(","):
             try:
-                r = _run_mode(base, mode, batches, args.steps, args.warmup, device, autocast)
+                r = _run_mode(base, mode, batches, args.steps, args.warmup, device, autocast, train_cfg)
             except Exception as e:  # one mode failing must not hide the others' numbers
                 r = {"mode": mode, "error": f"{type(e).__name__}: {str(e)[:400]}"}
-            r.update(assign=assign, preset=args.preset, T=args.T, batch=args.batch, params_M=params / 1e6)
+            r.update(assign=assign, preset=args.preset, T=args.T, batch=args.batch, params_M=params / 1e6,
+                     optimizer=train_cfg.optimizer)
             if "step_ms" in r:
                 r["tokens_per_s"] = args.batch * args.T / r["step_ms"] * 1e3
             rows.append(r)
@@ -132,7 +144,7 @@ def main(argv=None) -> None:
         Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                                               "torch": torch.__version__, "rows": rows}, indent=1))
     print(f"\n{args.preset}, T={args.T}, batch {args.batch}, "
-          f"{rows[0].get('params_M', 0):.0f}M parameters, bf16 autocast, AdamW; median step after warm-up")
+          f"{rows[0].get('params_M', 0):.0f}M parameters, bf16 autocast, {train_cfg.optimizer}; median step after warm-up")
     print(f"{'assign':<8} {'mode':<16} {'step ms':>8} {'tok/s':>9} {'vs eager':>8} {'1st loss':>9} "
           f"{'compile s':>9} {'MiB':>7} {'breaks':>6}")
     for r in rows:

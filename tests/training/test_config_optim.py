@@ -65,3 +65,15 @@ def test_schedules_match_their_formulas():
     assert lr_multiplier(99, cos) == pytest.approx(0.1)
     const = TrainConfig(schedule="constant", warmup_steps=4)
     assert [lr_multiplier(s, const) for s in range(6)] == pytest.approx([0.25, 0.5, 0.75, 1, 1, 1])
+
+
+def test_adamw_is_fused_exactly_when_every_parameter_is_on_cuda():
+    import torch
+
+    from routeformer.training.optim import build_optimizer
+
+    cfg = TrainConfig(optimizer="adamw")
+    cpu = build_optimizer(torch.nn.Linear(4, 4), cfg)
+    assert not cpu.param_groups[0].get("fused")
+    if torch.cuda.is_available():
+        assert build_optimizer(torch.nn.Linear(4, 4).cuda(), cfg).param_groups[0]["fused"] is True
