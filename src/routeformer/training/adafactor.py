@@ -23,10 +23,11 @@ import torch
 
 
 def _rms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """(n,) float32 RMS of each tensor, in one foreach launch per device and dtype."""
-    norms = torch.stack([n.float() for n in torch._foreach_norm(tensors)])
-    sizes = torch.tensor([t.numel() for t in tensors], dtype=torch.float32, device=norms.device)
-    return norms / sizes.sqrt()
+    """(n,) float32 RMS of each tensor: one foreach norm, one foreach division by Python scalars (a
+    tensor of the sizes would be a host-to-device copy, which synchronises from pageable memory)."""
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    torch._foreach_div_(norms, [t.numel() ** 0.5 for t in tensors])
+    return torch.stack(norms)
 
 
 class Adafactor(torch.optim.Adafactor):
