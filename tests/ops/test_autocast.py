@@ -89,3 +89,13 @@ def test_autocast_casts_compile_without_graph_breaks():
 
     q32 = q.float()
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(q32, v), f(q32, v))
+
+
+def test_meta_tensors_pass_through_the_autocast_cast():
+    """benchmarks/sm90_resources.py records launches on meta tensors, a device autocast does not know."""
+    from routeformer.ops._checks import autocast_inputs
+
+    q, v = torch.empty(1, 2, 8, 4, device="meta"), torch.empty(1, 2, 8, 4, device="meta", dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = autocast_inputs(q, q, v)
+    assert out[0] is q and out[1] is q and out[2] is v

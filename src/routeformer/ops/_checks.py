@@ -22,6 +22,11 @@ def gpu_plan(t: torch.Tensor) -> bool:
     return t.is_cuda or t.is_meta
 
 
+# Device types torch.autocast knows; is_autocast_enabled raises for others (the meta tensors of
+# benchmarks/sm90_resources.py).
+_AUTOCAST_DEVICES = frozenset(("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "ipu", "privateuseone"))
+
+
 def autocast_inputs(q, k, v):
     """(q, k, v) cast to the autocast dtype where autocast is on for q's device, as
     F.scaled_dot_product_attention's are, else unchanged.
@@ -29,7 +34,9 @@ def autocast_inputs(q, k, v):
     Why: under CUDA autocast F.layer_norm returns float32, so a model that LayerNorms q (qk_layernorm)
     but not v hands the op float32 q and bfloat16 v. k stays the same object as q when it was (shared
     QK). Anything that is not a floating tensor is left for check_qkv to reject."""
-    if not isinstance(q, torch.Tensor) or not torch.is_autocast_enabled(q.device.type):
+    if not isinstance(q, torch.Tensor) or q.device.type not in _AUTOCAST_DEVICES:
+        return q, k, v
+    if not torch.is_autocast_enabled(q.device.type):
         return q, k, v
     dtype = torch.get_autocast_dtype(q.device.type)
 
