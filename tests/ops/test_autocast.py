@@ -99,3 +99,11 @@ def test_meta_tensors_pass_through_the_autocast_cast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = autocast_inputs(q, q, v)
     assert out[0] is q and out[1] is q and out[2] is v
+
+
+def test_float64_inputs_are_not_cast_as_autocast_leaves_them():
+    q, k, v, c = _inputs(7)
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = routing_attention(q64, k64, v64, c, window=8, backend="reference")
+    assert out.dtype == torch.float64

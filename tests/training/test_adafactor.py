@@ -97,3 +97,20 @@ def test_cuda_step_never_synchronises_the_host():
         opt.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_step_counters_have_torchs_dtype_under_a_float64_default():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        ours, theirs = _params(4, torch.float64), _params(4, torch.float64)
+        opt_ours, opt_theirs = Adafactor(ours), torch.optim.Adafactor(theirs)
+        for a, b, g in zip(ours, theirs, _grads(ours, 0)):
+            a.grad, b.grad = g.clone(), g.clone()
+        opt_ours.step()
+        opt_theirs.step()
+    finally:
+        torch.set_default_dtype(previous)
+    for a, b in zip(ours, theirs):
+        assert opt_ours.state[a]["step"].dtype == opt_theirs.state[b]["step"].dtype == torch.float64
+        torch.testing.assert_close(a, b)

@@ -40,8 +40,9 @@ def autocast_inputs(q, k, v):
         return q, k, v
     dtype = torch.get_autocast_dtype(q.device.type)
 
-    def cast(t):
-        return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+    def cast(t):  # what autocast itself casts: floating tensors other than float64
+        eligible = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if eligible else t
 
     shared = k is q
     q = cast(q)

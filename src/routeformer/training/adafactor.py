@@ -23,9 +23,11 @@ import torch
 
 
 def _rms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """(n,) float32 RMS of each tensor: one foreach norm, one foreach division by Python scalars (a
-    tensor of the sizes would be a host-to-device copy, which synchronises from pageable memory)."""
-    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    """(n,) RMS of each tensor (float32, float64 for float64 tensors; one dtype per call): one foreach
+    norm, one foreach division by Python scalars (a tensor of the sizes would be a host-to-device copy,
+    which synchronises from pageable memory)."""
+    wide = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    norms = torch._foreach_norm(tensors, 2, dtype=wide)
     torch._foreach_div_(norms, [t.numel() ** 0.5 for t in tensors])
     return torch.stack(norms)
 
@@ -47,7 +49,9 @@ class Adafactor(torch.optim.Adafactor):
         """The state torch's Adafactor gives a parameter on its first step (same keys and shapes)."""
         state = self.state[p]
         if len(state) == 0:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            # torch's scalar dtype for step counters: float64 under a float64 default dtype, else float32.
+            scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+            state["step"] = torch.tensor(0.0, dtype=scalar)
             if p.grad.dim() > 1:
                 row_shape, col_shape = list(p.grad.shape), list(p.grad.shape)
                 row_shape[-1], col_shape[-2] = 1, 1

@@ -183,9 +183,9 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, overr
             "(its config.json and metrics.jsonl are replaced)")
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
     forward = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
-    if device.type == "cuda" and not (cfg.compile and cfg.compile_mode == "reduce-overhead"):
+    if device.type == "cuda" and not (cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune")):
         # Eager (or graph-less compiled) steps wait on Python launching kernels: benchmarks/RESULTS.md,
-        # "Whole-model training step".
+        # "Whole-model training step". (max-autotune also uses CUDA graphs.)
         log("tip: on CUDA, --set train.compile=true --set train.compile_mode=reduce-overhead (CUDA graphs) ran the "
             "enwik8 preset's training steps 1.4-2.5x faster than eager on an H200 (benchmarks/model_step.py)")
     metrics = MetricsLog(run_dir, tensorboard=cfg.tensorboard, truncate_after=step if resume else None)
