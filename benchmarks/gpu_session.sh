@@ -9,6 +9,8 @@
 #   kernels  the kernel profile at 64k
 #   local    local attention against FlexAttention, eager and CUDA-graph clocks (benchmarks/local_kernel.py)
 #   lprofile the local kernels' GPU time per kernel at 64k, without and with Shaw tables
+#   model    a whole model's training step, eager against torch.compile and CUDA graphs
+#            (benchmarks/model_step.py; MODEL_ARGS is added, e.g. "--assign topk --optimizer preset")
 #   sweep    the tile sweep at 64k (SWEEP_ARGS is added, e.g. "--sweep-parts fwd,bwd")
 #   ncu      Nsight Compute on the routing attention kernels, one fwd+bwd per mode at 64k (where the
 #            device's runtime lets ncu read the counters: H200.md)
@@ -42,8 +44,8 @@ steps=()
 for a in "$@"; do
     case "$a" in
         --quick) quick=1 ;;
-        tests|bench|ab|host|hosttime|kernels|local|lprofile|sweep|ncu|ncusrc) steps+=("$a") ;;
-        *) echo "gpu_session.sh: unknown step '$a' (steps: tests bench ab host hosttime kernels local lprofile sweep ncu ncusrc; flag: --quick)" >&2; exit 2 ;;
+        tests|bench|ab|host|hosttime|kernels|local|lprofile|model|sweep|ncu|ncusrc) steps+=("$a") ;;
+        *) echo "gpu_session.sh: unknown step '$a' (steps: tests bench ab host hosttime kernels local lprofile model sweep ncu ncusrc; flag: --quick)" >&2; exit 2 ;;
     esac
 done
 [[ ${#steps[@]} -eq 0 ]] && steps=(tests bench ab host kernels local lprofile sweep)
@@ -121,6 +123,10 @@ for s in "${steps[@]}"; do
         lprofile)
             run_step lprofile local_profile.txt python3 benchmarks/local_kernel.py --profile 65536
             grep -E "==|_kernel|Self CUDA|aten::(zeros|mm|index_add)" "$work/local_profile.txt" | head -40 ;;
+        model)
+            # shellcheck disable=SC2086
+            run_step model model_step.txt python3 benchmarks/model_step.py --out "$work/model_step.json" ${MODEL_ARGS:-}
+            tail -8 "$work/model_step.txt" ;;
         sweep)
             # shellcheck disable=SC2086
             run_step sweep sweep.txt python3 benchmarks/attention.py --sweep 65536 ${SWEEP_ARGS:-}
