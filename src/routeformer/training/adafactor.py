@@ -78,6 +78,10 @@ class Adafactor(torch.optim.Adafactor):
             state["step"] += 1
             by_step.setdefault((float(state["step"].item()), p.device, p.dtype), []).append((p, state))
         for (t, _, dtype), members in by_step.items():
+            # Matrices first, then vectors: each kind's statistics in foreach launches (as torch's
+            # foreach path), and every later list in this one order.
+            members = ([m for m in members if m[0].grad.dim() > 1] + [m for m in members if m[0].grad.dim() <= 1])
+            n_mat = sum(1 for p, _ in members if p.grad.dim() > 1)
             params = [p for p, _ in members]
             grads = [-p.grad if group["maximize"] else p.grad for p in params]
             e1 = torch.finfo(dtype).eps if eps1 is None else eps1
@@ -86,19 +90,8 @@ class Adafactor(torch.optim.Adafactor):
             alpha = _rms(params).clamp_min(eps2) * rho
             if group["weight_decay"] != 0:
                 torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-            updates = []
-            for (p, state), g in zip(members, grads):
-                if g.dim() > 1:
-                    row_mean = torch.linalg.vector_norm(g, dim=-1, keepdim=True).square_().div_(g.size(-1))
-                    state["row_var"].lerp_(row_mean, weight)
-                    col_mean = torch.linalg.vector_norm(g, dim=-2, keepdim=True).square_().div_(g.size(-2))
-                    state["col_var"].lerp_(col_mean, weight)
-                    var = state["row_var"] @ state["col_var"]
-                    var.div_(state["row_var"].mean(dim=-2, keepdim=True).clamp_(min=e1))
-                else:
-                    state["variance"].lerp_(g * g, weight)
-                    var = state["variance"].clone()
-                updates.append(var)
+            updates = self._matrix_estimates([s for _, s in members[:n_mat]], grads[:n_mat], weight, e1)
+            updates += self._vector_estimates([s for _, s in members[n_mat:]], grads[n_mat:], weight)
             torch._foreach_clamp_min_(updates, e1 * e1)
             torch._foreach_rsqrt_(updates)
             torch._foreach_mul_(updates, grads)
@@ -106,3 +99,30 @@ class Adafactor(torch.optim.Adafactor):
             scale = -alpha / denom
             torch._foreach_mul_(updates, list(scale.unbind()))
             torch._foreach_add_(params, updates)
+
+    @staticmethod
+    def _matrix_estimates(states: list[dict], grads: list[torch.Tensor], weight: float, eps1: float) -> list:
+        """Factored second moments: R, C lerped towards the mean squared gradient of each row and column;
+        the estimates R C / mean(R), one tensor each."""
+        if not grads:
+            return []
+        row_vars, col_vars = [s["row_var"] for s in states], [s["col_var"] for s in states]
+        for dim, moments in ((-1, row_vars), (-2, col_vars)):
+            means = [torch.linalg.vector_norm(g, dim=dim, keepdim=True) for g in grads]
+            torch._foreach_mul_(means, means)
+            torch._foreach_div_(means, [g.size(dim) for g in grads])
+            torch._foreach_lerp_(moments, means, weight)
+        estimates = [r @ c for r, c in zip(row_vars, col_vars)]
+        row_means = [r.mean(dim=-2, keepdim=True) for r in row_vars]
+        torch._foreach_clamp_min_(row_means, eps1)
+        torch._foreach_div_(estimates, row_means)
+        return estimates
+
+    @staticmethod
+    def _vector_estimates(states: list[dict], grads: list[torch.Tensor], weight: float) -> list:
+        """Unfactored second moments of vectors, lerped towards g^2; the estimates are copies."""
+        if not grads:
+            return []
+        variances = [s["variance"] for s in states]
+        torch._foreach_lerp_(variances, torch._foreach_mul(grads, grads), weight)
+        return [v.clone() for v in variances]
